@@ -1,0 +1,595 @@
+"""The one typed config: every parameter of the spec tables, with its default, description and spec names.
+
+CLI flags (`--train.lora_r`), YAML files and (later) the KFP pipeline parameters are all generated from
+the dataclasses below, so a parameter is declared exactly once. Each field's metadata carries:
+  help       the spec's description
+  kfp        its name in spec/lora_pipeline.md (the KFP pipeline parameter), when it has one
+  component  its name in spec/lora_training_component.md, when it has one
+  choices / min / max / min_exclusive   what validation enforces
+Fields with neither `kfp` nor `component` are this project's own additions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_pipeline.errors import ConfigError
+
+
+def param(default: Any, help: str, **meta: Any) -> Any:
+    """A config field: default + description + spec names + validation bounds, in one place."""
+    meta["help"] = help
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
+FSDP_STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2")
+VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass
+class DatasetConfig:
+    data_uri: str | None = param(
+        None,
+        "[REQUIRED] Dataset location (hf://dataset, s3://bucket/path, https://url, local path)",
+        kfp="phase_01_dataset_man_data_uri",
+    )
+    data_split: float = param(
+        0.9,
+        "Train/eval split (0.9 = 90%/10%, 1.0 = no split)",
+        kfp="phase_01_dataset_man_data_split",
+        min=0.0,
+        min_exclusive=True,
+        max=1.0,
+    )
+    subset: int = param(0, "Limit to first N examples (0 = all)", kfp="phase_01_dataset_opt_subset", min=0)
+    seed: int = param(42, "Seed of the shuffle before the train/eval split", min=0)
+
+
+@dataclass
+class TrainConfig:
+    model: str = param(
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "Base model (HuggingFace ID or path)",
+        kfp="phase_02_train_man_train_model",
+        component="training_base_model",
+    )
+    effective_batch_size: int = param(
+        128,
+        "Effective batch size (samples per optimizer step)",
+        kfp="phase_02_train_man_train_batch",
+        component="training_effective_batch_size",
+        min=1,
+    )
+    micro_batch_size: int = param(
+        0,
+        "Samples per forward pass (0 = auto: as many as max_tokens_per_gpu allows); "
+        "gradient accumulation makes up the effective batch",
+        min=0,
+    )
+    epochs: int = param(
+        2,
+        "Number of training epochs. LoRA typically needs 2-3",
+        kfp="phase_02_train_man_train_epochs",
+        component="training_num_epochs",
+        min=1,
+    )
+    max_tokens_per_gpu: int = param(
+        32000,
+        "Max tokens per GPU (memory cap). 32000 for LoRA",
+        kfp="phase_02_train_man_train_tokens",
+        component="training_max_tokens_per_gpu",
+        min=1,
+    )
+    max_seq_len: int = param(
+        8192,
+        "Max sequence length in tokens",
+        kfp="phase_02_train_opt_max_seq_len",
+        component="training_max_seq_len",
+        min=8,
+    )
+    learning_rate: float = param(
+        2e-4,
+        "Learning rate. 2e-4 recommended for LoRA",
+        kfp="phase_02_train_opt_learning_rate",
+        component="training_learning_rate",
+        min=0.0,
+        min_exclusive=True,
+    )
+    lr_scheduler: str = param(
+        "cosine",
+        "LR schedule (cosine, linear, constant)",
+        kfp="phase_02_train_opt_lr_scheduler",
+        component="training_lr_scheduler",
+        choices=LR_SCHEDULERS,
+    )
+    lr_warmup: int = param(
+        0,
+        "Warmup steps before full LR",
+        kfp="phase_02_train_opt_lr_warmup",
+        component="training_lr_warmup_steps",
+        min=0,
+    )
+    seed: int = param(
+        42, "Random seed for reproducibility", kfp="phase_02_train_opt_seed", component="training_seed", min=0
+    )
+    save_epoch: bool = param(
+        False,
+        "Save checkpoint at each epoch",
+        kfp="phase_02_train_opt_save_epoch",
+        component="training_checkpoint_at_epoch",
+    )
+    use_liger: bool = param(
+        True,
+        "Enable Liger kernel optimizations (CUDA with liger-kernel installed; otherwise a warning)",
+        kfp="phase_02_train_opt_use_liger",
+        component="training_use_liger",
+    )
+    backend: str = param(
+        "auto",
+        "Training backend: auto (unsloth when CUDA and unsloth are present, else peft), peft, unsloth",
+        choices=("auto", "peft", "unsloth"),
+    )
+    lora_r: int = param(
+        16,
+        "[LoRA] Rank of the low-rank matrices (4, 8, 16, 32, 64)",
+        kfp="phase_02_train_man_lora_r",
+        component="training_lora_r",
+        min=1,
+    )
+    lora_alpha: int = param(
+        32,
+        "[LoRA] Scaling factor (typically 2x lora_r)",
+        kfp="phase_02_train_man_lora_alpha",
+        component="training_lora_alpha",
+        min=1,
+    )
+    lora_dropout: float = param(
+        0.0,
+        "[LoRA] Dropout rate for LoRA layers",
+        kfp="phase_02_train_opt_lora_dropout",
+        component="training_lora_dropout",
+        min=0.0,
+        max=1.0,
+        max_exclusive=True,
+    )
+    lora_target_modules: str = param(
+        "",
+        "[LoRA] Modules to apply LoRA, comma-separated (empty = auto-detect: all linear layers but the LM head)",
+        kfp="phase_02_train_opt_lora_target_modules",
+        component="training_lora_target_modules",
+    )
+    lora_use_rslora: bool = param(
+        False,
+        "[LoRA] Use Rank-Stabilized LoRA",
+        kfp="phase_02_train_opt_lora_use_rslora",
+        component="training_lora_use_rslora",
+    )
+    lora_use_dora: bool = param(
+        False,
+        "[LoRA] Use Weight-Decomposed LoRA (DoRA)",
+        kfp="phase_02_train_opt_lora_use_dora",
+        component="training_lora_use_dora",
+    )
+    lora_load_in_4bit: bool = param(
+        True,
+        "[QLoRA] Enable 4-bit quantization (needs bitsandbytes)",
+        kfp="phase_02_train_opt_lora_load_in_4bit",
+        component="training_lora_load_in_4bit",
+    )
+    lora_load_in_8bit: bool = param(
+        False,
+        "[QLoRA] Enable 8-bit quantization (needs bitsandbytes)",
+        kfp="phase_02_train_opt_lora_load_in_8bit",
+        component="training_lora_load_in_8bit",
+    )
+    bnb_4bit_quant_type: str | None = param(
+        None,
+        "[QLoRA] 4-bit quantization type, nf4 or fp4 (None = nf4)",
+        component="training_lora_bnb_4bit_quant_type",
+        choices=("nf4", "fp4"),
+    )
+    bnb_4bit_compute_dtype: str | None = param(
+        None,
+        "[QLoRA] 4-bit compute dtype (None = bfloat16)",
+        component="training_lora_bnb_4bit_compute_dtype",
+        choices=("bfloat16", "float16", "float32"),
+    )
+    bnb_4bit_use_double_quant: bool | None = param(
+        None,
+        "[QLoRA] Enable double quantization (None = true)",
+        component="training_lora_bnb_4bit_use_double_quant",
+    )
+    lora_sample_packing: bool = param(
+        False,
+        "[LoRA] Pack multiple samples for efficiency",
+        kfp="phase_02_train_opt_lora_sample_packing",
+        component="training_lora_sample_packing",
+    )
+    fsdp_sharding_strategy: str | None = param(
+        None,
+        "FSDP sharding strategy for multi-GPU training (FULL_SHARD, HYBRID_SHARD, NO_SHARD)",
+        component="training_fsdp_sharding_strategy",
+        choices=FSDP_STRATEGIES,
+    )
+    data_output_dir: str | None = param(
+        None,
+        "Directory for processed training data (None = inside the train stage output)",
+        component="training_data_output_dir",
+    )
+    gpus_per_worker: int = param(
+        1,
+        "GPUs per worker",
+        kfp="phase_02_train_man_train_gpu",
+        component="training_resource_gpu_per_worker",
+        min=0,
+    )
+    num_workers: int = param(
+        1,
+        "Number of training pods",
+        kfp="phase_02_train_man_train_workers",
+        component="training_resource_num_workers",
+        min=1,
+    )
+    num_procs: str = param(
+        "auto",
+        "Processes per worker ('auto' = one per GPU)",
+        kfp="phase_02_train_opt_num_procs",
+        component="training_resource_num_procs_per_worker",
+    )
+    cpu: str = param(
+        "4",
+        "CPU cores per worker",
+        kfp="phase_02_train_opt_cpu",
+        component="training_resource_cpu_per_worker",
+    )
+    memory: str = param(
+        "32Gi",
+        "RAM per worker",
+        kfp="phase_02_train_opt_memory",
+        component="training_resource_memory_per_worker",
+    )
+    labels: str = param(
+        "", "K8s labels (key=val,...)", kfp="phase_02_train_opt_labels", component="training_metadata_labels"
+    )
+    annotations: str = param(
+        "",
+        "K8s annotations (key=val,...)",
+        kfp="phase_02_train_opt_annotations",
+        component="training_metadata_annotations",
+    )
+    env_vars: str = param(
+        "", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs"
+    )
+    trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = param(
+        ["arc_easy"],
+        "lm-eval tasks (arc_easy, mmlu, gsm8k, hellaswag, etc.), comma-separated or a JSON list",
+        kfp="phase_03_eval_man_eval_tasks",
+    )
+    batch_size: str = param("auto", "Eval batch size ('auto' or integer)", kfp="phase_03_eval_opt_batch")
+    gen_kwargs: dict = param(
+        {}, "Generation params dict (max_tokens, temperature)", kfp="phase_03_eval_opt_gen_kwargs"
+    )
+    limit: int = param(-1, "Max samples per task (-1 = all)", kfp="phase_03_eval_opt_limit", min=-1)
+    log_samples: bool = param(True, "Log individual predictions", kfp="phase_03_eval_opt_log_samples")
+    model_args: dict = param(
+        {}, "Model init args dict (dtype, gpu_memory_utilization)", kfp="phase_03_eval_opt_model_args"
+    )
+    verbosity: str = param(
+        "INFO",
+        "Logging level (DEBUG, INFO, WARNING, ERROR)",
+        kfp="phase_03_eval_opt_verbosity",
+        choices=VERBOSITIES,
+    )
+    include_path: str = param("", "Directory of extra lm-eval task YAMLs (empty = registered tasks only)")
+    compare_base: bool = param(True, "Also evaluate the base model and show both side by side")
+    apply_chat_template: bool = param(
+        True, "Score with the tokenizer's chat template, as the model was trained (when it has one)"
+    )
+
+
+@dataclass
+class RegistryConfig:
+    address: str = param(
+        "", "Model Registry address (empty = skip registration)", kfp="phase_04_registry_man_address"
+    )
+    port: int = param(8080, "Model registry server port", kfp="phase_04_registry_opt_port", min=1, max=65535)
+    author: str = param(
+        "pipeline", "Author name for the registered model", kfp="phase_04_registry_man_reg_author"
+    )
+    model_name: str = param("lora-model", "Model name in registry", kfp="phase_04_registry_man_reg_name")
+    version: str = param(
+        "1.0.0", "Semantic version (major.minor.patch)", kfp="phase_04_registry_man_reg_version"
+    )
+    description: str = param("", "Model description", kfp="phase_04_registry_opt_description")
+    format_name: str = param(
+        "pytorch", "Model format (pytorch, onnx, tensorflow)", kfp="phase_04_registry_opt_format_name"
+    )
+    format_version: str = param("1.0", "Model format version", kfp="phase_04_registry_opt_format_version")
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+SECTIONS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "registry": RegistryConfig,
+}
+
+
+def fields_of(section: str) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(SECTIONS[section]))
+
+
+def field_type(section: str, name: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section])[name]
+
+
+# --- parsing values from YAML or the command line -------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is optional) for `X | None`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML value or a CLI string into the field's type, or raise one ConfigError naming the field."""
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"expected {_type_name(base)}, got null", field=name)
+    origin = typing.get_origin(base) or base
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ValueError
+        if origin is int:
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value.strip()) if isinstance(value, str) else int(value)
+        if origin is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if origin is str:
+            if isinstance(value, (dict, list, bool)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            return _parse_list(value)
+        if origin is dict:
+            return _parse_dict(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        shown = value if len(repr(value)) < 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"expected {_type_name(base)}, got {shown!r}", field=name) from None
+    raise TypeError(f"unsupported config type {tp} for {name}")  # a bug in this file, not user input
+
+
+def _parse_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            return [v.strip() for v in text.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError
+    return list(value)
+
+
+def _parse_dict(value: Any) -> dict:
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            return _parse_key_values(text)
+    if not isinstance(value, dict):
+        raise ValueError
+    return dict(value)
+
+
+def _parse_key_values(text: str) -> dict[str, str]:
+    """'a=1,b=2' -> {'a': '1', 'b': '2'} (the spec's format for labels, annotations and env vars)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError
+        out[key.strip()] = val.strip()
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp) or tp
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        origin, "a list" if origin is list else "a mapping"
+    )
+
+
+# --- building and validating ----------------------------------------------------------------------------
+
+
+def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config:
+    """Overlay a nested {section: {field: value}} mapping on `base` (or the defaults); unknown keys fail."""
+    config = dataclasses.replace(base) if base else Config()
+    for section_name, values in (data or {}).items():
+        if section_name not in SECTIONS:
+            raise ConfigError(f"unknown section (expected one of {', '.join(SECTIONS)})", field=section_name)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError("expected a mapping of options", field=section_name)
+        section = dataclasses.replace(getattr(config, section_name))
+        known = {f.name for f in fields_of(section_name)}
+        for key, value in values.items():
+            name = f"{section_name}.{key}"
+            if key not in known:
+                hint = _closest(key, known)
+                raise ConfigError("unknown option" + (f" (did you mean {hint}?)" if hint else ""), field=name)
+            setattr(section, key, coerce(value, field_type(section_name, key), name))
+        setattr(config, section_name, section)
+    return config
+
+
+def _closest(key: str, known: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return match[0] if match else None
+
+
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+_K8S_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def validate(config: Config) -> Config:
+    """Ranges, enums and conflicts. Raises the first problem as one ConfigError naming its field."""
+    for section_name in SECTIONS:
+        section = getattr(config, section_name)
+        for f in fields_of(section_name):
+            _check_field(f"{section_name}.{f.name}", getattr(section, f.name), f.metadata)
+
+    uri = config.dataset.data_uri
+    if uri and is_local_uri(uri) and not os.path.exists(local_path(uri)):
+        raise ConfigError(f"file not found: {local_path(uri)}", field="dataset.data_uri")
+
+    t = config.train
+    if t.lora_load_in_4bit and t.lora_load_in_8bit:
+        raise ConfigError(
+            "4-bit and 8-bit quantization are exclusive: set one of them to false",
+            field="train.lora_load_in_4bit/train.lora_load_in_8bit",
+        )
+    if t.num_procs != "auto" and not (t.num_procs.isdigit() and int(t.num_procs) >= 1):
+        raise ConfigError(
+            f"expected 'auto' or a positive integer, got {t.num_procs!r}", field="train.num_procs"
+        )
+    for name in ("cpu", "memory"):
+        if not _K8S_QUANTITY.match(getattr(t, name)):
+            raise ConfigError(
+                f"not a Kubernetes quantity: {getattr(t, name)!r} (e.g. 4, 500m, 32Gi)", field=f"train.{name}"
+            )
+    for name in ("labels", "annotations", "env_vars"):
+        try:
+            _parse_key_values(getattr(t, name))
+        except ValueError:
+            raise ConfigError(
+                f"expected key=value,key=value, got {getattr(t, name)!r}", field=f"train.{name}"
+            ) from None
+
+    e = config.eval
+    if not e.tasks:
+        raise ConfigError("at least one lm-eval task is needed", field="eval.tasks")
+    if e.limit == 0:
+        raise ConfigError("expected -1 (all samples) or a positive number", field="eval.limit")
+    if not re.match(r"^(auto(:\d+)?|[1-9]\d*)$", e.batch_size):
+        raise ConfigError(
+            f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size"
+        )
+
+    r = config.registry
+    if not _SEMVER.match(r.version):
+        raise ConfigError(
+            f"not a semantic version (major.minor.patch): {r.version!r}", field="registry.version"
+        )
+    for name in ("model_name", "author", "format_name"):
+        if not getattr(r, name).strip():
+            raise ConfigError("must not be empty", field=f"registry.{name}")
+    return config
+
+
+def is_local_uri(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return os.path.expanduser(uri.removeprefix("file://"))
+
+
+def _check_field(name: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"expected one of {', '.join(choices)}, got {value!r}", field=name)
+    if "min" in meta and (value < meta["min"] or (meta.get("min_exclusive") and value == meta["min"])):
+        op = ">" if meta.get("min_exclusive") else ">="
+        raise ConfigError(f"must be {op} {meta['min']}, got {value}", field=name)
+    if "max" in meta and (value > meta["max"] or (meta.get("max_exclusive") and value == meta["max"])):
+        op = "<" if meta.get("max_exclusive") else "<="
+        raise ConfigError(f"must be {op} {meta['max']}, got {value}", field=name)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}", field="--config") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}: {path}", field="--config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections in {path}", field="--config")
+    return data
+
+
+def dump_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def kfp_parameters() -> dict[str, tuple[str, str]]:
+    """spec pipeline parameter name -> (section, field): the mapping the KFP pipeline is generated from."""
+    return {
+        f.metadata["kfp"]: (section, f.name)
+        for section in SECTIONS
+        for f in fields_of(section)
+        if "kfp" in f.metadata
+    }

@@ -1,0 +1,95 @@
+"""Chat rows -> token ids with labels on the assistant's tokens only.
+
+The conversation is rendered once with the tokenizer's chat template; each assistant turn's character
+span is found by rendering the prefix up to it (with the generation prompt) and up to its end, so the
+end-of-turn marker is trained too (the model must learn to stop). Tokens are mapped to spans through the
+fast tokenizer's offsets, which avoids the merges that tokenising pieces separately would get wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Used only when a tokenizer has no template of its own (base models): ChatML, as Qwen uses.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: Any) -> bool:
+    """Give the tokenizer a chat template and a pad token if it lacks them; True if a template was added."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    log.warning("the tokenizer has no chat template: using ChatML")
+    return True
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans of the assistant turns."""
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
+        if text.startswith(upto) and upto.startswith(prompt):
+            start, end = len(prompt), len(upto)
+        else:
+            # Templates that rewrite earlier turns (e.g. drop reasoning): fall back to the content itself.
+            start = text.find(message["content"], spans[-1][1] if spans else 0)
+            if start < 0:
+                continue
+            end = start + len(message["content"])
+        spans.append((start, end))
+    return text, spans
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], max_seq_len: int) -> dict[str, list[int]] | None:
+    """input_ids/labels for one conversation, truncated to max_seq_len; None when no target token is left."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids = enc["input_ids"][:max_seq_len]
+    labels = []
+    for token_id, (start, end) in zip(ids, enc["offset_mapping"][:max_seq_len], strict=False):
+        inside = any(s <= start and end <= e and end > start for s, e in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+class PadCollator:
+    """Right-pads a micro-batch to its longest row (dynamic padding); labels pad with IGNORE_INDEX."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
