@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.report import render_loss_chart, write_json_atomic, write_loss_chart
+from lora_pipeline.files import write_json_atomic
+from lora_pipeline.report import render_loss_chart, write_loss_chart
 
 
 def _history() -> list[dict]:

@@ -59,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_common(p: argparse.ArgumentParser, demo: bool) -> None:
     g = p.add_argument_group("run")
-    g.add_argument(
-        "-c", "--config", action="append", default=[], metavar="YAML", help="YAML config file (repeatable)"
-    )
+    g.add_argument("-c", "--config", action="append", default=[], metavar="YAML", help="YAML config file (repeatable)")
     g.add_argument(
         "-o",
         "--run_dir",
@@ -72,9 +70,7 @@ def _add_common(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--force", action="store_true", help="Rerun stages even when their cached output matches")
     g.add_argument("--print_config", action="store_true", help="Print the resolved config as YAML and exit")
     if demo:
-        g.add_argument(
-            "--demo", action="store_true", help="Use the built-in demo model, dataset and eval task"
-        )
+        g.add_argument("--demo", action="store_true", help="Use the built-in demo model, dataset and eval task")
 
 
 def _flag_help(f: dataclasses.Field) -> str:
@@ -142,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 def _setup_logging() -> None:
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S")
     logging.getLogger("lora_pipeline").setLevel(logging.INFO)
 
 
@@ -166,9 +163,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else pipeline.default_run_dir(demo)
     stages = pipeline.STAGES if args.command in ("run", "demo") else (args.command,)
     if "dataset" in stages and not config.dataset.data_uri:
-        raise ConfigError(
-            "required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri"
-        )
+        raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
     manifest = pipeline.run(config, run_dir, stages=stages, force=args.force)
     pipeline.print_summary(manifest)
     return 0

@@ -267,9 +267,7 @@ class TrainConfig:
         kfp="phase_02_train_opt_annotations",
         component="training_metadata_annotations",
     )
-    env_vars: str = param(
-        "", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs"
-    )
+    env_vars: str = param("", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs")
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
 
 
@@ -281,9 +279,7 @@ class EvalConfig:
         kfp="phase_03_eval_man_eval_tasks",
     )
     batch_size: str = param("auto", "Eval batch size ('auto' or integer)", kfp="phase_03_eval_opt_batch")
-    gen_kwargs: dict = param(
-        {}, "Generation params dict (max_tokens, temperature)", kfp="phase_03_eval_opt_gen_kwargs"
-    )
+    gen_kwargs: dict = param({}, "Generation params dict (max_tokens, temperature)", kfp="phase_03_eval_opt_gen_kwargs")
     limit: int = param(-1, "Max samples per task (-1 = all)", kfp="phase_03_eval_opt_limit", min=-1)
     log_samples: bool = param(True, "Log individual predictions", kfp="phase_03_eval_opt_log_samples")
     model_args: dict = param(
@@ -304,17 +300,11 @@ class EvalConfig:
 
 @dataclass
 class RegistryConfig:
-    address: str = param(
-        "", "Model Registry address (empty = skip registration)", kfp="phase_04_registry_man_address"
-    )
+    address: str = param("", "Model Registry address (empty = skip registration)", kfp="phase_04_registry_man_address")
     port: int = param(8080, "Model registry server port", kfp="phase_04_registry_opt_port", min=1, max=65535)
-    author: str = param(
-        "pipeline", "Author name for the registered model", kfp="phase_04_registry_man_reg_author"
-    )
+    author: str = param("pipeline", "Author name for the registered model", kfp="phase_04_registry_man_reg_author")
     model_name: str = param("lora-model", "Model name in registry", kfp="phase_04_registry_man_reg_name")
-    version: str = param(
-        "1.0.0", "Semantic version (major.minor.patch)", kfp="phase_04_registry_man_reg_version"
-    )
+    version: str = param("1.0.0", "Semantic version (major.minor.patch)", kfp="phase_04_registry_man_reg_version")
     description: str = param("", "Model description", kfp="phase_04_registry_opt_description")
     format_name: str = param(
         "pytorch", "Model format (pytorch, onnx, tensorflow)", kfp="phase_04_registry_opt_format_name"
@@ -501,9 +491,7 @@ def validate(config: Config) -> Config:
             field="train.lora_load_in_4bit/train.lora_load_in_8bit",
         )
     if t.num_procs != "auto" and not (t.num_procs.isdigit() and int(t.num_procs) >= 1):
-        raise ConfigError(
-            f"expected 'auto' or a positive integer, got {t.num_procs!r}", field="train.num_procs"
-        )
+        raise ConfigError(f"expected 'auto' or a positive integer, got {t.num_procs!r}", field="train.num_procs")
     for name in ("cpu", "memory"):
         if not _K8S_QUANTITY.match(getattr(t, name)):
             raise ConfigError(
@@ -523,15 +511,11 @@ def validate(config: Config) -> Config:
     if e.limit == 0:
         raise ConfigError("expected -1 (all samples) or a positive number", field="eval.limit")
     if not re.match(r"^(auto(:\d+)?|[1-9]\d*)$", e.batch_size):
-        raise ConfigError(
-            f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size"
-        )
+        raise ConfigError(f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size")
 
     r = config.registry
     if not _SEMVER.match(r.version):
-        raise ConfigError(
-            f"not a semantic version (major.minor.patch): {r.version!r}", field="registry.version"
-        )
+        raise ConfigError(f"not a semantic version (major.minor.patch): {r.version!r}", field="registry.version")
     for name in ("model_name", "author", "format_name"):
         if not getattr(r, name).strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")
@@ -588,8 +572,5 @@ def dump_yaml(config: Config) -> str:
 def kfp_parameters() -> dict[str, tuple[str, str]]:
     """spec pipeline parameter name -> (section, field): the mapping the KFP pipeline is generated from."""
     return {
-        f.metadata["kfp"]: (section, f.name)
-        for section in SECTIONS
-        for f in fields_of(section)
-        if "kfp" in f.metadata
+        f.metadata["kfp"]: (section, f.name) for section in SECTIONS for f in fields_of(section) if "kfp" in f.metadata
     }

@@ -33,20 +33,37 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(obj: Any, path: Path) -> Path:
+def write_text_atomic(text: str, path: Path) -> Path:
+    """Temp file in the same directory + fsync + os.replace, so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, default=str)
-            fh.write("\n")
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(obj: Any, path: Path) -> Path:
+    # default=str: configs carry Paths and similar; better a string in the JSON than a crash at the end of a run.
+    return write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
 
 
 def write_jsonl(rows: Iterable[dict], path: Path) -> int:

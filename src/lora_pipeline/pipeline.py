@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from lora_pipeline import __version__
 from lora_pipeline.config import Config, is_local_uri, local_path
-from lora_pipeline.files import read_json, write_json_atomic
+from lora_pipeline.files import package_versions, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,5 @@ def print_summary(manifest: dict[str, Any]) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": ".".join(map(str, __import__("sys").version_info[:3]))}
-    for name in ("lora-pipeline", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+    names = ("lora-pipeline", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate", "bitsandbytes")
+    return {"python": platform.python_version(), **package_versions(names)}

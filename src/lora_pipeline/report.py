@@ -1,4 +1,4 @@
-"""Self-contained HTML training-loss report and atomic file writes.
+"""Self-contained HTML training-loss report.
 
 The report is opened from artifact stores and laptops that may be offline, so everything (chart,
 styles, data table) is plain HTML + inline SVG generated here with the stdlib: no JS, no fonts, no URLs.
@@ -7,12 +7,11 @@ styles, data table) is plain HTML + inline SVG generated here with the stdlib: n
 from __future__ import annotations
 
 import html
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from lora_pipeline.files import write_text_atomic
 
 Point = tuple[float, float]  # (step, value)
 Series = tuple[str, str, str, list[Point]]  # (css class, legend label, colour, points)
@@ -208,28 +207,5 @@ def render_loss_chart(history: list[dict], title: str = "Training loss") -> str:
     )
 
 
-def _write_text_atomic(text: str, path: Path) -> Path:
-    """Temp file in the same directory + os.replace, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_loss_chart(history: list[dict], path: Path, title: str = "Training loss") -> Path:
-    return _write_text_atomic(render_loss_chart(history, title), path)
-
-
-def write_json_atomic(obj: Any, path: Path) -> Path:
-    # default=str: configs carry Paths and similar; better a string in the JSON than a crash at the end of a run.
-    return _write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
+    return write_text_atomic(render_loss_chart(history, title), path)

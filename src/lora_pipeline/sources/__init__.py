@@ -31,9 +31,7 @@ def fetch(uri: str, dest: Path) -> Path:
     scheme = scheme_of(uri)
     source = _sources().get(scheme)
     if source is None:
-        raise SourceError(
-            f"{scheme}:// sources are not supported yet: {redact(uri)}", field="dataset.data_uri"
-        )
+        raise SourceError(f"{scheme}:// sources are not supported yet: {redact(uri)}", field="dataset.data_uri")
     return source.fetch(uri, dest)
 
 

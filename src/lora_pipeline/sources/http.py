@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import shutil
@@ -9,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from lora_pipeline.errors import SourceError
 
@@ -30,7 +31,7 @@ class HttpSource:
         for attempt in range(1, RETRIES + 1):
             try:
                 with (
-                    urllib.request.urlopen(uri, timeout=TIMEOUT_S) as resp,
+                    urllib.request.urlopen(_request(uri), timeout=TIMEOUT_S) as resp,
                     open(f"{target}.part", "wb") as out,
                 ):
                     shutil.copyfileobj(resp, out)
@@ -46,3 +47,15 @@ class HttpSource:
                 log.warning("download failed (%s), retry %d/%d: %s", last, attempt, RETRIES - 1, redact(uri))
                 time.sleep(0.5 * 2**attempt)
         raise SourceError(f"cannot download {redact(uri)}: {last}", field="dataset.data_uri")
+
+
+def _request(uri: str) -> urllib.request.Request:
+    """user:password@ in the URI becomes a Basic auth header (urllib would try to resolve it as a host)."""
+    parts = urlsplit(uri)
+    if parts.username is None:
+        return urllib.request.Request(uri)
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    request = urllib.request.Request(parts._replace(netloc=host).geturl())
+    token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    return request

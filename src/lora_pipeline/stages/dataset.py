@@ -37,9 +37,7 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
         rows, dropped = _read_rows(files)
 
     if not rows:
-        raise DataError(
-            f"no usable row in {sources.redact(cfg.data_uri)} ({_summary(dropped)})", field="dataset"
-        )
+        raise DataError(f"no usable row in {sources.redact(cfg.data_uri)} ({_summary(dropped)})", field="dataset")
     if cfg.subset:
         rows = rows[: cfg.subset]
     random.Random(cfg.seed).shuffle(rows)
@@ -60,9 +58,7 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
                 "rows_used": len(rows),
                 "train_rows": len(train),
                 "eval_rows": len(evaluation),
-                "dropped": {
-                    reason: {"count": len(v), "first_rows": v[:MAX_EXAMPLES]} for reason, v in dropped.items()
-                },
+                "dropped": {reason: {"count": len(v), "first_rows": v[:MAX_EXAMPLES]} for reason, v in dropped.items()},
                 "config": {"data_split": cfg.data_split, "subset": cfg.subset, "seed": cfg.seed},
             },
             tmp / "dataset.json",
@@ -79,9 +75,7 @@ def _data_files(path: Path) -> list[Path]:
         raise DataError(f"no data file ({', '.join(READERS)}) in {path}", field="dataset.data_uri")
     for f in files:
         if f.suffix not in READERS:
-            raise DataError(
-                f"unsupported file type {f.suffix or '(none)'!r}: {f.name}", field="dataset.data_uri"
-            )
+            raise DataError(f"unsupported file type {f.suffix or '(none)'!r}: {f.name}", field="dataset.data_uri")
     return files
 
 

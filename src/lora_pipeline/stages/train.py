@@ -17,9 +17,11 @@ from typing import Any
 
 from lora_pipeline.config import TrainConfig, is_local_uri, local_path
 from lora_pipeline.errors import StageError
-from lora_pipeline.files import atomic_dir, read_jsonl, write_json_atomic
+from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")
 
 
 def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
@@ -118,15 +120,16 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "device": "cuda" if cuda else "cpu",
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "base_model": model_ref,
-                "versions": _versions(),
+                "versions": package_versions(VERSIONED),
                 "history": history,
             },
             tmp / "metrics.json",
         )
         write_loss_chart(history, tmp / "loss_chart.html", title=f"LoRA training loss: {Path(model_ref).name}")
     shutil.rmtree(work, ignore_errors=True)
-    log.info("train: loss %.4f after %d steps in %.1fs -> %s", result.training_loss, trainer.state.global_step,
-             seconds, out)
+    log.info(
+        "train: loss %.4f after %d steps in %.1fs -> %s", result.training_loss, trainer.state.global_step, seconds, out
+    )
     return out
 
 
@@ -188,7 +191,8 @@ def _load_tokenizer(model_ref: str, cfg: TrainConfig) -> Any:
     try:
         return AutoTokenizer.from_pretrained(model_ref, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
-        raise StageError(f"cannot load the tokenizer of {model_ref!r}: {_first_line(exc)}", field="train.model") from None
+        message = f"cannot load the tokenizer of {model_ref!r}: {_first_line(exc)}"
+        raise StageError(message, field="train.model") from None
 
 
 def _load_model(model_ref: str, cfg: TrainConfig) -> Any:
@@ -246,18 +250,6 @@ def _encode(rows: list[dict], tokenizer: Any, cfg: TrainConfig, encode_chat: Any
     if dropped:
         log.warning("train: %d rows have no assistant token within max_seq_len=%d, skipped", dropped, cfg.max_seq_len)
     return [e for e in encoded if e is not None]
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}]}
+    for i in range(40)
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def chat_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The console script as a user runs it (a fresh interpreter, real exit code and stderr)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lora_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory: pytest.TempPathFactory):
+    """The demo model, data and task, built once per test session into a private home."""
+    from lora_pipeline.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("home"))

@@ -1,0 +1,101 @@
+"""The command line: help lists every parameter with its spec name; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from lora_pipeline.config import SECTIONS, fields_of, kfp_parameters
+
+
+def test_run_help_lists_every_parameter_with_default_and_spec_name() -> None:
+    out = run_cli("run", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    for section in SECTIONS:
+        for f in fields_of(section):
+            assert f"--{section}.{f.name}" in text
+    for kfp_name in kfp_parameters():
+        assert f"KFP: {kfp_name}" in text.replace("KFP: ", "KFP: ")
+    assert "(default: 16) [KFP: phase_02_train_man_lora_r; component: training_lora_r]" in text
+    assert "component: training_lora_bnb_4bit_quant_type" in text
+
+
+def test_help_does_not_import_heavy_libraries() -> None:
+    code = (
+        "import sys; from lora_pipeline import cli; "
+        "cli.build_parser().format_help(); "
+        "heavy = {'torch', 'transformers', 'peft', 'lm_eval', 'datasets'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--train.lora_rr", "3"], "--train.lora_rr"),
+        (["--train.lora_r", "abc"], "train.lora_r"),
+        (["--train.lora_r", "0"], "train.lora_r"),
+        (["--dataset.data_split", "1.5"], "dataset.data_split"),
+        (["--train.lora_load_in_4bit", "true", "--train.lora_load_in_8bit", "true"], "train.lora_load_in_8bit"),
+        (["--dataset.data_uri", "/no/such/data.jsonl"], "dataset.data_uri"),
+        (["--registry.version", "v1"], "registry.version"),
+        (["--eval.tasks", ""], "eval.tasks"),
+        ([], "dataset.data_uri"),  # required, and no demo asked for
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path: Path) -> None:
+    out = run_cli("run", "-o", str(tmp_path / "run"), *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert field in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_yaml_unknown_key_and_bad_yaml(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("train:\n  lora_r: 8\n  lora_rank: 4\n")
+    out = run_cli("run", "-c", str(tmp_path / "a.yaml"))
+    assert out.returncode == 2
+    assert "train.lora_rank: unknown option" in out.stderr
+    (tmp_path / "b.yaml").write_text("train: [unclosed\n")
+    out = run_cli("run", "-c", str(tmp_path / "b.yaml"))
+    assert out.returncode == 2 and "not valid YAML" in out.stderr and len(out.stderr.splitlines()) == 1
+    out = run_cli("run", "-c", str(tmp_path / "missing.yaml"))
+    assert out.returncode == 2 and "config file not found" in out.stderr
+
+
+def test_yaml_then_flags_override(tmp_path: Path, chat_file: Path) -> None:
+    (tmp_path / "c.yaml").write_text(f"dataset:\n  data_uri: {chat_file}\ntrain:\n  lora_r: 8\n  lora_alpha: 16\n")
+    out = run_cli("run", "-c", str(tmp_path / "c.yaml"), "--train.lora_r", "4", "--print_config")
+    assert out.returncode == 0, out.stderr
+    assert "lora_r: 4\n" in out.stdout and "lora_alpha: 16\n" in out.stdout
+    assert f"data_uri: {chat_file}" in out.stdout
+
+
+def test_bare_boolean_flag_means_true(tmp_path: Path, chat_file: Path) -> None:
+    out = run_cli("run", "--dataset.data_uri", str(chat_file), "--train.save_epoch", "--print_config")
+    assert "save_epoch: true" in out.stdout
+
+
+def test_dataset_subcommand_writes_into_run_dir(tmp_path: Path, chat_file: Path) -> None:
+    out = run_cli("dataset", "-o", str(tmp_path / "run"), "--dataset.data_uri", str(chat_file))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "run" / "dataset" / "train.jsonl").exists()
+    assert (tmp_path / "run" / "run.json").exists()
+    again = run_cli("dataset", "-o", str(tmp_path / "run"), "--dataset.data_uri", str(chat_file))
+    assert "cached" in again.stdout + again.stderr
+
+
+def test_train_without_dataset_is_one_line(tmp_path: Path) -> None:
+    out = run_cli("train", "-o", str(tmp_path / "run"), "--train.lora_load_in_4bit", "false")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("lora-pipeline: error: train: no train.jsonl")
+    assert "Traceback" not in out.stderr
