@@ -205,6 +205,8 @@ def _load_model(model_ref: str, cfg: TrainConfig) -> Any:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     else:
         kwargs["dtype"] = torch.float32
+        if cfg.lora_load_in_4bit or cfg.lora_load_in_8bit:
+            kwargs["device_map"] = "cpu"  # bitsandbytes quantizes on load only when told the device
     if cfg.lora_load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -1,0 +1,67 @@
+"""The whole demo through the CLI, as the README runs it: four stages, a manifest, and a real gain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from lora_pipeline.files import read_json
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_assets, tmp_path_factory) -> tuple[Path, object]:
+    home = Path(demo_assets.model_dir).parents[1]  # the session's LORA_PIPELINE_HOME
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    out = run_cli("demo", "-o", str(run_dir), env={"LORA_PIPELINE_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir, out
+
+
+def test_demo_runs_all_stages_and_tuned_beats_base_by_40_points(demo_run) -> None:
+    run_dir, out = demo_run
+    manifest = read_json(run_dir / "run.json")
+    assert [s for s, info in manifest["stages"].items() if info["status"] == "ran"] == [
+        "dataset",
+        "train",
+        "eval",
+        "register",
+    ]
+    assert manifest["config"]["train"]["lora_r"] == 16 and "torch" in manifest["versions"]
+    acc = next(r for r in read_json(run_dir / "eval" / "eval_results.json")["comparison"] if r["metric"] == "acc")
+    assert acc["tuned"] >= acc["base"] + 0.40, acc
+    assert acc["base"] <= 0.35  # near chance (5 classes)
+    assert "demo_topic" in out.stdout and "acc" in out.stdout  # the base-vs-tuned table is printed
+    assert read_json(run_dir / "register" / "registration.json")["status"] == "skipped"
+
+
+def test_second_run_is_cached_and_eval_option_reruns_only_eval(demo_run, demo_assets) -> None:
+    run_dir, _ = demo_run
+    home = str(Path(demo_assets.model_dir).parents[1])
+    env = {"LORA_PIPELINE_HOME": home, "HF_HUB_OFFLINE": "1"}
+    out = run_cli("demo", "-o", str(run_dir), env=env)
+    assert out.returncode == 0
+    assert {info["status"] for info in read_json(run_dir / "run.json")["stages"].values()} == {"cached"}
+    out = run_cli("demo", "-o", str(run_dir), "--eval.limit", "10", "--eval.compare_base", "false", env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stages = read_json(run_dir / "run.json")["stages"]
+    assert {s: i["status"] for s, i in stages.items()} == {
+        "dataset": "cached",
+        "train": "cached",
+        "eval": "ran",
+        "register": "ran",
+    }
+
+
+def test_failed_stage_keeps_earlier_outputs(demo_run, demo_assets) -> None:
+    run_dir, _ = demo_run
+    home = str(Path(demo_assets.model_dir).parents[1])
+    adapter = (run_dir / "train" / "adapter" / "adapter_model.safetensors").read_bytes()
+    out = run_cli("demo", "-o", str(run_dir), "--eval.tasks", "no_such_task", env={"LORA_PIPELINE_HOME": home})
+    assert out.returncode == 2 and "eval.tasks" in out.stderr.strip().splitlines()[-1]
+    assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (run_dir / "eval" / "eval_results.json").exists()  # the previous eval's results are intact
+    assert read_json(run_dir / "run.json")["stages"]["eval"]["status"] == "failed"
