@@ -125,7 +125,7 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
             },
             tmp / "metrics.json",
         )
-        write_loss_chart(history, tmp / "loss_chart.html", title=f"LoRA training loss: {Path(model_ref).name}")
+        write_loss_chart(history, tmp / "loss_chart.html", title=f"LoRA training loss: {model_ref}")
     shutil.rmtree(work, ignore_errors=True)
     log.info(
         "train: loss %.4f after %d steps in %.1fs -> %s", result.training_loss, trainer.state.global_step, seconds, out
