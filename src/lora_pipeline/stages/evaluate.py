@@ -85,7 +85,8 @@ def compare(base: dict | None, tuned: dict) -> list[dict]:
     for task, metrics in tuned["results"].items():
         base_metrics = (base or {}).get("results", {}).get(task, {})
         for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or "_stderr" in key or key == "alias":
+            # lm-eval keys metrics as "metric,filter"; bare keys (alias, sample_len) are bookkeeping.
+            if not isinstance(value, (int, float)) or "," not in key or "_stderr" in key:
                 continue
             metric, _, filt = key.partition(",")
             stderr_key = f"{metric}_stderr,{filt}"
