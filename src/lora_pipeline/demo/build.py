@@ -14,6 +14,7 @@ imported lazily so that the cache hit stays well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -55,9 +56,7 @@ CHAT_TEMPLATE = (
 )
 
 # Copied from transformers' Qwen2Tokenizer (see _train_tokenizer for why it must match).
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 # Tiny but a real architecture: ~0.7M parameters, ~3 MB on disk. The init is tuned (empirically) for LoRA
 # on a *random* base: LoRA only adds low-rank deltas to the linear layers, everything else stays frozen.
@@ -142,10 +141,8 @@ def _swap_into_place(tmp_dir: Path, demo_dir: Path) -> None:
     """Atomically publish tmp_dir as demo_dir, moving any stale build out of the way first."""
     if demo_dir.exists():
         stale = demo_dir.with_name(f".demo-stale-{uuid.uuid4().hex[:8]}")
-        try:
+        with contextlib.suppress(FileNotFoundError):  # a concurrent builder already moved it
             demo_dir.rename(stale)
-        except FileNotFoundError:  # a concurrent builder already moved it
-            pass
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp_dir.rename(demo_dir)

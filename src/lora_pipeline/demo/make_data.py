@@ -76,9 +76,7 @@ EVAL_ONLY_STRUCTURES = [
     "{place} {time}, the {kw} was what {subj} {verb}.",
 ]
 
-QUESTION = (
-    "Which category does this sentence mention: animal, fruit, tool, vehicle or instrument?\nSentence: {s}"
-)
+QUESTION = "Which category does this sentence mention: animal, fruit, tool, vehicle or instrument?\nSentence: {s}"
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TRAIN_FILE = PACKAGE_DIR / "data" / "train.jsonl"
