@@ -30,7 +30,8 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path, trust_remote_c
     import torch
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(verbosity=cfg.verbosity, include_path=cfg.include_path or None)
+    logging.getLogger("lm_eval").setLevel(cfg.verbosity)  # lm-eval deprecated its own verbosity arguments
+    task_manager = TaskManager(include_path=cfg.include_path or None)
     missing = [t for t in cfg.tasks if t not in task_manager.all_tasks]
     if missing:
         raise StageError(f"unknown lm-eval task(s): {', '.join(missing)}", field="eval.tasks")
@@ -61,7 +62,6 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path, trust_remote_c
             log_samples=cfg.log_samples,
             gen_kwargs=cfg.gen_kwargs or None,
             apply_chat_template=chat,
-            verbosity=cfg.verbosity,
         )
         if res is None:  # only non-zero ranks get None under torchrun
             return out
