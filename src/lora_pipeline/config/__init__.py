@@ -1,0 +1,41 @@
+"""The one typed config: `schema` declares every parameter once; `loading` fills and validates it."""
+
+from lora_pipeline.config.loading import (
+    coerce,
+    dump_yaml,
+    from_dict,
+    is_local_uri,
+    load_yaml,
+    local_path,
+    validate,
+)
+from lora_pipeline.config.schema import (
+    SECTIONS,
+    Config,
+    DatasetConfig,
+    EvalConfig,
+    RegistryConfig,
+    TrainConfig,
+    field_type,
+    fields_of,
+    kfp_parameters,
+)
+
+__all__ = [
+    "SECTIONS",
+    "Config",
+    "DatasetConfig",
+    "EvalConfig",
+    "RegistryConfig",
+    "TrainConfig",
+    "coerce",
+    "dump_yaml",
+    "field_type",
+    "fields_of",
+    "from_dict",
+    "is_local_uri",
+    "kfp_parameters",
+    "load_yaml",
+    "local_path",
+    "validate",
+]

@@ -1,0 +1,235 @@
+"""Filling the config from YAML and CLI strings, and validating it: one ConfigError naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import types
+import typing
+from typing import Any
+
+from lora_pipeline.config.schema import SECTIONS, Config, field_type, fields_of
+from lora_pipeline.errors import ConfigError
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is optional) for `X | None`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML value or a CLI string into the field's type, or raise one ConfigError naming the field."""
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"expected {_type_name(base)}, got null", field=name)
+    origin = typing.get_origin(base) or base
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ValueError
+        if origin is int:
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value.strip()) if isinstance(value, str) else int(value)
+        if origin is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if origin is str:
+            if isinstance(value, (dict, list, bool)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            return _parse_list(value)
+        if origin is dict:
+            return _parse_dict(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        shown = value if len(repr(value)) < 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"expected {_type_name(base)}, got {shown!r}", field=name) from None
+    raise TypeError(f"unsupported config type {tp} for {name}")  # a bug in this file, not user input
+
+
+def _parse_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            return [v.strip() for v in text.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError
+    return list(value)
+
+
+def _parse_dict(value: Any) -> dict:
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            return _parse_key_values(text)
+    if not isinstance(value, dict):
+        raise ValueError
+    return dict(value)
+
+
+def _parse_key_values(text: str) -> dict[str, str]:
+    """'a=1,b=2' -> {'a': '1', 'b': '2'} (the spec's format for labels, annotations and env vars)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError
+        out[key.strip()] = val.strip()
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp) or tp
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        origin, "a list" if origin is list else "a mapping"
+    )
+
+
+def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config:
+    """Overlay a nested {section: {field: value}} mapping on `base` (or the defaults); unknown keys fail."""
+    config = dataclasses.replace(base) if base else Config()
+    for section_name, values in (data or {}).items():
+        if section_name not in SECTIONS:
+            raise ConfigError(f"unknown section (expected one of {', '.join(SECTIONS)})", field=section_name)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError("expected a mapping of options", field=section_name)
+        section = dataclasses.replace(getattr(config, section_name))
+        known = {f.name for f in fields_of(section_name)}
+        for key, value in values.items():
+            name = f"{section_name}.{key}"
+            if key not in known:
+                hint = _closest(key, known)
+                raise ConfigError("unknown option" + (f" (did you mean {hint}?)" if hint else ""), field=name)
+            setattr(section, key, coerce(value, field_type(section_name, key), name))
+        setattr(config, section_name, section)
+    return config
+
+
+def _closest(key: str, known: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return match[0] if match else None
+
+
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+_K8S_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def validate(config: Config) -> Config:
+    """Ranges, enums and conflicts. Raises the first problem as one ConfigError naming its field."""
+    for section_name in SECTIONS:
+        section = getattr(config, section_name)
+        for f in fields_of(section_name):
+            _check_field(f"{section_name}.{f.name}", getattr(section, f.name), f.metadata)
+
+    uri = config.dataset.data_uri
+    if uri and is_local_uri(uri) and not os.path.exists(local_path(uri)):
+        raise ConfigError(f"file not found: {local_path(uri)}", field="dataset.data_uri")
+
+    t = config.train
+    if t.lora_load_in_4bit and t.lora_load_in_8bit:
+        raise ConfigError(
+            "4-bit and 8-bit quantization are exclusive: set one of them to false",
+            field="train.lora_load_in_4bit/train.lora_load_in_8bit",
+        )
+    if t.num_procs != "auto" and not (t.num_procs.isdigit() and int(t.num_procs) >= 1):
+        raise ConfigError(f"expected 'auto' or a positive integer, got {t.num_procs!r}", field="train.num_procs")
+    for name in ("cpu", "memory"):
+        if not _K8S_QUANTITY.match(getattr(t, name)):
+            raise ConfigError(
+                f"not a Kubernetes quantity: {getattr(t, name)!r} (e.g. 4, 500m, 32Gi)", field=f"train.{name}"
+            )
+    for name in ("labels", "annotations", "env_vars"):
+        try:
+            _parse_key_values(getattr(t, name))
+        except ValueError:
+            raise ConfigError(
+                f"expected key=value,key=value, got {getattr(t, name)!r}", field=f"train.{name}"
+            ) from None
+
+    e = config.eval
+    if not e.tasks:
+        raise ConfigError("at least one lm-eval task is needed", field="eval.tasks")
+    if e.limit == 0:
+        raise ConfigError("expected -1 (all samples) or a positive number", field="eval.limit")
+    if not re.match(r"^(auto(:\d+)?|[1-9]\d*)$", e.batch_size):
+        raise ConfigError(f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size")
+
+    r = config.registry
+    if not _SEMVER.match(r.version):
+        raise ConfigError(f"not a semantic version (major.minor.patch): {r.version!r}", field="registry.version")
+    for name in ("model_name", "author", "format_name"):
+        if not getattr(r, name).strip():
+            raise ConfigError("must not be empty", field=f"registry.{name}")
+    return config
+
+
+def is_local_uri(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return os.path.expanduser(uri.removeprefix("file://"))
+
+
+def _check_field(name: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"expected one of {', '.join(choices)}, got {value!r}", field=name)
+    if "min" in meta and (value < meta["min"] or (meta.get("min_exclusive") and value == meta["min"])):
+        op = ">" if meta.get("min_exclusive") else ">="
+        raise ConfigError(f"must be {op} {meta['min']}, got {value}", field=name)
+    if "max" in meta and (value > meta["max"] or (meta.get("max_exclusive") and value == meta["max"])):
+        op = "<" if meta.get("max_exclusive") else "<="
+        raise ConfigError(f"must be {op} {meta['max']}, got {value}", field=name)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}", field="--config") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}: {path}", field="--config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections in {path}", field="--config")
+    return data
+
+
+def dump_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
