@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("dataset", "train", "eval", "register")
 UPSTREAM = {"dataset": (), "train": ("dataset",), "eval": ("train",), "register": ("train", "eval")}
-DIRS = {"dataset": "dataset", "train": "train", "eval": "eval", "register": "register"}
 
 
 def default_run_dir(demo: bool = False) -> Path:
@@ -58,12 +57,12 @@ def stage_key(config: Config, stage: str, run_dir: Path) -> str:
 
 
 def _recorded_key(run_dir: Path, stage: str) -> str | None:
-    record = run_dir / DIRS[stage] / "stage.json"
+    record = run_dir / stage / "stage.json"
     return read_json(record)["key"] if record.exists() else None
 
 
 def _run_stage(config: Config, stage: str, run_dir: Path) -> None:
-    out = run_dir / DIRS[stage]
+    out = run_dir / stage
     if stage == "dataset":
         from lora_pipeline.stages.dataset import prepare_dataset
 
@@ -91,7 +90,7 @@ def run(config: Config, run_dir: Path, stages: tuple[str, ...] = STAGES, force: 
     manifest.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     for stage in stages:
         key = stage_key(config, stage, run_dir)
-        out = run_dir / DIRS[stage]
+        out = run_dir / stage
         if not force and _recorded_key(run_dir, stage) == key:
             log.info("%s: cached (key %s), skipping", stage, key)
             manifest["stages"][stage] = {**manifest["stages"].get(stage, {}), "status": "cached"}
