@@ -101,7 +101,7 @@ def test_4bit_qlora_runs_on_cpu(demo_assets, demo_dataset, tmp_path: Path) -> No
         demo_assets.model_dir, effective_batch_size=24, micro_batch_size=24, lora_load_in_4bit=True, lora_r=4
     )
     metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "q") / "metrics.json")
-    assert metrics["quantization"] == "4bit" and metrics["steps"] == 3
+    assert metrics["quantization"]["bits"] == 4 and metrics["steps"] == 3
 
 
 def test_unknown_target_module_names_the_field(demo_assets, demo_dataset, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ the dataclasses below, so a parameter is declared exactly once. Each field's met
   kfp        its name in spec/lora_pipeline.md (the KFP pipeline parameter), when it has one
   component  its name in spec/lora_training_component.md, when it has one
   choices / min / max / min_exclusive   what validation enforces
+  cache      False for options that do not change the stage's output (resources, labels, logging):
+             they stay out of its cache key, so changing them does not rerun the stage
 Fields with neither `kfp` nor `component` are this project's own additions.
 """
 
@@ -121,6 +123,19 @@ class TrainConfig:
         "Save checkpoint at each epoch",
         kfp="phase_02_train_opt_save_epoch",
         component="training_checkpoint_at_epoch",
+    )
+    checkpoint_steps: int = param(
+        500,
+        "Save a resumable checkpoint every N optimizer steps (0 = not by steps); "
+        "a killed or interrupted run resumes from the last one",
+        min=0,
+        cache=False,
+    )
+    checkpoint_minutes: float = param(
+        10.0,
+        "Save a resumable checkpoint every N minutes of training (0 = not by time)",
+        min=0.0,
+        cache=False,
     )
     use_liger: bool = param(
         True,
@@ -245,21 +260,28 @@ class TrainConfig:
         "CPU cores per worker",
         kfp="phase_02_train_opt_cpu",
         component="training_resource_cpu_per_worker",
+        cache=False,
     )
     memory: str = param(
         "32Gi",
         "RAM per worker",
         kfp="phase_02_train_opt_memory",
         component="training_resource_memory_per_worker",
+        cache=False,
     )
     labels: str = param(
-        "", "K8s labels (key=val,...)", kfp="phase_02_train_opt_labels", component="training_metadata_labels"
+        "",
+        "K8s labels (key=val,...)",
+        kfp="phase_02_train_opt_labels",
+        component="training_metadata_labels",
+        cache=False,
     )
     annotations: str = param(
         "",
         "K8s annotations (key=val,...)",
         kfp="phase_02_train_opt_annotations",
         component="training_metadata_annotations",
+        cache=False,
     )
     env_vars: str = param("", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs")
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
@@ -284,9 +306,15 @@ class EvalConfig:
         "Logging level (DEBUG, INFO, WARNING, ERROR)",
         kfp="phase_03_eval_opt_verbosity",
         choices=VERBOSITIES,
+        cache=False,
     )
     include_path: str = param("", "Directory of extra lm-eval task YAMLs (empty = registered tasks only)")
     compare_base: bool = param(True, "Also evaluate the base model and show both side by side")
+    full_precision: bool = param(
+        False,
+        "After 4-bit/8-bit training, also score base and adapter on the full-precision base "
+        "(the quantized base the adapter was trained on is always scored)",
+    )
     apply_chat_template: bool = param(
         True, "Score with the tokenizer's chat template, as the model was trained (when it has one)"
     )

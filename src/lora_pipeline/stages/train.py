@@ -15,9 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.config import TrainConfig, is_local_uri, local_path
+from lora_pipeline.config import TrainConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
+from lora_pipeline.models import (
+    check_quantization_available,
+    first_line,
+    load_base_model,
+    load_tokenizer,
+    quantization_settings,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +36,8 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     dataset_dir, out = Path(dataset_dir), Path(out)
     if not (dataset_dir / "train.jsonl").exists():
         raise StageError(f"no train.jsonl in {dataset_dir}: run the dataset stage first", field="train")
-    _check_quantization_available(cfg)
+    quant = quantization_settings(cfg)
+    check_quantization_available(quant, f"train.lora_load_in_{'4' if cfg.lora_load_in_4bit else '8'}bit")
     backend = choose_backend(cfg)
 
     import torch
@@ -40,7 +49,7 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormal floats (tiny weights/grads) slow CPU math by up to ~10x
     model_ref = resolve_model(cfg.model)
-    tokenizer = _load_tokenizer(model_ref, cfg)
+    tokenizer = load_tokenizer(model_ref, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
     train_rows = _encode(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg, encode_chat)
     eval_path = dataset_dir / "eval.jsonl"
@@ -49,7 +58,11 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         raise StageError("no training row has an assistant token within max_seq_len", field="train.max_seq_len")
 
     micro, accum = batch_geometry(cfg, max(len(r["input_ids"]) for r in train_rows), world_size())
-    model = _load_model(model_ref, cfg)
+    model = load_base_model(model_ref, quant, cfg.trust_remote_code)
+    if quant:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = _wrap_lora(model, cfg)
     use_liger = _liger_available(cfg)
 
@@ -118,7 +131,8 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "tokens_per_second": round(total_tokens / seconds, 1) if seconds else None,
                 "backend": backend,
                 "liger": use_liger,
-                "quantization": "4bit" if cfg.lora_load_in_4bit else "8bit" if cfg.lora_load_in_8bit else None,
+                "quantization": quant,
+                "trust_remote_code": cfg.trust_remote_code,
                 "device": "cuda" if cuda else "cpu",
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "base_model": model_ref,
@@ -133,16 +147,6 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         "train: loss %.4f after %d steps in %.1fs -> %s", result.training_loss, trainer.state.global_step, seconds, out
     )
     return out
-
-
-def resolve_model(model: str) -> str:
-    """A local model path becomes absolute (the adapter records it as its base); a hub id stays as is."""
-    path = Path(local_path(model))
-    if is_local_uri(model) and (path.exists() or model.startswith((".", "/", "~", "file://"))):
-        if not (path / "config.json").exists():
-            raise StageError(f"no model (config.json) at {path}", field="train.model")
-        return str(path.resolve())
-    return model
 
 
 def world_size() -> int:
@@ -168,14 +172,6 @@ def choose_backend(cfg: TrainConfig) -> str:
     return "peft"
 
 
-def _check_quantization_available(cfg: TrainConfig) -> None:
-    if (cfg.lora_load_in_4bit or cfg.lora_load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
-        name = "lora_load_in_4bit" if cfg.lora_load_in_4bit else "lora_load_in_8bit"
-        raise StageError(
-            f"QLoRA needs bitsandbytes (pip install bitsandbytes), or set --train.{name} false", field=f"train.{name}"
-        )
-
-
 def _liger_available(cfg: TrainConfig) -> bool:
     if not cfg.use_liger:
         return False
@@ -185,48 +181,6 @@ def _liger_available(cfg: TrainConfig) -> bool:
         return True
     log.warning("train.use_liger: Liger kernels need CUDA and liger-kernel; training without them")
     return False
-
-
-def _load_tokenizer(model_ref: str, cfg: TrainConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_ref, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
-        message = f"cannot load the tokenizer of {model_ref!r}: {_first_line(exc)}"
-        raise StageError(message, field="train.model") from None
-
-
-def _load_model(model_ref: str, cfg: TrainConfig) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if torch.cuda.is_available():
-        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    else:
-        kwargs["dtype"] = torch.float32
-        if cfg.lora_load_in_4bit or cfg.lora_load_in_8bit:
-            kwargs["device_map"] = "cpu"  # bitsandbytes quantizes on load only when told the device
-    if cfg.lora_load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type or "nf4",
-            bnb_4bit_compute_dtype=getattr(torch, cfg.bnb_4bit_compute_dtype or "bfloat16"),
-            bnb_4bit_use_double_quant=True if cfg.bnb_4bit_use_double_quant is None else cfg.bnb_4bit_use_double_quant,
-        )
-    elif cfg.lora_load_in_8bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
-    except OSError as exc:
-        raise StageError(f"cannot load model {model_ref!r}: {_first_line(exc)}", field="train.model") from None
-    if "quantization_config" in kwargs:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
 
 
 def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -245,7 +199,7 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:  # peft names the modules it could not find
-        raise StageError(_first_line(exc), field="train.lora_target_modules") from None
+        raise StageError(first_line(exc), field="train.lora_target_modules") from None
 
 
 def _encode(rows: list[dict], tokenizer: Any, cfg: TrainConfig, encode_chat: Any) -> list[dict]:
@@ -254,7 +208,3 @@ def _encode(rows: list[dict], tokenizer: Any, cfg: TrainConfig, encode_chat: Any
     if dropped:
         log.warning("train: %d rows have no assistant token within max_seq_len=%d, skipped", dropped, cfg.max_seq_len)
     return [e for e in encoded if e is not None]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,95 @@
+"""The base model: where it is, how it is quantized, and loading it the same way for training and eval.
+
+The train stage records `quantization_settings(cfg)` and `trust_remote_code` in its metrics.json, and
+the eval stage loads the base with the same settings, so a QLoRA adapter is scored on the quantized
+base it was trained on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.config import TrainConfig, is_local_uri, local_path
+from lora_pipeline.errors import StageError
+
+
+def resolve_model(model: str) -> str:
+    """A local model path becomes absolute (the adapter records it as its base); a hub id stays as is."""
+    path = Path(local_path(model))
+    if is_local_uri(model) and (path.exists() or model.startswith((".", "/", "~", "file://"))):
+        if not (path / "config.json").exists():
+            raise StageError(f"no model (config.json) at {path}", field="train.model")
+        return str(path.resolve())
+    return model
+
+
+def quantization_settings(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The bitsandbytes settings the base is loaded with, as plain JSON (None = full precision)."""
+    if cfg.lora_load_in_4bit:
+        return {
+            "bits": 4,
+            "quant_type": cfg.bnb_4bit_quant_type or "nf4",
+            "compute_dtype": cfg.bnb_4bit_compute_dtype or "bfloat16",
+            "double_quant": True if cfg.bnb_4bit_use_double_quant is None else cfg.bnb_4bit_use_double_quant,
+        }
+    if cfg.lora_load_in_8bit:
+        return {"bits": 8}
+    return None
+
+
+def check_quantization_available(quant: dict[str, Any] | None, field: str = "train.lora_load_in_4bit") -> None:
+    if quant and importlib.util.find_spec("bitsandbytes") is None:
+        raise StageError(f"QLoRA needs bitsandbytes (pip install bitsandbytes), or set --{field} false", field=field)
+
+
+def _bnb_config(quant: dict[str, Any]) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant["quant_type"],
+        bnb_4bit_compute_dtype=getattr(torch, quant["compute_dtype"]),
+        bnb_4bit_use_double_quant=quant["double_quant"],
+    )
+
+
+def load_base_model(
+    model_ref: str, quant: dict[str, Any] | None, trust_remote_code: bool = False, field: str = "train.model"
+) -> Any:
+    """The base causal LM on this process's device, quantized as `quant` says (see quantization_settings)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if torch.cuda.is_available():
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    else:
+        kwargs["dtype"] = torch.float32
+        if quant:
+            kwargs["device_map"] = "cpu"  # bitsandbytes quantizes on load only when told the device
+    if quant:
+        kwargs["quantization_config"] = _bnb_config(quant)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    except OSError as exc:
+        raise StageError(f"cannot load model {model_ref!r}: {first_line(exc)}", field=field) from None
+
+
+def load_tokenizer(model_ref: str, trust_remote_code: bool = False, field: str = "train.model") -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise StageError(f"cannot load the tokenizer of {model_ref!r}: {first_line(exc)}", field=field) from None
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
