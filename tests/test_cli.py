@@ -94,8 +94,24 @@ def test_dataset_subcommand_writes_into_run_dir(tmp_path: Path, chat_file: Path)
     assert "cached" in again.stdout + again.stderr
 
 
-def test_train_without_dataset_is_one_line(tmp_path: Path) -> None:
-    out = run_cli("train", "-o", str(tmp_path / "run"), "--train.lora_load_in_4bit", "false")
+def test_train_without_dataset_is_one_line(tmp_path: Path, demo_assets) -> None:
+    model = str(demo_assets.model_dir)
+    out = run_cli("train", "-o", str(tmp_path / "run"), "--train.lora_load_in_4bit", "false", "--train.model", model)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("lora-pipeline: error: train: no train.jsonl")
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()  # a run directory in which nothing completed is not left behind
+
+
+@pytest.mark.integration
+def test_stage_commands_take_explicit_inputs_and_output(tmp_path: Path, chat_file: Path, demo_assets) -> None:
+    data, train = tmp_path / "data", tmp_path / "train"
+    out = run_cli("dataset", "--dataset.data_uri", str(chat_file), "--out", str(data))
+    assert out.returncode == 0, out.stderr
+    assert (data / "train.jsonl").exists() and not (tmp_path / "run.json").exists()
+    flags = ["--train.model", str(demo_assets.model_dir), "--train.lora_load_in_4bit", "false"]
+    flags += ["--train.effective_batch_size", "8", "--train.epochs", "1", "--train.use_liger", "false"]
+    out = run_cli("train", "--input", f"dataset={data}", "--out", str(train), *flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (train / "adapter" / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "data", "train"]  # no lock or work left

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,12 +61,66 @@ def test_second_run_is_cached_and_eval_option_reruns_only_eval(demo_run, demo_as
     }
 
 
-def test_failed_stage_keeps_earlier_outputs(demo_run, demo_assets) -> None:
+def test_bad_eval_option_fails_before_any_stage_and_keeps_outputs(demo_run, demo_assets) -> None:
     run_dir, _ = demo_run
     home = str(Path(demo_assets.model_dir).parents[1])
     adapter = (run_dir / "train" / "adapter" / "adapter_model.safetensors").read_bytes()
+    before = read_json(run_dir / "run.json")
     out = run_cli("demo", "-o", str(run_dir), "--eval.tasks", "no_such_task", env={"LORA_PIPELINE_HOME": home})
     assert out.returncode == 2 and "eval.tasks" in out.stderr.strip().splitlines()[-1]
     assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert (run_dir / "eval" / "eval_results.json").exists()  # the previous eval's results are intact
-    assert read_json(run_dir / "run.json")["stages"]["eval"]["status"] == "failed"
+    assert read_json(run_dir / "run.json") == before  # pre-flight: nothing ran, nothing was rewritten
+
+
+def _checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the complete resumable checkpoints in the train stage's work directory."""
+    return sorted(
+        int(p.parent.name.rsplit("-", 1)[1]) for p in run_dir.glob(".train.work/**/checkpoint-*/trainer_state.json")
+    )
+
+
+def _start_and_wait_for_checkpoint(args: list[str], env: dict, run_dir: Path, after: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_pipeline.cli", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not [s for s in _checkpoints(run_dir) if s > after]:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    return proc
+
+
+def test_ctrl_c_and_kill_9_then_the_same_command_resumes(demo_assets, tmp_path: Path) -> None:
+    home = str(Path(demo_assets.model_dir).parents[1])
+    env = {"LORA_PIPELINE_HOME": home, "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    args = ["demo", "-o", str(run_dir), "--train.epochs", "3", "--train.checkpoint_steps", "30", "--eval.limit", "20"]
+
+    proc = _start_and_wait_for_checkpoint(args, env, run_dir, after=0)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert "interrupted" in proc.stderr.read()
+    record = read_json(run_dir / "run.json")
+    assert record["status"] == "interrupted" and record["stages"]["train"]["status"] == "interrupted"
+    first = _checkpoints(run_dir)[-1]
+
+    proc = _start_and_wait_for_checkpoint(args, env, run_dir, after=first)
+    proc.kill()  # kill -9: no handler runs
+    proc.wait(timeout=60)
+    second = _checkpoints(run_dir)[-1]
+    assert second > first
+
+    out = run_cli(*args, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from step {second}" in out.stderr
+    record = read_json(run_dir / "run.json")
+    assert record["status"] == "completed"
+    assert [record["stages"][s]["status"] for s in ("dataset", "train", "eval")] == ["cached", "ran", "ran"]
+    assert read_json(run_dir / "train" / "metrics.json")["steps"] == 270  # 720 rows / 8 per step x 3 epochs
+    assert not list(run_dir.glob(".train.work*"))  # the work directory is gone once the stage completed

@@ -1,4 +1,4 @@
-"""`lora-pipeline run|demo|dataset|train|eval|register`: flags and YAML both fill the one config.
+"""`lora-pipeline run|demo|<stage>`: flags and YAML both fill the one config; stages come from the stage table.
 
 Only the config module is imported at start-up; torch, transformers and lm-eval load inside the stages,
 so `--help` answers at once.
@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import SECTIONS, Config, field_type, fields_of, from_dict, load_yaml, validate
+from lora_pipeline.config import SECTIONS, Config, dump_yaml, field_type, fields_of, from_dict, load_yaml, validate
 from lora_pipeline.errors import ConfigError, LoraPipelineError
-
-STAGE_COMMANDS = {
-    "dataset": "Fetch, read, validate and split the dataset into RUN_DIR/dataset",
-    "train": "LoRA fine-tune on RUN_DIR/dataset into RUN_DIR/train (adapter, metrics, loss chart)",
-    "eval": "lm-eval the base model and base+adapter from RUN_DIR/train into RUN_DIR/eval",
-    "register": "Register RUN_DIR/train's adapter in the model registry (skipped when no address)",
-}
+from lora_pipeline.files import exclusive_lock
+from lora_pipeline.preflight import preflight
+from lora_pipeline.redaction import install_log_filter, redact_config, scrub
+from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,16 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {
         "run": "Run all four stages into one run directory",
         "demo": "Run the built-in demo: tiny local model, demo dataset, offline, CPU",
-        **STAGE_COMMANDS,
+        **{s.name: s.help for s in STAGES},
     }
     for name, help_text in commands.items():
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            usage=f"lora-pipeline {name} [-c YAML] [-o RUN_DIR] [--SECTION.OPTION VALUE ...]",
-        )
+        stage = BY_NAME.get(name)
+        usage = f"lora-pipeline {name} [-c YAML] [-o RUN_DIR] [--SECTION.OPTION VALUE ...]"
+        if stage:
+            inputs = "".join(f" --input {up}=DIR" for up in stage.upstream)
+            usage += f"\n       lora-pipeline {name} [-c YAML]{inputs} --out DIR [--SECTION.OPTION VALUE ...]"
+        p = sub.add_parser(name, help=help_text, description=help_text, usage=usage)
         _add_common(p, demo=name in ("run", "demo"))
+        if stage:
+            _add_stage_io(p, stage)
         _add_config_flags(p)
     return parser
 
@@ -65,12 +67,26 @@ def _add_common(p: argparse.ArgumentParser, demo: bool) -> None:
         "--run_dir",
         default=None,
         metavar="DIR",
-        help="Run directory holding each stage's output (default: runs/<timestamp>, or runs/demo for the demo)",
+        help="Run directory holding each stage's output (default: runs/<timestamp>, or runs/demo for the demo). "
+        "An existing run directory starts from the config recorded in it; -c and flags override it",
     )
     g.add_argument("--force", action="store_true", help="Rerun stages even when their cached output matches")
     g.add_argument("--print_config", action="store_true", help="Print the resolved config as YAML and exit")
     if demo:
         g.add_argument("--demo", action="store_true", help="Use the built-in demo model, dataset and eval task")
+
+
+def _add_stage_io(p: argparse.ArgumentParser, stage: Stage) -> None:
+    g = p.add_argument_group("stage inputs and output, instead of a run directory")
+    if stage.upstream:
+        g.add_argument(
+            "--input",
+            action="append",
+            default=[],
+            metavar="NAME=DIR",
+            help=f"Output directory of an upstream stage ({', '.join(stage.upstream)})",
+        )
+    g.add_argument("--out", default=None, metavar="DIR", help="Write this stage's output here (no run.json, no cache)")
 
 
 def _flag_help(f: dataclasses.Field) -> str:
@@ -106,33 +122,63 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             )
 
 
-def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
-    """defaults <- `base` (the demo's) <- YAML files in order <- CLI flags; then validated."""
-    config = from_dict(base or {})
-    for path in args.config:
-        config = from_dict(load_yaml(path), config)
+def config_layers(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The YAML files' layers in order, and the flags given on the command line (section -> option -> value)."""
+    layers = [load_yaml(path) for path in args.config]
     flags: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if key.startswith("cfg:"):
             section, name = key[4:].split(".", 1)
             flags.setdefault(section, {})[name] = value
+    return layers, flags
+
+
+def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    """defaults <- `base` (the demo's, or the config recorded in the run directory) <- YAML files <- flags."""
+    config = from_dict(base or {})
+    layers, flags = config_layers(args)
+    for layer in layers:
+        config = from_dict(layer, config)
     return validate(from_dict(flags, config))
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """`--train.learning_rate -1e-4`: argparse reads -1e-4 as a flag; joined as `--opt=-1e-4` it is a value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "." in out[-1] and "=" not in out[-1] and _NEGATIVE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+_NEGATIVE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if not args.command:
         parser.print_help()
         return 0
+    previous_umask = os.umask(0o077)  # run records, checkpoints and adapters are private (0600/0700)
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # a pod eviction is an interruption
     try:
         return _dispatch(args)
     except LoraPipelineError as exc:
-        sys.stderr.write(f"lora-pipeline: error: {exc}\n")
+        sys.stderr.write(f"lora-pipeline: error: {scrub(str(exc))}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("lora-pipeline: interrupted\n")
+        sys.stderr.write("lora-pipeline: interrupted; run the same command again to resume\n")
         return 130
+    finally:
+        os.umask(previous_umask)
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _setup_logging() -> None:
@@ -141,6 +187,8 @@ def _setup_logging() -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S")
     logging.getLogger("lora_pipeline").setLevel(logging.INFO)
+    logging.captureWarnings(True)  # library warnings go through the handlers, and so through the scrub filter
+    install_log_filter()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -148,25 +196,61 @@ def _dispatch(args: argparse.Namespace) -> int:
     demo = args.command == "demo" or getattr(args, "demo", False)
     base = None
     if demo:
-        from lora_pipeline.pipeline import demo_config
+        from lora_pipeline.demo import demo_config
 
         base = demo_config()
-    config = resolve_config(args, base)
-    if args.print_config:
-        from lora_pipeline.config import dump_yaml
-
-        sys.stdout.write(dump_yaml(config))
-        return 0
+    stage = BY_NAME.get(args.command)
+    if stage and getattr(args, "out", None):
+        return _run_one_stage(args, stage, resolve_config(args, base))
 
     from lora_pipeline import pipeline
 
     run_dir = Path(args.run_dir) if args.run_dir else pipeline.default_run_dir(demo)
-    stages = pipeline.STAGES if args.command in ("run", "demo") else (args.command,)
-    if "dataset" in stages and not config.dataset.data_uri:
-        raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
-    manifest = pipeline.run(config, run_dir, stages=stages, force=args.force)
+    recorded = pipeline.recorded_config(run_dir) if run_dir.is_dir() else None
+    config = resolve_config(args, recorded or base)
+    if args.print_config:
+        sys.stdout.write(dump_yaml(config))
+        return 0
+    stages = NAMES if args.command in ("run", "demo") else (args.command,)
+    pipeline.check_recorded_source(config, run_dir, stages)
+    fingerprint = preflight(config, stages, run_dir, "-o", check_source=not pipeline.source_is_recorded_only(config))
+    manifest = pipeline.run(
+        config, run_dir, stages=stages, force=args.force, source_fingerprint=fingerprint, invocation=_invocation(args)
+    )
     pipeline.print_summary(manifest)
     return 0
+
+
+def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> int:
+    """`STAGE --input NAME=DIR --out DIR`: the stage function alone, as a Kubeflow component runs it."""
+    if args.print_config:
+        sys.stdout.write(dump_yaml(config))
+        return 0
+    inputs: dict[str, Path] = {}
+    for item in getattr(args, "input", []):
+        name, sep, path = item.partition("=")
+        if not sep or name not in stage.upstream:
+            raise ConfigError(
+                f"expected NAME=DIR with NAME one of {', '.join(stage.upstream)}, got {item!r}", field="--input"
+            )
+        if not Path(path).is_dir():
+            raise ConfigError(f"{name}: no such directory: {path}", field="--input")
+        inputs[name] = Path(path)
+    missing = [up for up in stage.upstream if up not in inputs]
+    if missing:
+        raise ConfigError(f"missing {', '.join(f'{m}=DIR' for m in missing)}", field="--input")
+    out = Path(args.out)
+    preflight(config, (stage.name,), out, "--out")
+    with exclusive_lock(out.with_name(f".{out.name}.lock"), what=str(out)):
+        stage.call(getattr(config, stage.section), inputs, out)
+    print(f"{stage.name}: {out}")
+    return 0
+
+
+def _invocation(args: argparse.Namespace) -> dict[str, Any]:
+    """What this command changed on top of the recorded config: YAML files and flags, secrets redacted."""
+    _, flags = config_layers(args)
+    return {"command": args.command, "config_files": list(args.config), "overrides": redact_config(flags)}
 
 
 if __name__ == "__main__":

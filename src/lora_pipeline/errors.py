@@ -29,3 +29,7 @@ class StageError(LoraPipelineError):
 
 class RegistryError(LoraPipelineError):
     """The model registry refused or could not be reached."""
+
+
+class LockedError(LoraPipelineError):
+    """Another process holds the run directory."""

@@ -34,7 +34,10 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(text: str, path: Path) -> Path:
-    """Temp file in the same directory + fsync + os.replace, so readers never see a half-written file."""
+    """Temp file in the same directory + fsync + os.replace, so readers never see a half-written file.
+
+    The file is created 0600 (mkstemp): run records may name private paths, so they are not shared by default.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -43,7 +46,6 @@ def write_text_atomic(text: str, path: Path) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,3 +85,41 @@ def read_jsonl(path: Path) -> list[dict]:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock file (flock: released by the kernel even on kill -9), or fail at once.
+
+    The file records the holder's pid so the second process can name it. It is removed on release; a
+    lock taken on a file that another process unlinked meanwhile is retaken on the new file.
+    """
+    import fcntl
+
+    from lora_pipeline.errors import LockedError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{what} is in use by another lora-pipeline process (pid {holder})") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

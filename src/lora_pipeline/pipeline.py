@@ -1,129 +1,215 @@
-"""run(config, run_dir): the four stages in order, each in its own sub-directory, cached by key.
+"""run(config, run_dir): the stages of the stage table in order, each in its own folder, cached by key.
 
-A stage's cache key hashes its config section and the keys of the stages it reads, so changing only
-an eval option reruns only eval. `run.json` in the run directory records config, versions, timings
-and paths, and is rewritten after every stage so a failed run still tells how far it got.
+A stage's cache key hashes the options of its config section that change its output, the content of
+what it reads from outside (the data source, the base model's files, local eval tasks) and the keys of
+its upstream stages, so editing a data file reruns everything and changing only an eval option reruns
+only eval and register. One process at a time holds a run directory (a lock file). `run.json` records
+the resolved config (secrets redacted), versions, each invocation's overrides, and per-stage status; it
+is rewritten after every stage, so a failed or interrupted run still tells how far it got.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import logging
-import os
 import platform
+import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
 from lora_pipeline.config import Config, is_local_uri, local_path
-from lora_pipeline.files import package_versions, read_json, write_json_atomic
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
+from lora_pipeline.redaction import is_redacted, redact_config, scrub
+from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 
 log = logging.getLogger(__name__)
 
-STAGES = ("dataset", "train", "eval", "register")
-UPSTREAM = {"dataset": (), "train": ("dataset",), "eval": ("train",), "register": ("train", "eval")}
+MANIFEST = "run.json"
 
 
 def default_run_dir(demo: bool = False) -> Path:
     return Path("runs") / ("demo" if demo else time.strftime("%Y%m%d-%H%M%S"))
 
 
-def demo_config() -> dict[str, Any]:
-    """The demo's config layer: built-in tiny model, demo data and eval task, CPU-friendly settings."""
-    from lora_pipeline.demo import DEMO_OVERRIDES, build_demo
+def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config a run directory was last run with (None for a new directory)."""
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a run record of lora-pipeline", field="-o") from None
 
-    assets = build_demo()
-    layer = copy.deepcopy(DEMO_OVERRIDES)
-    layer.setdefault("dataset", {})["data_uri"] = str(assets.data_file)
-    layer.setdefault("train", {})["model"] = str(assets.model_dir)
-    layer.setdefault("eval", {}).update(tasks=[assets.task_name], include_path=str(assets.task_dir))
-    return layer
+
+def source_is_recorded_only(config: Config) -> bool:
+    """True when data_uri came from run.json with its credentials removed: it cannot be fetched again."""
+    return bool(config.dataset.data_uri) and is_redacted(config.dataset.data_uri)
 
 
-def stage_key(config: Config, stage: str, run_dir: Path) -> str:
-    section = {"dataset": config.dataset, "train": config.train, "eval": config.eval, "register": config.registry}
-    payload: dict[str, Any] = {"stage": stage, "config": asdict(section[stage]), "version": __version__}
-    if stage == "dataset" and config.dataset.data_uri and is_local_uri(config.dataset.data_uri):
-        st = os.stat(local_path(config.dataset.data_uri))
-        payload["source"] = [st.st_size, st.st_mtime_ns]  # a changed local file invalidates the cache
-    if stage == "eval":
-        payload["trust_remote_code"] = config.train.trust_remote_code
-    payload["upstream"] = [_recorded_key(run_dir, up) for up in UPSTREAM[stage]]
+def check_recorded_source(config: Config, run_dir: Path, stages: tuple[str, ...]) -> None:
+    if "dataset" in stages and source_is_recorded_only(config) and _recorded_key(run_dir, "dataset") is None:
+        raise ConfigError(
+            "the recorded URI had credentials, which are never stored: give --dataset.data_uri again",
+            field="dataset.data_uri",
+        )
+
+
+# --- cache keys ---------------------------------------------------------------------------------------
+
+
+def output_options(section_config: Any) -> dict[str, Any]:
+    """The options of a section that change its stage's output (metadata cache=False ones are left out)."""
+    return {
+        f.name: getattr(section_config, f.name)
+        for f in dataclasses.fields(section_config)
+        if f.metadata.get("cache", True)
+    }
+
+
+def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: str | None = None) -> str:
+    section = getattr(config, stage.section)
+    payload: dict[str, Any] = {"stage": stage.name, "options": output_options(section), "version": __version__}
+    if stage.name == "dataset":
+        payload["options"]["data_uri"] = scrub(section.data_uri or "")  # credentials do not change the data
+        payload["source"] = source_fingerprint
+    elif stage.name == "train":
+        payload["model_files"] = _model_fingerprint(section.model)
+    elif stage.name == "eval" and section.include_path:
+        payload["tasks_files"] = _tree_digest(Path(section.include_path))
+    payload["upstream"] = [_recorded_key(run_dir, up) for up in stage.upstream]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _model_fingerprint(model: str) -> Any:
+    """A local base model by its config and weight file sizes (hashing GBs of weights per run is too slow)."""
+    path = Path(local_path(model))
+    if not (is_local_uri(model) and path.is_dir()):
+        return model
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    config = path / "config.json"
+    return {
+        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+        "sizes": {p.name: p.stat().st_size for p in files},
+    }
+
+
+def _tree_digest(root: Path) -> str | None:
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        digest.update(str(p.relative_to(root)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _recorded_key(run_dir: Path, stage: str) -> str | None:
-    record = run_dir / stage / "stage.json"
+    record = Path(run_dir) / stage / "stage.json"
     return read_json(record)["key"] if record.exists() else None
 
 
-def _run_stage(config: Config, stage: str, run_dir: Path) -> None:
-    out = run_dir / stage
-    if stage == "dataset":
-        from lora_pipeline.stages.dataset import prepare_dataset
-
-        prepare_dataset(config.dataset, out)
-    elif stage == "train":
-        from lora_pipeline.stages.train import train_adapter
-
-        train_adapter(config.train, run_dir / "dataset", out)
-    elif stage == "eval":
-        from lora_pipeline.stages.evaluate import evaluate_adapter
-
-        evaluate_adapter(config.eval, run_dir / "train", out, trust_remote_code=config.train.trust_remote_code)
-    else:
-        from lora_pipeline.stages.register import register_adapter
-
-        register_adapter(config.registry, run_dir / "train", run_dir / "eval", out)
+# --- the run ------------------------------------------------------------------------------------------
 
 
-def run(config: Config, run_dir: Path, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, Any]:
+def run(
+    config: Config,
+    run_dir: Path,
+    stages: tuple[str, ...] = NAMES,
+    force: bool = False,
+    source_fingerprint: str | None = None,
+    invocation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run `stages` into `run_dir`, holding its lock. A run directory that this call created and in
+    which no stage completed is removed again on failure, so a bad input leaves nothing behind."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = run_dir / "run.json"
+    created = not run_dir.exists()
+    try:
+        with exclusive_lock(run_dir / ".lock", what=f"run directory {run_dir}"):
+            return _run_locked(config, run_dir, stages, force, source_fingerprint, invocation)
+    except BaseException:
+        if created and not any((run_dir / s.name).exists() for s in STAGES):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_locked(
+    config: Config,
+    run_dir: Path,
+    stages: tuple[str, ...],
+    force: bool,
+    source_fingerprint: str | None,
+    invocation: dict[str, Any] | None,
+) -> dict[str, Any]:
+    run_dir.chmod(0o700)
+    manifest_path = run_dir / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
-    manifest.update(run_dir=str(run_dir.resolve()), config=config.to_dict(), versions=_versions())
-    manifest.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    for stage in stages:
-        key = stage_key(config, stage, run_dir)
-        out = run_dir / stage
-        if not force and _recorded_key(run_dir, stage) == key:
-            log.info("%s: cached (key %s), skipping", stage, key)
-            manifest["stages"][stage] = {**manifest["stages"].get(stage, {}), "status": "cached"}
+    manifest.update(
+        run_dir=str(run_dir.resolve()), config=redact_config(config.to_dict()), versions=_versions(), status="running"
+    )
+    manifest.setdefault("started", _now())
+    manifest.pop("finished", None)
+    manifest.setdefault("invocations", []).append({"time": _now(), **(invocation or {})})
+    for stage in (BY_NAME[name] for name in stages):
+        out = run_dir / stage.name
+        if stage.name == "dataset" and source_is_recorded_only(config):
+            log.info("dataset: the source URI's credentials are not stored; reusing the completed dataset stage")
+            manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
-        log.info("%s: running", stage)
-        manifest["stages"][stage] = {"status": "running", "path": str(out)}
-        write_json_atomic(manifest, manifest_path)
+        key = stage_key(config, stage, run_dir, source_fingerprint)
+        if not force and _recorded_key(run_dir, stage.name) == key:
+            log.info("%s: cached (key %s), skipping", stage.name, key)
+            manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
+            continue
+        log.info("%s: running", stage.name)
+        manifest["stages"][stage.name] = {"status": "running", "path": str(out)}
+        _write_manifest(manifest, manifest_path)
         started = time.perf_counter()
         try:
-            _run_stage(config, stage, run_dir)
-        except BaseException:
-            manifest["stages"][stage]["status"] = "failed"
-            write_json_atomic(manifest, manifest_path)
+            inputs = {up: run_dir / up for up in stage.upstream}
+            stage.call(getattr(config, stage.section), inputs, out)
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            manifest["stages"][stage.name]["status"] = manifest["status"] = status
+            manifest["stages"][stage.name]["error"] = scrub(str(exc))[:500] or type(exc).__name__
+            _write_manifest(manifest, manifest_path)
             raise
         seconds = round(time.perf_counter() - started, 2)
         write_json_atomic({"key": key, "seconds": seconds}, out / "stage.json")
-        manifest["stages"][stage] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
-        write_json_atomic(manifest, manifest_path)
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json_atomic(manifest, manifest_path)
+        manifest["stages"][stage.name] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
+        _write_manifest(manifest, manifest_path)
+    manifest["status"] = "completed"
+    manifest["finished"] = _now()
+    _write_manifest(manifest, manifest_path)
     return manifest
+
+
+def _write_manifest(manifest: dict[str, Any], path: Path) -> None:
+    # The last pass: whatever a stage's error message repeated, no secret reaches the file.
+    write_text_atomic(scrub(json.dumps(manifest, indent=2, default=str)) + "\n", path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def print_summary(manifest: dict[str, Any]) -> None:
     run_dir = Path(manifest["run_dir"])
     print(f"\nrun directory: {run_dir}")
-    for stage, info in manifest["stages"].items():
+    for stage in STAGES:
+        info = manifest["stages"].get(stage.name)
+        if info is None:
+            continue
         seconds = info.get("seconds")
         timing = f"{seconds:8.1f}s" if seconds is not None else " " * 9
-        print(f"  {stage:<9} {info['status']:<7} {timing}  {info.get('path', '')}")
+        print(f"  {stage.name:<9} {info['status']:<7} {timing}  {info.get('path', '')}")
     results = run_dir / "eval" / "eval_results.json"
     if "eval" in manifest["stages"] and results.exists():
-        from lora_pipeline.stages.evaluate import format_table
+        from lora_pipeline.report import format_table
 
         print("\n" + format_table(read_json(results)["comparison"]))
     chart = run_dir / "train" / "loss_chart.html"

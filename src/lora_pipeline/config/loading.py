@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -47,7 +48,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if origin is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"expected a finite number, got {value!r}", field=name)
+            return number
         if origin is str:
             if isinstance(value, (dict, list, bool)):
                 raise ValueError
@@ -230,6 +234,9 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def dump_yaml(config: Config) -> str:
+    """The config as YAML, secrets redacted (it is printed and shared)."""
     import yaml
 
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    from lora_pipeline.redaction import redact_config
+
+    return yaml.safe_dump(redact_config(config.to_dict()), sort_keys=False)

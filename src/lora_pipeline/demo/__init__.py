@@ -6,6 +6,9 @@ on the shipped training data lifts it far above chance, which exercises the whol
 in about a minute with no network access.
 """
 
+import copy
+from typing import Any
+
 from lora_pipeline.demo.build import DemoAssets, build_demo
 
 # A config layer (section -> option -> value, the names of lora_pipeline.config) under which the demo
@@ -31,4 +34,15 @@ DEMO_OVERRIDES: dict[str, dict[str, object]] = {
     "eval": {"limit": -1, "batch_size": "8"},
 }
 
-__all__ = ["DEMO_OVERRIDES", "DemoAssets", "build_demo"]
+
+def demo_config() -> dict[str, Any]:
+    """The demo's config layer: built-in tiny model, demo data and eval task, CPU-friendly settings."""
+    assets = build_demo()
+    layer: dict[str, Any] = copy.deepcopy(DEMO_OVERRIDES)
+    layer.setdefault("dataset", {})["data_uri"] = str(assets.data_file)
+    layer.setdefault("train", {})["model"] = str(assets.model_dir)
+    layer.setdefault("eval", {}).update(tasks=[assets.task_name], include_path=str(assets.task_dir))
+    return layer
+
+
+__all__ = ["DEMO_OVERRIDES", "DemoAssets", "build_demo", "demo_config"]

@@ -1,0 +1,165 @@
+"""Pre-flight: every check that needs no training, run in seconds before any stage starts.
+
+Each failure is one ConfigError naming the field. Nothing here writes outside a temp probe file, so a
+run that fails pre-flight leaves no trace on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from lora_pipeline.config import Config, is_local_uri, local_path
+from lora_pipeline.errors import ConfigError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def preflight(
+    config: Config, stages: Iterable[str], out: Path, out_field: str, check_source: bool = True
+) -> str | None:
+    """Run the checks that the given stages need; returns the data source's fingerprint (or None)."""
+    stages = set(stages)
+    check_output_dir(out, out_field)
+    fingerprint = None
+    if "dataset" in stages:
+        if not config.dataset.data_uri:
+            raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
+        if check_source:
+            from lora_pipeline import sources
+
+            fingerprint = sources.fingerprint(config.dataset.data_uri)
+    if "train" in stages:
+        check_model(config.train.model)
+    if "register" in stages:
+        check_registry(config.registry.address, config.registry.port)
+    if "eval" in stages:
+        from lora_pipeline.stages.evaluate import check_eval_options
+
+        check_eval_options(config.eval)
+    return fingerprint
+
+
+def check_output_dir(path: Path, field: str) -> None:
+    """The output directory is a directory (or can become one) that this process can write into."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"not a directory: {path}", field=field)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot create {path}: {probe} is a file, not a directory", field=field)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".lora-pipeline-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {probe}: {exc.strerror or exc}", field=field) from None
+
+
+def check_model(ref: str, field: str = "train.model") -> None:
+    """The base model resolves to a config, a tokenizer and intact weights, locally or in the HF cache/Hub."""
+    path = Path(local_path(ref))
+    if is_local_uri(ref) and (path.exists() or ref.startswith((".", "/", "~", "file://"))):
+        _check_local_model(path, field)
+    else:
+        _check_hub_model(ref, field)
+
+
+def _check_local_model(path: Path, field: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"no such model directory: {path}", field=field)
+    if not path.is_dir():
+        raise ConfigError(f"expected a model directory, got a file: {path}", field=field)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"no model config (config.json) in {path}", field=field)
+    try:
+        model_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_file} is not valid JSON: {exc}", field=field) from None
+    if not isinstance(model_config, dict) or "model_type" not in model_config:
+        raise ConfigError(f"{config_file} has no model_type: not a transformers model config", field=field)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"no tokenizer in {path} (expected one of {', '.join(TOKENIZER_FILES)})", field=field)
+    weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if not weights:
+        raise ConfigError(f"no weights in {path} (*.safetensors or *.bin)", field=field)
+    for weight in weights:
+        if weight.suffix == ".safetensors":
+            _check_safetensors(weight, field)
+
+
+def _check_safetensors(path: Path, field: str) -> None:
+    """Header length + JSON header + data size: catches truncated or corrupt files without loading them."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > size - 8:
+                raise ValueError
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ConfigError(f"{path} is not a valid safetensors file (corrupt header)", field=field) from None
+    if 8 + n + end != size:
+        raise ConfigError(f"{path} is truncated or corrupt: {size} bytes, expected {8 + n + end}", field=field)
+
+
+def _check_hub_model(ref: str, field: str) -> None:
+    if not _HUB_ID.match(ref):
+        raise ConfigError(f"not a local model directory nor a Hugging Face model id: {ref!r}", field=field)
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    cached = {name: try_to_load_from_cache(ref, name) for name in ("config.json", *TOKENIZER_FILES[:2])}
+    if isinstance(cached["config.json"], str):
+        if not any(isinstance(cached[name], str) for name in TOKENIZER_FILES[:2]):
+            raise ConfigError(f"{ref!r} is in the Hugging Face cache without a tokenizer", field=field)
+        return
+    if HF_HUB_OFFLINE:
+        raise ConfigError(f"{ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set", field=field)
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(ref, timeout=10)
+    except GatedRepoError:
+        raise ConfigError(f"{ref!r} is gated: accept its terms on the Hub and set HF_TOKEN", field=field) from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"no model {ref!r} on the Hugging Face Hub (or HF_TOKEN lacks access)", field=field) from None
+    except Exception as exc:  # network errors come in many types (requests, httpx, OSError)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ConfigError(
+            f"cannot reach the Hugging Face Hub to find {ref!r} ({reason}); "
+            "use a local directory, or HF_HUB_OFFLINE=1 with the model in the HF cache",
+            field=field,
+        ) from None
+
+
+def check_registry(address: str, port: int) -> None:
+    """An empty address means no registration. A set one must answer on its port."""
+    if not address:
+        return
+    host = urlsplit(address if "://" in address else f"//{address}").hostname
+    if not host:
+        raise ConfigError(f"not a host name or URL: {address!r}", field="registry.address")
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot connect to {host}:{port} ({reason})", field="registry.address") from None
+    raise ConfigError(
+        "the Kubeflow Model Registry client is not wired in yet; leave the address empty to skip registration",
+        field="registry.address",
+    )
