@@ -1,12 +1,38 @@
-"""Row schemas -> chat `messages`. Each format is a detector + a converter in FORMATS; a row that
-cannot be used raises RowError with the reason, which the dataset stage counts and reports."""
+"""Data files and row schemas -> chat `messages`.
+
+FILE_TYPES says which files hold rows and how they are laid out; `data_files` picks them out of a source.
+Each row format is a detector + a converter in FORMATS; a row that cannot be used raises RowError with the
+reason, which the dataset stage counts and reports.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from lora_pipeline.errors import DataError
+
 ROLES = ("system", "user", "assistant")
+
+# suffix -> layout: "jsonl" is one row per line, "json" a list of rows or {"data": [...]}.
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json"}
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files a local source stands for: itself, or the data files under a directory in sorted order.
+
+    The dataset stage reads exactly these and the source fingerprint hashes exactly these, so a file that
+    would not be read (a README beside the data) cannot invalidate a cached dataset.
+    """
+    if not path.is_dir():
+        if path.suffix not in FILE_TYPES:
+            raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: {path.name}", field="dataset.data_uri")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_TYPES and p.is_file())
+    if not files:
+        raise DataError(f"no data file ({', '.join(FILE_TYPES)}) in {path}", field="dataset.data_uri")
+    return files
 
 
 class RowError(ValueError):

@@ -1,61 +1,198 @@
-"""https:// and http:// downloads with a timeout and retries on transient failures."""
+"""https:// and http:// downloads and fingerprints, with timeouts and retries on transient failures.
+
+user:password@ in a URI becomes a Basic auth header, and the query string (a pre-signed URL's token) is
+sent as it is; neither appears in any message or log line, which name the URI through redact().
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import http.client
 import logging
 import os
 import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from email.message import Message
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from typing import IO, TypeVar
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.sources import FIELD, MARK, redact
 
 log = logging.getLogger(__name__)
 
-RETRIES = 3
-TIMEOUT_S = 30.0
+RETRIES = 3  # attempts in all, for 5xx answers and network errors; a 4xx answer is final
+TIMEOUT_S = 30.0  # per socket operation while downloading
+CHECK_TIMEOUT_S = 10.0  # the fingerprint is the pre-flight check of the source: a silent host fails it fast
+# Answers to HEAD after which a GET is tried: HEAD not allowed (405, 501), or a URL pre-signed for GET
+# only, which S3 and GCS answer with 403 to any other method.
+HEAD_REFUSED = (403, 405, 501)
+
+T = TypeVar("T")
 
 
 class HttpSource:
     def fetch(self, uri: str, dest: Path) -> Path:
-        from lora_pipeline.sources import redact
-
-        name = PurePosixPath(urlsplit(uri).path).name or "data.jsonl"
+        name = PurePosixPath(_split(uri).path).name or "data.jsonl"
         dest.mkdir(parents=True, exist_ok=True)
         target = dest / name
-        last = ""
-        for attempt in range(1, RETRIES + 1):
-            try:
-                with (
-                    urllib.request.urlopen(_request(uri), timeout=TIMEOUT_S) as resp,
-                    open(f"{target}.part", "wb") as out,
-                ):
-                    shutil.copyfileobj(resp, out)
-                os.replace(f"{target}.part", target)
-                return target
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-                if exc.code < 500:  # a client error will not change on retry
-                    break
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                last = str(getattr(exc, "reason", exc))
-            if attempt < RETRIES:
-                log.warning("download failed (%s), retry %d/%d: %s", last, attempt, RETRIES - 1, redact(uri))
-                time.sleep(0.5 * 2**attempt)
-        raise SourceError(f"cannot download {redact(uri)}: {last}", field="dataset.data_uri")
+        part = dest / f"{name}.part"
+
+        def download() -> Path:
+            with _open(uri, "GET", TIMEOUT_S) as resp, open(part, "wb") as out:
+                shutil.copyfileobj(resp, out)
+            os.replace(part, target)
+            return target
+
+        return _retrying(uri, download, "download")
+
+    def fingerprint(self, uri: str) -> str:
+        """The ETag, else Last-Modified + Content-Length, from a HEAD request; else the sha256 of the body."""
+        headers = _retrying(uri, lambda: _head(uri), "source check")
+        identity = _identity(headers) if headers is not None else None
+        return identity or _retrying(uri, lambda: _get_identity(uri), "source check")
 
 
-def _request(uri: str) -> urllib.request.Request:
-    """user:password@ in the URI becomes a Basic auth header (urllib would try to resolve it as a host)."""
+def _head(uri: str) -> Message | None:
+    """The response headers, or None when the server does not answer HEAD for this URL."""
+    try:
+        with _open(uri, "HEAD", CHECK_TIMEOUT_S) as resp:
+            return resp.headers
+    except urllib.error.HTTPError as exc:
+        if exc.code not in HEAD_REFUSED:
+            raise
+        exc.close()
+        return None
+
+
+def _get_identity(uri: str) -> str:
+    """A GET's validators when it has them (the body is then left unread), else the sha256 of the body."""
+    digest = hashlib.sha256()
+    with _open(uri, "GET", CHECK_TIMEOUT_S) as resp:
+        identity = _identity(resp.headers)
+        if identity:
+            return identity
+        for block in iter(lambda: resp.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _identity(headers: Message) -> str | None:
+    if etag := headers.get("ETag"):
+        return f"etag:{etag}"
+    if modified := headers.get("Last-Modified"):
+        return f"modified:{modified};length={headers.get('Content-Length', '?')}"
+    return None
+
+
+def _retrying(uri: str, attempt: Callable[[], T], what: str) -> T:
+    """attempt() until it succeeds, at most RETRIES times while failures may be transient; else SourceError."""
+    for n in range(1, RETRIES + 1):
+        try:
+            return attempt()
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code < 500:  # a client error will not change on retry
+                raise _client_error(uri, exc.code) from None
+            summary, detail = "server error", f"HTTP {exc.code}"
+        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, truncated bodies
+            summary, detail = _network_failure(exc, uri)
+        if n < RETRIES:
+            log.warning("%s failed (%s), retry %d/%d: %s", what, detail, n, RETRIES - 1, redact(uri))
+            time.sleep(0.5 * 2**n)
+    raise SourceError(f"{summary}: {redact(uri)} ({detail}; {RETRIES} attempts)", field=FIELD)
+
+
+def _client_error(uri: str, code: int) -> SourceError:
+    if code in (404, 410):
+        summary = "not found"
+    elif code in (401, 403, 407):
+        summary = "access denied"
+    else:
+        summary = "request refused"
+    return SourceError(f"{summary}: {redact(uri)} (HTTP {code})", field=FIELD)
+
+
+def _network_failure(exc: BaseException, uri: str) -> tuple[str, str]:
+    """(summary, detail) of a failure below HTTP. urllib wraps errors while connecting and sending in
+    URLError; errors while waiting for or reading the answer come bare."""
+    connecting = isinstance(exc, urllib.error.URLError)
+    reason = exc.reason if connecting else exc
+    if isinstance(reason, ConnectionRefusedError):
+        return "cannot connect", "connection refused"
+    if isinstance(reason, TimeoutError):
+        return "no answer", "timed out"
+    detail = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return ("cannot connect" if connecting else "transfer failed"), _without_secrets(detail, uri)
+
+
+def _without_secrets(text: str, uri: str) -> str:
+    """Library messages may quote the URL they were given: take out its password and query string."""
     parts = urlsplit(uri)
+    for secret in (parts.password, parts.query):
+        if secret:
+            text = text.replace(secret, MARK).replace(unquote(secret), MARK)
+    return text
+
+
+def _split(uri: str) -> SplitResult:
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port  # parsed on access: a bad port fails here, with a clean message, not deep inside urllib
+    except ValueError:
+        raise SourceError(f"not a valid URL: {redact(uri)}", field=FIELD) from None
+    if not parts.hostname:
+        raise SourceError(f"no host in URL: {redact(uri)}", field=FIELD)
+    return parts
+
+
+def _open(uri: str, method: str, timeout: float) -> http.client.HTTPResponse:
+    try:
+        return _OPENER.open(_request(uri, method), timeout=timeout)
+    except ValueError:  # http.client.InvalidURL and friends: their message repeats the URL in full
+        raise SourceError(f"not a valid URL: {redact(uri)}", field=FIELD) from None
+
+
+def _request(uri: str, method: str) -> urllib.request.Request:
+    """user:password@ in the URI becomes a Basic auth header (urllib would try to resolve it as a host)."""
+    parts = _split(uri)
     if parts.username is None:
-        return urllib.request.Request(uri)
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    request = urllib.request.Request(parts._replace(netloc=host).geturl())
+        return urllib.request.Request(uri, method=method)
+    host = parts.netloc.rsplit("@", 1)[1]
+    request = urllib.request.Request(parts._replace(netloc=host).geturl(), method=method)
     token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
+    # Unredirected: urllib copies ordinary headers onto a redirect to any host; _Redirects decides instead.
+    request.add_unredirected_header("Authorization", f"Basic {token}")
     return request
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, except that a HEAD stays a HEAD (urllib turns it into a GET, which starts the
+    whole download) and that Basic auth follows a redirect only to the same scheme, host and port: the
+    password is never sent to another server."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Message, newurl: str
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is None:
+            return None
+        if req.get_method() == "HEAD":
+            new.method = "HEAD"
+        auth = req.unredirected_hdrs.get("Authorization")
+        if auth and _origin(new.full_url) == _origin(req.full_url):
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+_OPENER = urllib.request.build_opener(_Redirects())

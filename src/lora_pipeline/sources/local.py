@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from lora_pipeline.config import local_path
 from lora_pipeline.errors import SourceError
+from lora_pipeline.formats import data_files
+from lora_pipeline.sources import FIELD
 
 
 class LocalSource:
     def fetch(self, uri: str, dest: Path) -> Path:
-        path = Path(local_path(uri))
-        if not path.exists():
-            raise SourceError(f"file not found: {path}", field="dataset.data_uri")
-        return path
+        return _existing(uri)
+
+    def fingerprint(self, uri: str) -> str:
+        """sha256 of the file, or of the sorted (relative path, file sha256) of a directory's data files.
+
+        Content, not size and mtime: `touch` keeps the fingerprint, an edit in place that keeps the size
+        and the mtime (rsync -t, a restored backup) still changes it.
+        """
+        path = _existing(uri)
+        if not path.is_dir():
+            data_files(path)  # an unsupported file type fails here, before any stage runs
+            return f"sha256:{file_sha256(path)}"
+        digest = hashlib.sha256()
+        for f in data_files(path):
+            digest.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+        return f"sha256-tree:{digest.hexdigest()}"
+
+
+def _existing(uri: str) -> Path:
+    path = Path(local_path(uri))
+    if not path.exists():
+        raise SourceError(f"file not found: {path}", field=FIELD)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """Streamed in blocks: data files can be larger than memory."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}", field=FIELD) from None
+    return digest.hexdigest()

@@ -6,6 +6,7 @@ counts, rows dropped and why with the first examples).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -17,11 +18,10 @@ from pathlib import Path
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.errors import DataError
 from lora_pipeline.files import atomic_dir, write_json_atomic, write_jsonl
-from lora_pipeline.formats import RowError, to_messages
+from lora_pipeline.formats import FILE_TYPES, RowError, data_files, to_messages
 
 log = logging.getLogger(__name__)
 
-READERS = {".jsonl": "jsonl", ".json": "json"}
 MAX_EXAMPLES = 5  # first bad rows shown per reason
 
 
@@ -32,12 +32,14 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
         raise DataError("required: a dataset location", field="dataset.data_uri")
     with tempfile.TemporaryDirectory(prefix="lora-pipeline-fetch-") as download_dir:
         path = sources.fetch(cfg.data_uri, Path(download_dir))
-        files = _data_files(path)
+        files = data_files(path)
+        names = [_label(f, path) for f in files]
         sha = _sha256(files)
-        rows, dropped = _read_rows(files)
+        rows, dropped = _read_rows(files, path)
 
     if not rows:
         raise DataError(f"no usable row in {sources.redact(cfg.data_uri)} ({_summary(dropped)})", field="dataset")
+    rows_read, rows_valid = len(rows) + sum(len(v) for v in dropped.values()), len(rows)
     if cfg.subset:
         rows = rows[: cfg.subset]
     random.Random(cfg.seed).shuffle(rows)
@@ -52,9 +54,10 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
         write_json_atomic(
             {
                 "source": sources.redact(cfg.data_uri),
-                "files": [f.name for f in files],
+                "files": names,
                 "sha256": sha,
-                "rows_read": len(rows) + sum(len(v) for v in dropped.values()),
+                "rows_read": rows_read,  # before `subset`
+                "rows_valid": rows_valid,
                 "rows_used": len(rows),
                 "train_rows": len(train),
                 "eval_rows": len(evaluation),
@@ -69,14 +72,9 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
     return out
 
 
-def _data_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in READERS) if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"no data file ({', '.join(READERS)}) in {path}", field="dataset.data_uri")
-    for f in files:
-        if f.suffix not in READERS:
-            raise DataError(f"unsupported file type {f.suffix or '(none)'!r}: {f.name}", field="dataset.data_uri")
-    return files
+def _label(f: Path, root: Path) -> str:
+    """How rows of `f` are named in dataset.json: its path inside a directory source, else its name."""
+    return f.relative_to(root).as_posix() if root.is_dir() else f.name
 
 
 def _sha256(files: list[Path]) -> str:
@@ -88,43 +86,65 @@ def _sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _read_rows(files: list[Path]) -> tuple[list[list[dict]], dict[str, list[str]]]:
+def _read_rows(files: list[Path], root: Path) -> tuple[list[list[dict]], dict[str, list[str]]]:
     rows: list[list[dict]] = []
     dropped: dict[str, list[str]] = {}
-    for where, raw in _iter_raw(files):
+    for where, raw in _iter_raw(files, root):
         try:
-            if isinstance(raw, _NotJson):
-                raise RowError("not valid JSON")
+            if isinstance(raw, RowError):
+                raise raw
             rows.append(to_messages(raw))
         except RowError as exc:
             dropped.setdefault(str(exc), []).append(where)
     return rows, dropped
 
 
-def _iter_raw(files: list[Path]) -> Iterator[tuple[str, object]]:
-    """(file:row, parsed row); a line that is not JSON becomes a RowError-carrying sentinel."""
+def _iter_raw(files: list[Path], root: Path) -> Iterator[tuple[str, object]]:
+    """(file:row, parsed row) in file order; a JSONL line that cannot be parsed comes as a RowError in place
+    of the row, so it is counted like any other bad row. A JSON file is one document: if it cannot be
+    parsed, no row of it can be trusted, and that is one DataError."""
     for f in files:
-        if READERS[f.suffix] == "json":
+        name = _label(f, root)
+        if FILE_TYPES[f.suffix] == "json":
+            yield from ((f"{name}:{i}", row) for i, row in enumerate(_json_rows(f, name), 1))
+        else:
+            yield from _jsonl_rows(f, name)
+
+
+def _jsonl_rows(f: Path, name: str) -> Iterator[tuple[str, object]]:
+    # Binary, one line per b"\n" (JSONL's separator), each decoded strictly: a line of bytes that are not
+    # UTF-8 is dropped and named, never read with replacement characters in place of the bytes.
+    with open(f, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            where = f"{name}:{i}"
             try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DataError(f"not valid JSON: {exc}", field=f.name) from None
-            data = data.get("data", data) if isinstance(data, dict) else data
-            if not isinstance(data, list):
-                raise DataError('expected a list of rows or {"data": [...]}', field=f.name)
-            yield from ((f"{f.name}:{i}", r) for i, r in enumerate(data, 1))
-            continue
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            for i, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield f"{f.name}:{i}", json.loads(line)
-                    except json.JSONDecodeError:
-                        yield f"{f.name}:{i}", _NotJson()
+                line = (raw.removeprefix(codecs.BOM_UTF8) if i == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError:
+                yield where, RowError("not valid UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError:
+                yield where, RowError("not valid JSON")
 
 
-class _NotJson:
-    """Stands for a line that failed to parse, so it is counted like any other bad row."""
+def _json_rows(f: Path, name: str) -> list:
+    data = f.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{name} is not valid UTF-8 (line {line})", field="dataset.data_uri") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{name} is not valid JSON: {exc}", field="dataset.data_uri") from None
+    rows = rows.get("data", rows) if isinstance(rows, dict) else rows
+    if not isinstance(rows, list):
+        raise DataError(f'{name}: expected a list of rows or {{"data": [...]}}', field="dataset.data_uri")
+    return rows
 
 
 def _summary(dropped: dict[str, list[str]]) -> str:
