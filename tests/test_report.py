@@ -1,4 +1,4 @@
-"""Tests for the self-contained HTML loss report and the atomic writers.
+"""Tests for the self-contained HTML loss report, the eval comparison table and the atomic writers.
 
 The charts are checked by parsing the inline SVG and comparing what is drawn with the input losses,
 not by string snapshots, so layout tweaks don't break them but wrong plots do.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lora_pipeline.files import write_json_atomic
-from lora_pipeline.report import render_loss_chart, write_loss_chart
+from lora_pipeline.report import format_table, render_loss_chart, write_loss_chart
 
 
 def _history() -> list[dict]:
@@ -251,3 +251,43 @@ def test_write_json_atomic_roundtrip(tmp_path: Path) -> None:
     assert write_json_atomic(obj, target) == target
     assert json.loads(target.read_text()) == {"accuracy": 0.75, "tasks": ["a", "b"], "path": "/x/y"}
     assert os.listdir(target.parent) == ["result.json"]
+
+
+def _row(task: str, metric: str, filt: str, precision: str, base: float | None, tuned: float) -> dict:
+    return {
+        "task": task,
+        "metric": metric,
+        "filter": filt,
+        "precision": precision,
+        "base": base,
+        "tuned": tuned,
+        "delta": None if base is None else tuned - base,
+    }
+
+
+def _cells(table: str) -> list[list[str]]:
+    return [line.split() for line in table.splitlines()]
+
+
+def test_table_names_the_filter_of_each_row() -> None:
+    rows = [
+        _row("gsm8k", "exact_match", "strict-match", "full", 0.25, 0.5),
+        _row("gsm8k", "exact_match", "flexible-extract", "full", 0.5, 0.625),
+    ]
+    header, strict, flexible = _cells(format_table(rows))
+    assert header == ["task", "metric", "filter", "base", "tuned", "delta"]  # one precision: no column for it
+    assert strict == ["gsm8k", "exact_match", "strict-match", "0.2500", "0.5000", "+0.2500"]
+    assert flexible == ["gsm8k", "exact_match", "flexible-extract", "0.5000", "0.6250", "+0.1250"]
+
+
+def test_table_labels_precision_when_rows_hold_more_than_one() -> None:
+    rows = [
+        _row("arc_easy", "acc", "none", "4-bit nf4", 0.5, 0.75),
+        _row("arc_easy", "acc", "none", "full", None, 0.5),
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ["task", "metric", "filter", "precision", "base", "tuned", "delta"]
+    assert lines[1].split() == ["arc_easy", "acc", "none", "4-bit", "nf4", "0.5000", "0.7500", "+0.2500"]
+    assert lines[2].split() == ["arc_easy", "acc", "none", "full", "-", "0.5000", "-"]
+    # Columns line up: every score starts where its header does.
+    assert len({len(line) for line in lines}) == 1
