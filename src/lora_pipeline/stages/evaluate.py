@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import ConfigError, LoraPipelineError, StageError
@@ -231,9 +232,17 @@ class _Scorer:
 
     def score(self, name: str, lm: Any, record: dict[str, Any]) -> dict | None:
         """lm-eval's results for one model (None on the non-zero ranks of a torchrun launch)."""
-        import lm_eval
+        import lm_eval.evaluator
 
         log.info("eval: %s model on %s", name, ", ".join(self.cfg.tasks))
+        # lm-eval records `git describe` of the working directory, whatever repository that is, and
+        # prints git's "fatal: not a git repository" on every run outside one: skip it.
+        with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+            return self._simple_evaluate(lm, record)
+
+    def _simple_evaluate(self, lm: Any, record: dict[str, Any]) -> dict | None:
+        import lm_eval
+
         return lm_eval.simple_evaluate(
             model=lm,
             model_args=record,  # only recorded in the results' "config": lm is already built
