@@ -189,6 +189,12 @@ def _setup_logging() -> None:
     logging.getLogger("lora_pipeline").setLevel(logging.INFO)
     logging.captureWarnings(True)  # library warnings go through the handlers, and so through the scrub filter
     install_log_filter()
+    if not sys.stderr.isatty():
+        # No terminal (CI, a pod's log): carriage-return progress bars become walls of text. The train stage
+        # logs its own progress lines instead; tqdm reads TQDM_DISABLE for bars created without `disable`.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
