@@ -189,12 +189,24 @@ def _setup_logging() -> None:
     logging.getLogger("lora_pipeline").setLevel(logging.INFO)
     logging.captureWarnings(True)  # library warnings go through the handlers, and so through the scrub filter
     install_log_filter()
+    _silence_library_noise()
     if not sys.stderr.isatty():
         # No terminal (CI, a pod's log): carriage-return progress bars become walls of text. The train stage
         # logs its own progress lines instead; tqdm reads TQDM_DISABLE for bars created without `disable`.
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def _silence_library_noise() -> None:
+    """Warnings that say nothing about the user's settings, printed by libraries on every run."""
+    import logging
+    import warnings
+
+    # peft asks transformers for a deprecated attribute; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    # bitsandbytes on CPU looks for an optional kernels package on import, even when nothing is quantized.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
 
 
 def _dispatch(args: argparse.Namespace) -> int:
