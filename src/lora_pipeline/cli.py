@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         if stage:
             _add_stage_io(p, stage)
         _add_config_flags(p)
+    from lora_pipeline.kubeflow.command import add_compile_command  # argparse only; kfp loads when it runs
+
+    add_compile_command(sub, _add_config_flags)
     return parser
 
 
@@ -211,6 +214,10 @@ def _silence_library_noise() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     _setup_logging()
+    if args.command == "compile":
+        from lora_pipeline.kubeflow.command import compile_command
+
+        return compile_command(args, resolve_config(args))
     demo = args.command == "demo" or getattr(args, "demo", False)
     base = None
     if demo:

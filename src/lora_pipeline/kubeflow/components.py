@@ -1,0 +1,119 @@
+"""The four KFP components, one per row of the stage table, generated from the config.
+
+A KFP lightweight component is a Python function whose *source* KFP ships to the pod, and whose signature
+is its interface. The signature here is generated from the config (parameters.py), so each component's
+source is written out below, registered in `linecache` (where `inspect.getsource`, and so KFP, finds it)
+and compiled. The body is always the same one line: `run_component(stage, dict(locals()), fixed)` (runtime.py),
+which runs the stage's CLI command. kfp is imported only when a component is built (`lora-pipeline compile`).
+"""
+
+from __future__ import annotations
+
+import linecache
+from dataclasses import dataclass
+from typing import Any
+
+from lora_pipeline import __version__
+from lora_pipeline.config import Config
+from lora_pipeline.kubeflow.parameters import component_parameters, fixed_values
+from lora_pipeline.kubeflow.runtime import ARTIFACTS
+from lora_pipeline.stages import BY_NAME
+
+# Python 3.11 with CUDA torch already installed, so `pip install lora-pipeline` adds only the pure-Python rest.
+DEFAULT_IMAGE = "pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime"
+# What `pip install` gets in each pod: this version from the configured index (see --pip-index-url).
+DEFAULT_PACKAGE_SPEC = f"lora-pipeline[kubeflow]=={__version__}"
+
+FUNCTION_NAMES = {
+    "dataset": "prepare_dataset",
+    "train": "train_model",
+    "eval": "evaluate_model",
+    "register": "register_model",
+}
+
+# Task config the training component forwards (kubernetes_config) to a multi-node TrainJob, and applies to its
+# own pod too: resources, env, volumes, tolerations, node selector, affinity set on the task in a pipeline.
+_PASSTHROUGHS = ("RESOURCES", "ENV", "KUBERNETES_VOLUMES", "KUBERNETES_TOLERATIONS", "KUBERNETES_NODE_SELECTOR",
+                 "KUBERNETES_AFFINITY")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """The options of `lora-pipeline compile` that are not pipeline parameters."""
+
+    image: str = DEFAULT_IMAGE
+    package_spec: str = DEFAULT_PACKAGE_SPEC  # "" = the image has lora-pipeline[kubeflow] installed already
+    pip_index_urls: tuple[str, ...] = ()
+    # Kubernetes secrets mounted as env vars (optional: a missing secret or key leaves the variable unset);
+    # "" = none. The keys are the variable names (see pipeline.SECRET_ENV).
+    hf_token_secret: str = "hf-token"
+    aws_secret: str = "aws-credentials"
+    registry_token_secret: str = "model-registry-token"
+    # The pipeline workspace (a PVC per run) given to the training component as `pvc_path`; multi-node
+    # training shares the dataset and output with the TrainJob's pods through it. "" = no workspace.
+    workspace_size: str = "20Gi"
+
+
+def component_source(stage: str, config: Config | None = None) -> str:
+    """The Python source of a stage's component function: its KFP interface and the one-line body."""
+    config = config or Config()
+    artifacts = ARTIFACTS[stage]
+    train = stage == "train"
+    params = ["pvc_path: str"] if train else []  # the spec's first input: the pipeline workspace
+    outputs = [artifacts.output, *((n, "Metrics") for n in [artifacts.metrics] if n)]
+    outputs += [(n, "HTML") for n in [artifacts.chart] if n]
+    params += [f"{name}: Output[{cls}]" for name, cls in outputs]
+    for up, name in artifacts.inputs.items():
+        # The spec's training component takes `dataset: Input[Dataset] = None`; the others need their inputs.
+        params.append(f"{name}: Input[{ARTIFACTS[up].output[1]}]" + (" = None" if train else ""))
+    params += [f"{p.name}: {p.annotation} = {p.default!r}" for p in component_parameters(stage, config)]
+    if train:
+        params.append("kubernetes_config: TaskConfig = None")
+    signature = ",\n    ".join(params)
+    return (
+        f"def {FUNCTION_NAMES[stage]}(\n    {signature},\n){' -> str' if train else ''}:\n"
+        f'    """{BY_NAME[stage].help}."""\n'
+        "    from lora_pipeline.kubeflow.runtime import run_component\n\n"
+        f"    return run_component({stage!r}, dict(locals()), {fixed_values(stage, config)!r})\n"
+    )
+
+
+def build_component(stage: str, config: Config | None = None, options: BuildOptions | None = None) -> Any:
+    """A KFP component (a `PythonComponent`) for one stage."""
+    from kfp import dsl
+
+    options = options or BuildOptions()
+    function = _define(FUNCTION_NAMES[stage], component_source(stage, config))
+    passthroughs = None
+    if stage == "train":
+        passthroughs = [
+            dsl.TaskConfigPassthrough(field=getattr(dsl.TaskConfigField, name), apply_to_task=True)
+            for name in _PASSTHROUGHS
+        ]
+    return dsl.component(
+        function,
+        base_image=options.image,
+        packages_to_install=[options.package_spec] if options.package_spec else None,
+        pip_index_urls=list(options.pip_index_urls) or None,
+        # with the package baked into the image, kfp comes with it (the `kubeflow` extra): no pip at start
+        install_kfp_package=bool(options.package_spec),
+        task_config_passthroughs=passthroughs,
+    )
+
+
+def _define(name: str, source: str) -> Any:
+    """Compile generated source into a function that `inspect.getsource` can read back (as KFP does)."""
+    from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output, TaskConfig
+
+    filename = f"<lora_pipeline.kubeflow component {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    namespace: dict[str, Any] = {
+        "__name__": f"lora_pipeline.kubeflow.generated_{name}",
+        **{t.__name__: t for t in (HTML, Artifact, Dataset, Metrics, Model, TaskConfig)},
+        "Input": Input,
+        "Output": Output,
+        "Optional": __import__("typing").Optional,
+    }
+    # dont_inherit: this module's `from __future__ import annotations` would turn the annotations into strings
+    exec(compile(source, filename, "exec", dont_inherit=True), namespace)
+    return namespace[name]

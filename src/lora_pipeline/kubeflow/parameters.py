@@ -1,0 +1,126 @@
+"""KFP inputs generated from the one config: pipeline parameters (`kfp` metadata) and component inputs.
+
+Nothing here lists a parameter: names, types and defaults all come from `lora_pipeline.config.schema`.
+The pipeline's parameters are the fields with a `kfp` name, in schema order. Each stage's component takes
+its own section's options under shorter names: the training component uses the spec's `component` names
+(`training_lora_r`), the other three use the field name (`data_uri`, `tasks`, `address`).
+Options without a name for the component (this project's additions, e.g. `eval.include_path`) are not
+inputs: `compile -c YAML` fixes them in the compiled component (`fixed_values`).
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from lora_pipeline.config import SECTIONS, Config, field_type, fields_of
+from lora_pipeline.stages import BY_NAME
+
+# The spec's training component declares these inputs `Optional[...] = None`: None means "the config's
+# default" (or the value fixed by `compile -c`). The schema has no metadata for this distinction yet, so it
+# lives here; see docs/kubeflow.md ("What differs from the spec").
+OPTIONAL_COMPONENT_INPUTS = frozenset(
+    {
+        "training_learning_rate",
+        "training_lr_warmup_steps",
+        "training_checkpoint_at_epoch",
+        "training_num_epochs",
+        "training_data_output_dir",
+        "training_lora_use_rslora",
+        "training_lora_use_dora",
+        "training_lora_load_in_4bit",
+        "training_lora_load_in_8bit",
+        "training_lora_bnb_4bit_quant_type",
+        "training_lora_bnb_4bit_compute_dtype",
+        "training_lora_bnb_4bit_use_double_quant",
+        "training_lora_sample_packing",
+        "training_seed",
+        "training_use_liger",
+        "training_lr_scheduler",
+        "training_fsdp_sharding_strategy",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One KFP input: its name, the config field it fills, and its type and default in the compiled YAML."""
+
+    name: str
+    section: str
+    field: str
+    type: type  # str, int, float, bool, list or dict: what KFP maps to STRING, NUMBER_INTEGER, ...
+    default: Any
+    optional: bool = False  # declared `Optional[type] = None`
+
+    @property
+    def annotation(self) -> str:
+        """The annotation as Python source, for the generated component function."""
+        return f"Optional[{self.type.__name__}]" if self.optional else self.type.__name__
+
+
+def plain_type(section: str, name: str) -> type:
+    """The config field's type as KFP sees it: `str | None` -> str, `list[str]` -> list."""
+    tp = field_type(section, name)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def pipeline_parameters(config: Config | None = None) -> list[Parameter]:
+    """The pipeline's parameters: every field with a `kfp` name; defaults from `config` (the spec's by default)."""
+    config = config or Config()
+    return [
+        Parameter(f.metadata["kfp"], section, f.name, plain_type(section, f.name), _value(config, section, f.name))
+        for section in SECTIONS
+        for f in fields_of(section)
+        if "kfp" in f.metadata
+    ]
+
+
+def component_parameters(stage: str, config: Config | None = None) -> list[Parameter]:
+    """The config inputs of one stage's component, in schema order.
+
+    train: every field with a `component` name, typed and defaulted as the spec's training component
+    (`Optional[...] = None` where it says so). Other stages: the fields that are pipeline parameters.
+    """
+    config = config or Config()
+    section = BY_NAME[stage].section
+    params = []
+    for f in fields_of(section):
+        name = f.metadata.get("component") if stage == "train" else (f.name if "kfp" in f.metadata else None)
+        if name is None:
+            continue
+        optional = name in OPTIONAL_COMPONENT_INPUTS
+        default = None if optional else _value(config, section, f.name)
+        params.append(Parameter(name, section, f.name, plain_type(section, f.name), default, optional))
+    return params
+
+
+def fixed_values(stage: str, config: Config) -> dict[str, Any]:
+    """The stage section's options set off default by `config` that no input default can carry.
+
+    These are the options that are not component inputs (e.g. `eval.include_path`,
+    `train.micro_batch_size`) and the `Optional[...] = None` inputs (used when the input is None). They are
+    written into the compiled component, so a pipeline compiled with `-c run.yaml` keeps them.
+    """
+    section = BY_NAME[stage].section
+    inputs = {p.field for p in component_parameters(stage) if not p.optional}
+    default = getattr(Config(), section)
+    return {
+        f.name: _value(config, section, f.name)
+        for f in fields_of(section)
+        if f.name not in inputs and getattr(getattr(config, section), f.name) != getattr(default, f.name)
+    }
+
+
+def _value(config: Config, section: str, name: str) -> Any:
+    return copy.deepcopy(getattr(getattr(config, section), name))  # a default list is not shared
+
+
+def stage_inputs(stage: str) -> dict[str, tuple[str, str]]:
+    """Component input name -> (section, field), to turn a component's arguments back into a config layer."""
+    return {p.name: (p.section, p.field) for p in component_parameters(stage)}

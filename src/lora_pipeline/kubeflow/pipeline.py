@@ -1,0 +1,125 @@
+"""The KFP pipeline: the stage table's four components wired in order, its parameters from the config.
+
+`build_pipeline()` returns a KFP pipeline whose parameters are the config's `kfp` names (the spec's 46),
+with the config's defaults; `compile_pipeline()` writes it as KFP v2 IR YAML. Secrets never become
+parameters: they reach the pods as env vars from Kubernetes secrets (kfp-kubernetes), by secret name only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.config import Config
+from lora_pipeline.kubeflow.components import BuildOptions, build_component
+from lora_pipeline.kubeflow.parameters import component_parameters, pipeline_parameters
+from lora_pipeline.kubeflow.runtime import ARTIFACTS
+from lora_pipeline.stages import STAGES
+
+PIPELINE_NAME = "lora-pipeline"
+DESCRIPTION = "LoRA fine-tuning: dataset -> train -> eval -> register (register only with a registry address)"
+
+# BuildOptions attribute -> (secret key -> env var, the stages whose pods get it).
+SECRET_ENV: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "hf_token_secret": ({"HF_TOKEN": "HF_TOKEN"}, ("dataset", "train", "eval")),
+    "aws_secret": (
+        {
+            k: k
+            for k in (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN",
+                "AWS_DEFAULT_REGION",
+                "AWS_ENDPOINT_URL",
+            )
+        },
+        ("dataset", "train", "eval", "register"),
+    ),
+    "registry_token_secret": ({"MODEL_REGISTRY_TOKEN": "MODEL_REGISTRY_TOKEN"}, ("register",)),
+}
+# Stages whose pods get the train options' resources: eval loads the same base model as training.
+RESOURCED = ("train", "eval")
+
+
+def build_pipeline(config: Config | None = None, options: BuildOptions | None = None) -> Any:
+    """The KFP pipeline (a GraphComponent). `config` sets the parameters' defaults (the spec's without it)."""
+    from kfp import dsl
+
+    config = config or Config()
+    options = options or BuildOptions()
+    params = pipeline_parameters(config)
+    components = {stage.name: build_component(stage.name, config, options) for stage in STAGES}
+
+    def lora_pipeline(*args: Any) -> None:
+        # KFP calls the pipeline function with one channel per parameter, in signature order.
+        by_field = {(p.section, p.field): channel for p, channel in zip(params, args, strict=True)}
+        tasks: dict[str, Any] = {}
+        for stage in STAGES:
+            arguments = {
+                p.name: by_field[p.section, p.field]
+                for p in component_parameters(stage.name)
+                if (p.section, p.field) in by_field
+            }
+            for up, name in ARTIFACTS[stage.name].inputs.items():
+                arguments[name] = tasks[up].outputs[ARTIFACTS[up].output[0]]
+            if stage.name == "train":
+                arguments["pvc_path"] = dsl.WORKSPACE_PATH_PLACEHOLDER if options.workspace_size else ""
+            if stage.name == "register":
+                # Registration is skipped, not failed, without an address: the task does not run at all.
+                with dsl.If(by_field["registry", "address"] != "", name="registry-address-set"):
+                    tasks[stage.name] = components[stage.name](**arguments)
+            else:
+                tasks[stage.name] = components[stage.name](**arguments)
+            task = tasks[stage.name].set_display_name(stage.name)
+            if stage.name in RESOURCED:
+                _set_resources(task, by_field)
+            _mount_secrets(task, stage.name, options)
+
+    lora_pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)
+            for p in params
+        ]
+    )
+    workspace = dsl.WorkspaceConfig(size=options.workspace_size) if options.workspace_size else None
+    return dsl.pipeline(
+        lora_pipeline,
+        name=PIPELINE_NAME,
+        description=DESCRIPTION,
+        pipeline_config=dsl.PipelineConfig(workspace=workspace),
+    )
+
+
+def _set_resources(task: Any, by_field: dict[tuple[str, str], Any]) -> None:
+    """CPU, memory and GPUs of the task's pod from the train options (pipeline parameters, set per run)."""
+    cpu, memory, gpus = (by_field["train", name] for name in ("cpu", "memory", "gpus_per_worker"))
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+
+
+def _mount_secrets(task: Any, stage: str, options: BuildOptions) -> None:
+    from kfp import kubernetes
+
+    for attribute, (keys, stages) in SECRET_ENV.items():
+        secret = getattr(options, attribute)
+        if secret and stage in stages:
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
+
+
+def compile_pipeline(path: Path, config: Config | None = None, options: BuildOptions | None = None) -> Path:
+    """Write the pipeline as KFP v2 IR YAML."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(config, options), str(path))
+    return Path(path)
+
+
+def compile_component(
+    stage: str, path: Path, config: Config | None = None, options: BuildOptions | None = None
+) -> Path:
+    """Write one stage's component alone as KFP v2 IR YAML (e.g. the training component of the spec)."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_component(stage, config, options), str(path))
+    return Path(path)

@@ -1,0 +1,140 @@
+"""What a compiled component runs inside its pod: the stage's CLI command, then the KFP artifacts.
+
+Every generated component body is one call, `run_component(stage, arguments, fixed)`. It turns the
+component's inputs back into a config layer, runs `lora-pipeline STAGE -c LAYER --input UP=DIR --out DIR`
+in-process (the same command, checks, logging and one-line errors as on a laptop), then logs metrics and
+copies the loss chart into their KFP artifacts. kfp is not imported here: the artifacts arrive as objects
+with `.path`, `.metadata` and `log_metric`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.kubeflow.parameters import stage_inputs
+from lora_pipeline.stages import BY_NAME
+
+
+@dataclass(frozen=True)
+class StageArtifacts:
+    """A stage's KFP artifacts. `output` is the stage's output directory, stored whole as one artifact."""
+
+    output: tuple[str, str]  # (argument name, KFP artifact class)
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> argument holding its output
+    metrics: str | None = None  # Output[Metrics]
+    chart: str | None = None  # Output[HTML]: the loss chart
+
+
+# The training component's names are the spec's (output_model, output_metrics, output_loss_chart, dataset).
+ARTIFACTS: dict[str, StageArtifacts] = {
+    "dataset": StageArtifacts(("output_dataset", "Dataset")),
+    "train": StageArtifacts(("output_model", "Model"), {"dataset": "dataset"}, "output_metrics", "output_loss_chart"),
+    "eval": StageArtifacts(("output_results", "Artifact"), {"train": "model"}, "output_metrics"),
+    "register": StageArtifacts(("output_registration", "Artifact"), {"train": "model", "eval": "eval_results"}),
+}
+
+# Train metrics shown in the KFP UI (scalars of train/metrics.json).
+TRAIN_METRICS = ("train_loss", "final_loss", "eval_loss", "steps", "train_seconds", "tokens_per_second")
+
+
+def config_layer(stage: str, arguments: dict[str, Any], fixed: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{section: options}: the values fixed at compile time, then every input that is not None."""
+    section = BY_NAME[stage].section
+    options = dict(fixed)
+    for name, (_, field_name) in stage_inputs(stage).items():
+        if arguments.get(name) is not None:
+            options[field_name] = arguments[name]
+    return {section: options}
+
+
+def stage_argv(stage: str, config_file: Path, inputs: dict[str, Path], out: Path) -> list[str]:
+    """The CLI command a component runs: `STAGE -c CONFIG --input UP=DIR ... --out DIR`."""
+    argv = [stage, "-c", str(config_file)]
+    for up in BY_NAME[stage].upstream:
+        argv += ["--input", f"{up}={inputs[up]}"]
+    return [*argv, "--out", str(out)]
+
+
+def run_component(stage: str, arguments: dict[str, Any], fixed: dict[str, Any]) -> str | None:
+    """Run one stage as its KFP component: config layer -> CLI command -> artifacts. Returns the task's output."""
+    artifacts = ARTIFACTS[stage]
+    layer = config_layer(stage, arguments, fixed)
+    out = Path(arguments[artifacts.output[0]].path)
+    inputs = {up: _input_dir(stage, up, arguments.get(name), arguments) for up, name in artifacts.inputs.items()}
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="lora-pipeline-") as tmp:
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(yaml.safe_dump(layer, sort_keys=False))
+        config_file.chmod(0o600)
+        if stage == "train" and int(layer["train"].get("num_workers", 1)) > 1:
+            from lora_pipeline.kubeflow.trainjob import train_on_cluster
+
+            train_on_cluster(config_file, inputs["dataset"], out, arguments.get("pvc_path") or "")
+        else:
+            _run_cli(stage_argv(stage, config_file, inputs, out))
+    if artifacts.metrics:
+        metrics = arguments[artifacts.metrics]
+        for name, value in (train_metrics(out) if stage == "train" else eval_metrics(out)).items():
+            metrics.log_metric(name, value)
+    if artifacts.chart:
+        shutil.copyfile(out / "loss_chart.html", arguments[artifacts.chart].path)
+    if stage == "train":
+        arguments[artifacts.output[0]].metadata.update(_model_metadata(out))
+        return "training completed"
+    return None
+
+
+def _input_dir(stage: str, upstream: str, artifact: Any, arguments: dict[str, Any]) -> Path:
+    """An upstream artifact's directory. The training component's `dataset` may be left out (the spec's
+    default is None): then the dataset stage's output is expected at `<pvc_path>/dataset`."""
+    if artifact is not None:
+        return Path(artifact.path)
+    pvc = arguments.get("pvc_path") or ""
+    if stage == "train" and pvc and (Path(pvc) / "dataset" / "train.jsonl").exists():
+        return Path(pvc) / "dataset"
+    raise RuntimeError(f"{stage}: no {upstream} input (and no {upstream} output under pvc_path {pvc!r})")
+
+
+def _run_cli(argv: list[str]) -> None:
+    from lora_pipeline.cli import main
+
+    code = main(argv)
+    if code:  # the CLI has already printed its one-line error
+        raise RuntimeError(f"lora-pipeline {' '.join(argv[:1])} failed with exit code {code}")
+
+
+def train_metrics(train_dir: Path) -> dict[str, float]:
+    recorded = json.loads((Path(train_dir) / "metrics.json").read_text())
+    return {k: recorded[k] for k in TRAIN_METRICS if isinstance(recorded.get(k), (int, float))}
+
+
+def eval_metrics(eval_dir: Path) -> dict[str, float]:
+    """`<task>/<metric>/<filter>` for the tuned model, and `.../base`, `.../delta` when the base was scored."""
+    rows = json.loads((Path(eval_dir) / "eval_results.json").read_text()).get("comparison", [])
+    several = len({row.get("precision") for row in rows}) > 1  # as trained (4-bit) and eval.full_precision
+    out: dict[str, float] = {}
+    for row in rows:
+        name = f"{row['task']}/{row['metric']}/{row['filter']}"
+        if several:
+            name += "/" + str(row.get("precision")).replace(" ", "-")
+        for column in ("tuned", "base", "delta"):
+            if isinstance(row.get(column), (int, float)):
+                out[name if column == "tuned" else f"{name}/{column}"] = row[column]
+    return out
+
+
+def _model_metadata(train_dir: Path) -> dict[str, Any]:
+    adapter = json.loads((Path(train_dir) / "adapter" / "adapter_config.json").read_text())
+    return {
+        "base_model": adapter.get("base_model_name_or_path"),
+        "lora_r": adapter.get("r"),
+        "lora_alpha": adapter.get("lora_alpha"),
+        "adapter_path": os.path.join(str(train_dir), "adapter"),
+    }

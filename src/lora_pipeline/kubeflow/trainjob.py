@@ -1,0 +1,190 @@
+"""Multi-node training as a Kubeflow Trainer TrainJob (torch-distributed runtime), built from the config.
+
+Nodes = `train.num_workers`; processes per node = `train.num_procs` (`auto`: the runtime's default, one
+per GPU); resources per node from `train.cpu`, `train.memory`, `train.gpus_per_worker`; `train.labels` and
+`train.annotations` on the TrainJob; `train.env_vars` in every node's env. Each node runs
+`torchrun --no-python lora-pipeline train --input dataset=DIR --out DIR --train.OPTION VALUE ...`; torchrun
+reads its node count, rank and rendezvous from the PET_* variables the runtime sets. The dataset and output
+directories must be on storage all nodes share (a PVC, `TrainJobOptions.pvc`).
+
+`build_trainjob()` is pure (a `kubeflow_trainer_api` model, printed by `lora-pipeline compile --trainjob`).
+`submit()` hands that same object to the cluster through the `kubeflow` SDK's TrainerClient; it is the only
+part that needs a cluster and is not exercised by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.config import Config, coerce, fields_of
+
+MANAGER = "lora-pipeline"  # the runtimePatches entry this package owns
+# Train options the TrainJob itself expresses (nodes, processes, resources, metadata, env): not passed as flags.
+PLACEMENT = ("num_workers", "num_procs", "gpus_per_worker", "cpu", "memory", "labels", "annotations", "env_vars")
+
+
+@dataclass(frozen=True)
+class TrainJobOptions:
+    image: str
+    name: str = ""  # "" = "lora-" + random suffix
+    namespace: str | None = None  # submit(): None = the client's current namespace
+    runtime: str = "torch-distributed"
+    pvc: str = ""  # PersistentVolumeClaim mounted on every node at mount_path ("" = none)
+    mount_path: str = "/workspace"
+    dataset_dir: str = "/workspace/dataset"  # a dataset stage output (train.jsonl, eval.jsonl)
+    output_dir: str = "/workspace/train"
+
+
+def train_command(config: Config, dataset_dir: str, output_dir: str) -> list[str]:
+    """What every process runs: the train stage's CLI command with the options that differ from the defaults."""
+    argv = ["torchrun", "--no-python", "lora-pipeline", "train", "--input", f"dataset={dataset_dir}"]
+    argv += ["--out", output_dir]
+    default = Config().train
+    for f in fields_of("train"):
+        value = getattr(config.train, f.name)
+        if f.name not in PLACEMENT and value != getattr(default, f.name):
+            argv.append(f"--train.{f.name}={_flag_value(value)}")
+    return argv
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()  # true / false / none
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def build_trainjob(config: Config, options: TrainJobOptions) -> Any:
+    """The TrainJob for `config.train`, as a `kubeflow_trainer_api` TrainerV1alpha1TrainJob."""
+    from kubeflow.trainer import CustomTrainerContainer
+    from kubeflow.trainer.backends.kubernetes.utils import get_trainer_cr_from_custom_trainer
+    from kubeflow.trainer.constants import constants
+    from kubeflow_trainer_api import models
+
+    train = config.train
+    resources: dict[str, Any] = {"cpu": train.cpu, "memory": train.memory}
+    if train.gpus_per_worker:
+        resources["gpu"] = str(train.gpus_per_worker)  # a quantity string, as cpu and memory
+    env = _key_values(train.env_vars, "train.env_vars")
+    trainer = CustomTrainerContainer(
+        image=options.image, num_nodes=train.num_workers, resources_per_node=resources, env=env or None
+    )
+    # The SDK's own translation (resources, GPU alias, env); the runtime argument is unused for containers.
+    trainer_cr = get_trainer_cr_from_custom_trainer(None, trainer)  # type: ignore[arg-type]
+    trainer_cr.command = train_command(config, options.dataset_dir, options.output_dir)
+    if train.num_procs != "auto":
+        trainer_cr.num_proc_per_node = int(train.num_procs)
+    name = options.name or "lora-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
+    return models.TrainerV1alpha1TrainJob(
+        apiVersion=constants.API_VERSION,
+        kind=constants.TRAINJOB_KIND,
+        metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
+            name=name,
+            namespace=options.namespace,
+            labels=_key_values(train.labels, "train.labels") or None,
+            annotations=_key_values(train.annotations, "train.annotations") or None,
+        ),
+        spec=models.TrainerV1alpha1TrainJobSpec(
+            runtimeRef=models.TrainerV1alpha1RuntimeRef(name=options.runtime),
+            trainer=trainer_cr,
+            runtimePatches=[_volume_patch(options)] if options.pvc else None,
+        ),
+    )
+
+
+def _key_values(text: str, field: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in coerce(text, dict, field).items()} if text.strip() else {}
+
+
+def _volume_patch(options: TrainJobOptions) -> Any:
+    """Mount the PVC on every node: a runtime patch of the `node` replicated job's pod and container."""
+    from kubeflow.trainer.constants import constants
+    from kubeflow_trainer_api import models
+
+    pod = {
+        "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": options.pvc}}],
+        "containers": [
+            {"name": constants.NODE, "volumeMounts": [{"name": "workspace", "mountPath": options.mount_path}]}
+        ],
+    }
+    job = {"name": constants.NODE, "template": {"spec": {"template": {"spec": pod}}}}
+    patch = {"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}
+    return models.TrainerV1alpha1RuntimePatch.from_dict(patch)
+
+
+def trainjob_yaml(trainjob: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(trainjob.to_dict(), sort_keys=False)
+
+
+def client_configuration() -> Any:
+    """A remote cluster from KUBERNETES_SERVER_URL + KUBERNETES_AUTH_TOKEN; None = kubeconfig / in-cluster."""
+    url, token = os.environ.get("KUBERNETES_SERVER_URL"), os.environ.get("KUBERNETES_AUTH_TOKEN")
+    if not url:
+        return None
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = url
+    if token:
+        configuration.api_key = {"authorization": token}
+        configuration.api_key_prefix = {"authorization": "Bearer"}
+    return configuration
+
+
+def submit(trainjob: Any, wait: bool = False) -> str:
+    """Create the TrainJob on the cluster (untested here: no cluster). Returns its name."""
+    from kubeflow.common.types import KubernetesBackendConfig
+    from kubeflow.trainer import TrainerClient
+    from kubeflow.trainer.constants import constants
+
+    client = TrainerClient(
+        KubernetesBackendConfig(namespace=trainjob.metadata.namespace, client_configuration=client_configuration())
+    )
+    backend = client.backend  # the SDK's train() builds its own spec; this sends ours, built above, unchanged
+    backend.custom_api.create_namespaced_custom_object(
+        constants.GROUP, constants.VERSION, backend.namespace, constants.TRAINJOB_PLURAL, trainjob.to_dict()
+    )
+    if wait:
+        client.wait_for_job_status(trainjob.metadata.name, timeout=7 * 24 * 3600)
+    return trainjob.metadata.name
+
+
+def train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path: str) -> None:
+    """The training component with num_workers > 1: a TrainJob on the pipeline workspace, then copy the result.
+
+    Untested here (no cluster). The workspace PVC is named after the run; TrainJob pods need it mounted,
+    which the component passes through from its own pod (kubernetes_config). Set `pvc` accordingly.
+    """
+    import shutil
+
+    from lora_pipeline.config import from_dict, load_yaml, validate
+    from lora_pipeline.errors import ConfigError
+
+    if not pvc_path:
+        raise ConfigError("multi-node training needs the pipeline workspace (compile --workspace-size)",
+                          field="train.num_workers")  # fmt: skip
+    config = validate(from_dict(load_yaml(str(config_file))))
+    work = Path(pvc_path) / "lora-pipeline" / out.parent.name
+    shutil.copytree(dataset_dir, work / "dataset", dirs_exist_ok=True)
+    options = TrainJobOptions(
+        image=os.environ.get("LORA_PIPELINE_IMAGE", ""),
+        pvc=os.environ.get("LORA_PIPELINE_WORKSPACE_PVC", ""),
+        mount_path=pvc_path,
+        dataset_dir=str(work / "dataset"),
+        output_dir=str(work / "train"),
+        namespace=_pod_namespace(),
+    )
+    submit(build_trainjob(config, options), wait=True)
+    shutil.copytree(work / "train", out)
+
+
+def _pod_namespace() -> str | None:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.exists() else None
