@@ -56,10 +56,11 @@ def test_bad_rows_are_counted_by_reason_with_row_numbers(tmp_path: Path) -> None
         {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
         {"messages": [{"role": "robot", "content": "a"}]},
     ]
-    out = prepare_dataset(DatasetConfig(data_uri=str(write_jsonl(tmp_path / "d.jsonl", rows))), tmp_path / "ds")
+    uri = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    out = prepare_dataset(DatasetConfig(data_uri=uri, max_bad_rows=1.0), tmp_path / "ds")
     dropped = read_json(out / "dataset.json")["dropped"]
     assert dropped["not valid JSON"]["first_rows"] == ["d.jsonl:4"]
-    assert dropped["unknown row format (expected one of: messages)"]["first_rows"] == ["d.jsonl:5"]
+    assert dropped["missing field 'messages'"]["first_rows"] == ["d.jsonl:5"]
     assert dropped["last turn is not the assistant's"]["first_rows"] == ["d.jsonl:6"]
     assert dropped["empty assistant turn"]["first_rows"] == ["d.jsonl:7"]
     assert dropped["roles out of order"]["first_rows"] == ["d.jsonl:8"]
@@ -70,7 +71,7 @@ def test_bad_rows_are_counted_by_reason_with_row_numbers(tmp_path: Path) -> None
 def test_no_usable_row_fails_and_keeps_previous_output(chat_file: Path, tmp_path: Path) -> None:
     out = prepare_dataset(DatasetConfig(data_uri=str(chat_file)), tmp_path / "ds")
     before = (out / "train.jsonl").read_text()
-    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"x": 1}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"messages": []}])
     with pytest.raises(DataError, match="no usable row"):
         prepare_dataset(DatasetConfig(data_uri=str(bad)), out)
     assert (out / "train.jsonl").read_text() == before
@@ -214,7 +215,7 @@ def test_jsonl_line_that_is_not_utf8_is_a_counted_drop(tmp_path: Path) -> None:
     lines[1] = lines[1].replace(b"plus", "café".encode("latin-1"))
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    out = prepare_dataset(DatasetConfig(data_uri=str(path), data_split=1.0), tmp_path / "ds")
+    out = prepare_dataset(DatasetConfig(data_uri=str(path), data_split=1.0, max_bad_rows=0.5), tmp_path / "ds")
     meta = read_json(out / "dataset.json")
     assert meta["dropped"] == {"not valid UTF-8": {"count": 1, "first_rows": ["mixed.jsonl:2"]}}
     assert meta["rows_read"] == 3 and meta["rows_used"] == 2
@@ -236,7 +237,8 @@ def test_directory_source_names_rows_by_relative_path(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "src" / "a" / "part.jsonl", CHAT_ROWS[:2])
     write_jsonl(tmp_path / "src" / "b" / "part.jsonl", [CHAT_ROWS[2], "{x"])
     (tmp_path / "src" / "README.md").write_text("not data")
-    meta = read_json(prepare_dataset(DatasetConfig(data_uri=str(tmp_path / "src")), tmp_path / "ds") / "dataset.json")
+    cfg = DatasetConfig(data_uri=str(tmp_path / "src"), max_bad_rows=0.5)
+    meta = read_json(prepare_dataset(cfg, tmp_path / "ds") / "dataset.json")
     assert meta["files"] == ["a/part.jsonl", "b/part.jsonl"]
     assert meta["dropped"]["not valid JSON"]["first_rows"] == ["b/part.jsonl:2"]
 

@@ -1,78 +1,171 @@
-"""Data files and row schemas -> chat `messages`.
+"""Row schemas -> the rows the train stage reads.
 
-FILE_TYPES says which files hold rows and how they are laid out; `data_files` picks them out of a source.
-Each row format is a detector + a converter in FORMATS; a row that cannot be used raises RowError with the
-reason, which the dataset stage counts and reports.
+A source's rows come in one of the FORMATS below; `detect` picks it from a row's columns (once per file, so
+a row that lacks a field is reported as such instead of as "unknown format"), and `normalise` turns each row
+into one of two shapes:
+  {"messages": [{"role", "content"}, ...]}   chat: loss on the assistant turns only
+  {"text": "..."}                            plain text: loss on every token, no chat template
+A row that cannot be used raises RowError with a short, stable reason, which the dataset stage counts.
+
+`columns` (dataset.columns) maps a format's field names to a source's own column names, e.g.
+{"instruction": "question", "output": "answer"}, so unknown layouts need no code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+import json
+from collections.abc import Iterable, Mapping
 from typing import Any
-
-from lora_pipeline.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 
-# suffix -> layout: "jsonl" is one row per line, "json" a list of rows or {"data": [...]}.
-FILE_TYPES = {".jsonl": "jsonl", ".json": "json"}
+# format -> (required fields, optional fields); `detect` tries them in this order.
+FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "messages": (("messages",), ()),  # OpenAI chat
+    "sharegpt": (("conversations",), ()),  # [{"from": "human"|"gpt"|"system", "value": ...}]
+    "alpaca": (("instruction", "output"), ("input", "system")),
+    "prompt_completion": (("prompt", "completion"), ()),  # strings or message lists
+    "text": (("text",), ()),  # plain text, loss on all tokens
+}
+FIELDS = tuple(dict.fromkeys(f for required, optional in FORMATS.values() for f in (*required, *optional)))
 
-
-def data_files(path: Path) -> list[Path]:
-    """The files a local source stands for: itself, or the data files under a directory in sorted order.
-
-    The dataset stage reads exactly these and the source fingerprint hashes exactly these, so a file that
-    would not be read (a README beside the data) cannot invalidate a cached dataset.
-    """
-    if not path.is_dir():
-        if path.suffix not in FILE_TYPES:
-            raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: {path.name}", field="dataset.data_uri")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_TYPES and p.is_file())
-    if not files:
-        raise DataError(f"no data file ({', '.join(FILE_TYPES)}) in {path}", field="dataset.data_uri")
-    return files
+# ShareGPT speaker names -> chat roles (the names found in the common ShareGPT dumps).
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+}
 
 
 class RowError(ValueError):
     """Why one row was dropped (short, stable text: rows are counted by it)."""
 
 
-def _from_messages(row: dict) -> list[dict]:
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise RowError("messages is not a non-empty list")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError("message without role/content")
-        if m["role"] not in ROLES:
-            raise RowError(f"unknown role {str(m['role'])[:20]!r}")
-        if not isinstance(m["content"], str):
-            raise RowError("content is not a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+def describe_formats() -> str:
+    """'messages (messages), alpaca (instruction, output[, input, system]), ...' for error messages."""
+    parts = []
+    for name, (required, optional) in FORMATS.items():
+        extra = f"[, {', '.join(optional)}]" if optional else ""
+        parts.append(f"{name} ({', '.join(required)}{extra})")
+    return ", ".join(parts)
 
 
-# name -> (detector, converter); the first detector that matches wins.
-FORMATS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], list[dict]]]] = {
-    "messages": (lambda row: "messages" in row, _from_messages),
-}
+def detect(columns: Iterable[str], mapping: Mapping[str, str] | None = None) -> str | None:
+    """The first format whose required fields are all present (through `mapping`), else None."""
+    present = set(columns)
+    mapping = mapping or {}
+    for name, (required, _) in FORMATS.items():
+        if all(mapping.get(f, f) in present for f in required):
+            return name
+    return None
 
 
-def to_messages(row: Any) -> list[dict]:
-    """Normalise one row to validated chat messages or raise RowError."""
+def normalise(row: Any, fmt: str, mapping: Mapping[str, str] | None = None) -> dict:
+    """One source row -> {"messages": [...]} or {"text": ...}, or RowError."""
     if not isinstance(row, dict):
         raise RowError("row is not a JSON object")
-    for detect, convert in FORMATS.values():
-        if detect(row):
-            messages = convert(row)
-            break
+    get = _Getter(row, mapping or {})
+    if fmt == "text":
+        text = get.string("text")
+        if not text.strip():
+            raise RowError("empty text")
+        return {"text": text}
+    if fmt == "messages":
+        messages = _message_list(get.required("messages"), "messages")
+    elif fmt == "sharegpt":
+        messages = _message_list(get.required("conversations"), "conversations")
+    elif fmt == "alpaca":
+        instruction, extra = get.string("instruction"), get.string("input", optional=True)
+        system = get.string("system", optional=True)
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        messages += [
+            {"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction},
+            {"role": "assistant", "content": get.string("output")},
+        ]
+    elif fmt == "prompt_completion":
+        messages = _part(get.required("prompt"), "user", "prompt") + _part(
+            get.required("completion"), "assistant", "completion"
+        )
     else:
-        raise RowError(f"unknown row format (expected one of: {', '.join(FORMATS)})")
+        raise ValueError(f"unknown format {fmt!r}")  # validated with the config: a bug if reached
     check_turns(messages)
-    return messages
+    return {"messages": messages}
+
+
+class _Getter:
+    """Field access through the column mapping; reasons name the source's own column."""
+
+    def __init__(self, row: dict, mapping: Mapping[str, str]) -> None:
+        self.row, self.mapping = row, mapping
+
+    def required(self, name: str) -> Any:
+        column = self.mapping.get(name, name)
+        value = self.row.get(column)
+        if value is None:
+            raise RowError(f"missing field {column!r}")
+        return value
+
+    def string(self, name: str, optional: bool = False) -> str:
+        column = self.mapping.get(name, name)
+        value = self.row.get(column)
+        if value is None:
+            if optional:
+                return ""
+            raise RowError(f"missing field {column!r}")
+        if not isinstance(value, str):
+            raise RowError(f"{column} is not a string")
+        return value
+
+
+def _part(value: Any, role: str, name: str) -> list[dict]:
+    """A prompt or completion: a string (one turn of `role`) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _message_list(value, name)
+
+
+def _message_list(value: Any, name: str) -> list[dict]:
+    # Tabular files (CSV) carry lists as JSON text.
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(f"{name} is not valid JSON") from None
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{name} is not a non-empty list")
+    return [_message(m) for m in value]
+
+
+def _message(m: Any) -> dict:
+    """{"role", "content"} (OpenAI) or {"from", "value"} (ShareGPT) -> {"role", "content"}."""
+    if not isinstance(m, dict):
+        raise RowError("message without role/content")
+    if m.get("role") is not None:
+        role, content = m["role"], m.get("content")
+    elif m.get("from") is not None:
+        role, content = SHAREGPT_ROLES.get(str(m["from"]).lower(), m["from"]), m.get("value")
+    else:
+        raise RowError("message without role/content")
+    if role not in ROLES:
+        raise RowError(f"unknown role {str(role)[:20]!r}")
+    return {"role": role, "content": _content(content)}
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    # OpenAI content parts: text parts only (an image part has no place in a text model's data).
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    if content is None:
+        raise RowError("message without role/content")
+    raise RowError("content is not a string")
 
 
 def check_turns(messages: list[dict]) -> None:

@@ -140,6 +140,7 @@ def _closest(key: str, known: set[str]) -> str | None:
 
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+_DATA_FIELDS = ("messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion", "text")
 _K8S_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
@@ -153,6 +154,14 @@ def validate(config: Config) -> Config:
     uri = config.dataset.data_uri
     if uri and is_local_uri(uri) and not os.path.exists(local_path(uri)):
         raise ConfigError(f"file not found: {local_path(uri)}", field="dataset.data_uri")
+
+    d = config.dataset
+    for key in d.columns:
+        if key not in _DATA_FIELDS:
+            known = ", ".join(_DATA_FIELDS)
+            raise ConfigError(f"unknown field {key!r} (expected one of {known})", field="dataset.columns")
+    if d.sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", d.sha256):
+        raise ConfigError("expected 64 hexadecimal digits", field="dataset.sha256")
 
     t = config.train
     if t.lora_load_in_4bit and t.lora_load_in_8bit:

@@ -30,6 +30,7 @@ def param(default: Any, help: str, **meta: Any) -> Any:
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
 FSDP_STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2")
 VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
 @dataclass
@@ -49,6 +50,22 @@ class DatasetConfig:
     )
     subset: int = param(0, "Limit to first N examples (0 = all)", kfp="phase_01_dataset_opt_subset", min=0)
     seed: int = param(42, "Seed of the shuffle before the train/eval split", min=0)
+    format: str = param(
+        "auto",
+        "Row format (auto = detected per file from its columns): messages (OpenAI chat), sharegpt "
+        "(conversations), alpaca (instruction/input/output), prompt_completion, text (plain text, loss on all tokens)",
+        choices=DATA_FORMATS,
+    )
+    columns: dict = param(
+        {},
+        "Column mapping for other layouts, field=column,... (e.g. instruction=question,output=answer); fields: "
+        "messages, conversations, instruction, input, output, system, prompt, completion, text",
+    )
+    max_bad_rows: float = param(
+        0.1, "Largest share of rows that may be dropped as bad (0.1 = 10%); more fails the stage", min=0.0, max=1.0
+    )
+    sha256: str = param("", "Expected sha256 of the data file (also `#sha256=...` at the end of the URI); empty = none")
+    max_bytes: int = param(0, "Largest download accepted, in bytes, archives unpacked included (0 = no limit)", min=0)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """URI -> local file, and URI -> content identity. One small class per scheme behind a name table, as peft
-does for its tuners: adding a source (hf://, s3://) is one new module and one row in SOURCES.
+does for its tuners: adding a source is one new module and one row in `_sources`.
 
 Every message, log line and record that names a URI names `redact(uri)`: credentials and query strings
 (pre-signed URL tokens) are used for the request and nowhere else.
@@ -7,6 +7,8 @@ Every message, log line and record that names a URI names `redact(uri)`: credent
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -16,9 +18,20 @@ FIELD = "dataset.data_uri"  # the option every source error points the user to
 MARK = "<redacted>"  # what redact() leaves where it removed something
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a fetch must respect: the expected sha256 of a single file, and a size cap (0 = none)."""
+
+    sha256: str = ""
+    max_bytes: int = 0
+
+
 class Source(Protocol):
-    def fetch(self, uri: str, dest: Path) -> Path:
-        """Make the data at `uri` available as a local file or directory (under `dest` when copied)."""
+    def fetch(self, uri: str, dest: Path, limits: Limits) -> Path:
+        """Make the data at `uri` available as a local file or directory (under `dest` when copied).
+
+        A source that downloads stops at `limits.max_bytes`; checksums and archives are handled by fetch().
+        """
         ...
 
     def fingerprint(self, uri: str) -> str:
@@ -30,11 +43,12 @@ class Source(Protocol):
         ...
 
 
-def _sources() -> dict[str, Source]:
-    from lora_pipeline.sources.http import HttpSource
-    from lora_pipeline.sources.local import LocalSource
-
-    return {"file": LocalSource(), "http": HttpSource(), "https": HttpSource()}
+# scheme -> (module, class): imported on first use, so boto3 or `datasets` load only for the URIs that need them.
+SOURCES = {
+    "file": ("local", "LocalSource"),
+    "http": ("http", "HttpSource"),
+    "https": ("http", "HttpSource"),
+}
 
 
 def scheme_of(uri: str) -> str:
@@ -42,20 +56,66 @@ def scheme_of(uri: str) -> str:
 
 
 def _source_for(uri: str) -> Source:
+    import importlib
+
     scheme = scheme_of(uri)
-    source = _sources().get(scheme)
-    if source is None:
-        raise SourceError(f"{scheme}:// sources are not supported yet: {redact(uri)}", field=FIELD)
-    return source
+    if scheme not in SOURCES:
+        known = ", ".join(f"{s}://" for s in SOURCES if s != "file")
+        raise SourceError(f"{scheme}:// sources are not supported (use {known} or a path): {redact(uri)}", field=FIELD)
+    module, name = SOURCES[scheme]
+    return getattr(importlib.import_module(f"lora_pipeline.sources.{module}"), name)()
 
 
-def fetch(uri: str, dest: Path) -> Path:
-    return _source_for(uri).fetch(uri, dest)
+def fetch(uri: str, dest: Path, limits: Limits | None = None) -> Path:
+    """The data at `uri` as a local file or directory: downloaded under `dest` if remote, checked against its
+    sha256 (`limits.sha256` or a `#sha256=...` fragment), and unpacked under `dest` if it is an archive."""
+    from lora_pipeline.sources import archives
+
+    limits = limits or Limits()
+    uri, expected = split_checksum(uri, limits.sha256)
+    path = _source_for(uri).fetch(uri, dest, limits)
+    if expected:
+        _verify(path, expected, uri)
+    if archives.is_archive(path):
+        path = archives.unpack(path, dest / "unpacked", limits.max_bytes)
+    return path
 
 
 def fingerprint(uri: str) -> str:
     """The content identity of the data at `uri`, for cache keys; raises SourceError if it is not there."""
+    uri, _ = split_checksum(uri, "")
     return _source_for(uri).fingerprint(uri)
+
+
+def fetch_model(uri: str, cache_dir: Path) -> Path:
+    """A base model given as a URI (s3://bucket/prefix/) as a local directory, cached under `cache_dir` by
+    content (ETags): a second run with the same objects downloads nothing."""
+    if scheme_of(uri) != "s3":
+        raise SourceError(f"models can be fetched from s3:// only: {redact(uri)}", field="train.model")
+    from lora_pipeline.sources.s3 import fetch_model as fetch_s3_model
+
+    return fetch_s3_model(uri, cache_dir)
+
+
+def split_checksum(uri: str, expected: str) -> tuple[str, str]:
+    """(`uri` without a `#sha256=<hex>` fragment, the checksum to verify: the option's, else the fragment's)."""
+    if "://" in uri and "#sha256=" in uri:
+        uri, digest = uri.rsplit("#sha256=", 1)
+        expected = expected or digest
+    return uri, expected.lower()
+
+
+def _verify(path: Path, expected: str, uri: str) -> None:
+    if path.is_dir():
+        raise SourceError(f"a sha256 applies to one file, and {redact(uri)} is several", field=FIELD)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise SourceError(
+            f"checksum mismatch: {redact(uri)} has sha256 {digest.hexdigest()}, expected {expected}", field=FIELD
+        )
 
 
 def redact(uri: str) -> str:

@@ -11,7 +11,8 @@ import hashlib
 import http.client
 import logging
 import os
-import shutil
+import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +23,7 @@ from typing import IO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from lora_pipeline.errors import SourceError
-from lora_pipeline.sources import FIELD, MARK, redact
+from lora_pipeline.sources import FIELD, MARK, Limits, redact
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,32 @@ T = TypeVar("T")
 
 
 class HttpSource:
-    def fetch(self, uri: str, dest: Path) -> Path:
+    def fetch(self, uri: str, dest: Path, limits: Limits) -> Path:
+        """Download to `dest`; a transfer cut off midway is resumed where it stopped (Range + If-Range),
+        and one that grows past `limits.max_bytes` is stopped."""
         name = PurePosixPath(_split(uri).path).name or "data.jsonl"
         dest.mkdir(parents=True, exist_ok=True)
         target = dest / name
         part = dest / f"{name}.part"
+        part.unlink(missing_ok=True)
+        validator: list[str] = []  # the first answer's ETag or Last-Modified: a resume must be of the same bytes
 
         def download() -> Path:
-            with _open(uri, "GET", TIMEOUT_S) as resp, open(part, "wb") as out:
-                shutil.copyfileobj(resp, out)
+            have = part.stat().st_size if part.exists() else 0
+            headers = {"Range": f"bytes={have}-", "If-Range": validator[0]} if have and validator else {}
+            with _open(uri, "GET", TIMEOUT_S, headers) as resp:
+                resumed = resp.status == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+                if not resumed:
+                    have = 0  # a full answer (the server ignored the range, or the file changed): start over
+                if not validator and (v := resp.headers.get("ETag") or resp.headers.get("Last-Modified")):
+                    validator.append(v)
+                length = resp.headers.get("Content-Length")
+                expected = have + int(length) if length and length.isdigit() else None
+                _check_cap(uri, expected or 0, limits.max_bytes)
+                with open(part, "ab" if resumed else "wb") as out:
+                    size = have + _copy(resp, out, lambda n: _check_cap(uri, have + n, limits.max_bytes))
+            if expected is not None and size < expected:  # the server closed the connection early
+                raise http.client.IncompleteRead(b"", expected - size)
             os.replace(part, target)
             return target
 
@@ -90,6 +108,20 @@ def _identity(headers: Message) -> str | None:
     return None
 
 
+def _copy(src: IO[bytes], out: IO[bytes], check: Callable[[int], None]) -> int:
+    n = 0
+    for block in iter(lambda: src.read(1 << 20), b""):
+        out.write(block)
+        n += len(block)
+        check(n)
+    return n
+
+
+def _check_cap(uri: str, size: int, max_bytes: int) -> None:
+    if max_bytes and size > max_bytes:
+        raise SourceError(f"{redact(uri)} is larger than dataset.max_bytes ({max_bytes} bytes)", field=FIELD)
+
+
 def _retrying(uri: str, attempt: Callable[[], T], what: str) -> T:
     """attempt() until it succeeds, at most RETRIES times while failures may be transient; else SourceError."""
     for n in range(1, RETRIES + 1):
@@ -102,6 +134,8 @@ def _retrying(uri: str, attempt: Callable[[], T], what: str) -> T:
             summary, detail = "server error", f"HTTP {exc.code}"
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, truncated bodies
             summary, detail = _network_failure(exc, uri)
+            if _permanent(exc):
+                raise SourceError(f"{summary}: {redact(uri)} ({detail})", field=FIELD) from None
         if n < RETRIES:
             log.warning("%s failed (%s), retry %d/%d: %s", what, detail, n, RETRIES - 1, redact(uri))
             time.sleep(0.5 * 2**n)
@@ -118,6 +152,15 @@ def _client_error(uri: str, code: int) -> SourceError:
     return SourceError(f"{summary}: {redact(uri)} (HTTP {code})", field=FIELD)
 
 
+def _permanent(exc: BaseException) -> bool:
+    """Failures that no retry will clear: a host name that does not exist, a TLS handshake that cannot succeed
+    (certificate not trusted or not for this host, a server that does not speak TLS)."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, socket.gaierror):
+        return reason.errno != socket.EAI_AGAIN  # "temporary failure in name resolution" may clear
+    return isinstance(reason, ssl.SSLError) and not isinstance(reason, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+
+
 def _network_failure(exc: BaseException, uri: str) -> tuple[str, str]:
     """(summary, detail) of a failure below HTTP. urllib wraps errors while connecting and sending in
     URLError; errors while waiting for or reading the answer come bare."""
@@ -127,6 +170,12 @@ def _network_failure(exc: BaseException, uri: str) -> tuple[str, str]:
         return "cannot connect", "connection refused"
     if isinstance(reason, TimeoutError):
         return "no answer", "timed out"
+    if isinstance(reason, socket.gaierror):
+        return "cannot resolve host", _without_secrets(reason.strerror or str(reason), uri)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return "TLS certificate refused", _without_secrets(reason.verify_message or str(reason), uri)
+    if isinstance(reason, ssl.SSLError) and connecting:
+        return "TLS handshake failed", _without_secrets(reason.reason or str(reason), uri)
     detail = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
     return ("cannot connect" if connecting else "transfer failed"), _without_secrets(detail, uri)
 
@@ -151,9 +200,12 @@ def _split(uri: str) -> SplitResult:
     return parts
 
 
-def _open(uri: str, method: str, timeout: float) -> http.client.HTTPResponse:
+def _open(uri: str, method: str, timeout: float, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
     try:
-        return _OPENER.open(_request(uri, method), timeout=timeout)
+        request = _request(uri, method)
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        return _OPENER.open(request, timeout=timeout)
     except ValueError:  # http.client.InvalidURL and friends: their message repeats the URL in full
         raise SourceError(f"not a valid URL: {redact(uri)}", field=FIELD) from None
 

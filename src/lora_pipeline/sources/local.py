@@ -7,12 +7,13 @@ from pathlib import Path
 
 from lora_pipeline.config import local_path
 from lora_pipeline.errors import SourceError
-from lora_pipeline.formats import data_files
-from lora_pipeline.sources import FIELD
+from lora_pipeline.readers import data_files
+from lora_pipeline.sources import FIELD, Limits
+from lora_pipeline.sources.archives import is_archive
 
 
 class LocalSource:
-    def fetch(self, uri: str, dest: Path) -> Path:
+    def fetch(self, uri: str, dest: Path, limits: Limits) -> Path:
         return _existing(uri)
 
     def fingerprint(self, uri: str) -> str:
@@ -22,6 +23,8 @@ class LocalSource:
         and the mtime (rsync -t, a restored backup) still changes it.
         """
         path = _existing(uri)
+        if is_archive(path):
+            return f"sha256:{file_sha256(path)}"
         if not path.is_dir():
             data_files(path)  # an unsupported file type fails here, before any stage runs
             return f"sha256:{file_sha256(path)}"

@@ -1,28 +1,35 @@
-"""Dataset stage: fetch -> read -> normalise -> validate -> subset -> shuffle/split -> write.
+"""Dataset stage: fetch -> read -> detect format -> normalise -> validate -> subset -> shuffle/split -> write.
 
-Writes `train.jsonl`, `eval.jsonl` (rows as {"messages": [...]}) and `dataset.json` (source, sha256,
-counts, rows dropped and why with the first examples).
+Writes `train.jsonl`, `eval.jsonl` and `dataset.json` (source, sha256, counts, rows dropped and why with the
+first examples). Rows are {"messages": [...]} for chat formats and {"text": ...} for plain text.
+
+Memory stays bounded whatever the size of the source: rows are streamed from the files, each kept row is
+written once as a JSON line to a spool file beside the output, and the shuffle permutes an array of their
+offsets (8 bytes a row); the split is then written by copying lines out of the spool in shuffled order.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
+import mmap
 import random
 import tempfile
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable
 from pathlib import Path
 
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.errors import DataError
-from lora_pipeline.files import atomic_dir, write_json_atomic, write_jsonl
-from lora_pipeline.formats import FILE_TYPES, RowError, data_files, to_messages
+from lora_pipeline.files import atomic_dir, write_json_atomic
+from lora_pipeline.formats import RowError, describe_formats, detect, normalise
+from lora_pipeline.readers import data_files, read_rows
 
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5  # first bad rows shown per reason
+DETECT_ROWS = 100  # rows of a file looked at to detect its format before it is called unknown
 
 
 def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
@@ -30,51 +37,169 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
 
     if not cfg.data_uri:
         raise DataError("required: a dataset location", field="dataset.data_uri")
-    with tempfile.TemporaryDirectory(prefix="lora-pipeline-fetch-") as download_dir:
-        path = sources.fetch(cfg.data_uri, Path(download_dir))
+    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes)
+    with tempfile.TemporaryDirectory(prefix="lora-pipeline-fetch-") as download_dir, atomic_dir(out) as tmp:
+        path = sources.fetch(cfg.data_uri, Path(download_dir), limits)
         files = data_files(path)
         names = [_label(f, path) for f in files]
-        sha = _sha256(files)
-        rows, dropped = _read_rows(files, path)
-
-    if not rows:
-        raise DataError(f"no usable row in {sources.redact(cfg.data_uri)} ({_summary(dropped)})", field="dataset")
-    rows_read, rows_valid = len(rows) + sum(len(v) for v in dropped.values()), len(rows)
-    if cfg.subset:
-        rows = rows[: cfg.subset]
-    random.Random(cfg.seed).shuffle(rows)
-    n_train = len(rows) if cfg.data_split >= 1.0 else max(1, round(len(rows) * cfg.data_split))
-    if cfg.data_split < 1.0 and n_train == len(rows) and len(rows) > 1:
-        n_train -= 1  # keep at least one eval row when a split was asked for
-    train, evaluation = rows[:n_train], rows[n_train:]
-
-    with atomic_dir(out) as tmp:
-        write_jsonl(({"messages": m} for m in train), tmp / "train.jsonl")
-        write_jsonl(({"messages": m} for m in evaluation), tmp / "eval.jsonl")
+        tally = _Tally(cfg.subset)
+        with _Spool(tmp / ".rows.spool") as spool:
+            formats = {name: _read_file(f, name, cfg, spool, tally) for f, name in zip(files, names, strict=True)}
+            _check_counts(cfg, tally, sources.redact(cfg.data_uri))
+            order = array("q", range(len(spool)))
+            random.Random(cfg.seed).shuffle(order)  # the same permutation as shuffling a list of the rows
+            n_train = _train_size(len(order), cfg.data_split)
+            spool.write_lines(order[:n_train], tmp / "train.jsonl")
+            spool.write_lines(order[n_train:], tmp / "eval.jsonl")
+        n_used = len(order)
         write_json_atomic(
             {
                 "source": sources.redact(cfg.data_uri),
                 "files": names,
-                "sha256": sha,
-                "rows_read": rows_read,  # before `subset`
-                "rows_valid": rows_valid,
-                "rows_used": len(rows),
-                "train_rows": len(train),
-                "eval_rows": len(evaluation),
-                "dropped": {reason: {"count": len(v), "first_rows": v[:MAX_EXAMPLES]} for reason, v in dropped.items()},
-                "config": {"data_split": cfg.data_split, "subset": cfg.subset, "seed": cfg.seed},
+                "formats": formats,
+                "sha256": _sha256(files),
+                "rows_read": tally.read,  # before `subset`
+                "rows_valid": tally.valid,
+                "rows_used": n_used,
+                "train_rows": n_train,
+                "eval_rows": n_used - n_train,
+                "dropped": {r: {"count": n, "first_rows": tally.first[r]} for r, n in tally.dropped.items()},
+                "config": {
+                    "data_split": cfg.data_split,
+                    "subset": cfg.subset,
+                    "seed": cfg.seed,
+                    "format": cfg.format,
+                    "columns": cfg.columns,
+                    "max_bad_rows": cfg.max_bad_rows,
+                },
             },
             tmp / "dataset.json",
         )
-    if dropped:
-        log.warning("dataset: dropped %s", _summary(dropped))
-    log.info("dataset: %d train rows, %d eval rows -> %s", len(train), len(evaluation), out)
+    if tally.dropped:
+        log.warning("dataset: dropped %s", tally.summary())
+    log.info("dataset: %d train rows, %d eval rows -> %s", n_train, n_used - n_train, out)
     return out
+
+
+def _train_size(n: int, split: float) -> int:
+    n_train = n if split >= 1.0 else max(1, round(n * split))
+    if split < 1.0 and n_train == n and n > 1:
+        n_train -= 1  # keep at least one eval row when a split was asked for
+    return n_train
+
+
+class _Tally:
+    """Rows read, kept and dropped (count and first row names per reason): O(reasons) memory, not O(rows)."""
+
+    def __init__(self, subset: int) -> None:
+        self.subset = subset
+        self.read = self.valid = 0
+        self.dropped: dict[str, int] = {}
+        self.first: dict[str, list[str]] = {}
+
+    def drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        examples = self.first.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(where)
+
+    def summary(self) -> str:
+        return "; ".join(f"{n} rows: {r} (first: {self.first[r][0]})" for r, n in self.dropped.items()) or "empty"
+
+
+def _read_file(f: Path, name: str, cfg: DatasetConfig, spool: _Spool, tally: _Tally) -> str | None:
+    """Read one file into the spool; returns the format its rows were read as (None: no row to tell)."""
+    rows = read_rows(f, name)
+    head: list[tuple[int, object]] = []
+    fmt = None if cfg.format == "auto" else cfg.format
+    if fmt is None:  # the first object rows tell the format; they are read again below
+        for item in rows:
+            head.append(item)
+            if isinstance(item[1], dict) and (fmt := detect(item[1], cfg.columns)):
+                break
+            if sum(isinstance(r, dict) for _, r in head) >= DETECT_ROWS:
+                break
+        if fmt is None and (seen := [r for _, r in head if isinstance(r, dict)]):
+            columns = ", ".join(dict.fromkeys(k for r in seen for k in r)) or "(none)"
+            raise DataError(
+                f"{name}: unknown row layout (columns: {columns}); known formats: {describe_formats()}; "
+                "map yours with --dataset.columns, e.g. instruction=question,output=answer",
+                field="dataset.columns",
+            )
+    for i, raw in _chain(head, rows):
+        tally.read += 1
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            row = normalise(raw, fmt or "messages", cfg.columns)
+        except RowError as exc:
+            tally.drop(str(exc), f"{name}:{i}")
+            continue
+        tally.valid += 1
+        if not tally.subset or len(spool) < tally.subset:
+            spool.add(row)
+    return fmt
+
+
+def _chain(head: list, rest: Iterable) -> Iterable:
+    yield from head
+    yield from rest
+
+
+def _check_counts(cfg: DatasetConfig, tally: _Tally, source: str) -> None:
+    if not tally.valid:
+        raise DataError(f"no usable row in {source} ({tally.summary()})", field="dataset")
+    bad = tally.read - tally.valid
+    if bad / tally.read > cfg.max_bad_rows:
+        raise DataError(
+            f"{bad} of {tally.read} rows are bad ({bad / tally.read:.1%}, more than dataset.max_bad_rows = "
+            f"{cfg.max_bad_rows:.1%}): {tally.summary()}",
+            field="dataset",
+        )
+
+
+class _Spool:
+    """Kept rows as JSON lines in one file, with the offset of each line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offsets = array("q", [0])
+        self.fh = open(path, "wb")  # noqa: SIM115 - closed by __exit__
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+        self.path.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def add(self, row: dict) -> None:
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        self.fh.write(line)
+        self.offsets.append(self.offsets[-1] + len(line))
+
+    def write_lines(self, order: Iterable[int], dest: Path) -> None:
+        self.fh.flush()
+        with open(dest, "wb") as out:
+            if self.offsets[-1] == 0:
+                return
+            with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                offsets = self.offsets
+                for i in order:
+                    out.write(data[offsets[i] : offsets[i + 1]])
 
 
 def _label(f: Path, root: Path) -> str:
     """How rows of `f` are named in dataset.json: its path inside a directory source, else its name."""
-    return f.relative_to(root).as_posix() if root.is_dir() else f.name
+    if root.is_dir():
+        try:
+            return f.relative_to(root).as_posix()
+        except ValueError:  # a file a source linked in from elsewhere (the HF cache)
+            return f.name
+    return f.name
 
 
 def _sha256(files: list[Path]) -> str:
@@ -84,68 +209,3 @@ def _sha256(files: list[Path]) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def _read_rows(files: list[Path], root: Path) -> tuple[list[list[dict]], dict[str, list[str]]]:
-    rows: list[list[dict]] = []
-    dropped: dict[str, list[str]] = {}
-    for where, raw in _iter_raw(files, root):
-        try:
-            if isinstance(raw, RowError):
-                raise raw
-            rows.append(to_messages(raw))
-        except RowError as exc:
-            dropped.setdefault(str(exc), []).append(where)
-    return rows, dropped
-
-
-def _iter_raw(files: list[Path], root: Path) -> Iterator[tuple[str, object]]:
-    """(file:row, parsed row) in file order; a JSONL line that cannot be parsed comes as a RowError in place
-    of the row, so it is counted like any other bad row. A JSON file is one document: if it cannot be
-    parsed, no row of it can be trusted, and that is one DataError."""
-    for f in files:
-        name = _label(f, root)
-        if FILE_TYPES[f.suffix] == "json":
-            yield from ((f"{name}:{i}", row) for i, row in enumerate(_json_rows(f, name), 1))
-        else:
-            yield from _jsonl_rows(f, name)
-
-
-def _jsonl_rows(f: Path, name: str) -> Iterator[tuple[str, object]]:
-    # Binary, one line per b"\n" (JSONL's separator), each decoded strictly: a line of bytes that are not
-    # UTF-8 is dropped and named, never read with replacement characters in place of the bytes.
-    with open(f, "rb") as fh:
-        for i, raw in enumerate(fh, 1):
-            where = f"{name}:{i}"
-            try:
-                line = (raw.removeprefix(codecs.BOM_UTF8) if i == 1 else raw).decode("utf-8")
-            except UnicodeDecodeError:
-                yield where, RowError("not valid UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError:
-                yield where, RowError("not valid JSON")
-
-
-def _json_rows(f: Path, name: str) -> list:
-    data = f.read_bytes().removeprefix(codecs.BOM_UTF8)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{name} is not valid UTF-8 (line {line})", field="dataset.data_uri") from None
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{name} is not valid JSON: {exc}", field="dataset.data_uri") from None
-    rows = rows.get("data", rows) if isinstance(rows, dict) else rows
-    if not isinstance(rows, list):
-        raise DataError(f'{name}: expected a list of rows or {{"data": [...]}}', field="dataset.data_uri")
-    return rows
-
-
-def _summary(dropped: dict[str, list[str]]) -> str:
-    return "; ".join(f"{len(v)} rows: {reason} (first: {v[0]})" for reason, v in dropped.items()) or "empty"

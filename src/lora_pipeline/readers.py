@@ -1,0 +1,170 @@
+"""Data files -> rows, streamed: JSONL, JSON, CSV, Parquet, Arrow and `datasets` save_to_disk directories.
+
+`data_files` picks the files a local path stands for; `read_rows` yields (row number, row) from one of them,
+a batch at a time for the columnar formats, so a file larger than memory can be read. A row that cannot be
+decoded comes as a RowError in place of the row, so it is counted like any other bad row.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from lora_pipeline.errors import DataError
+from lora_pipeline.formats import RowError
+
+FIELD = "dataset.data_uri"
+# suffix -> reader: "jsonl" one row per line, "json" a list of rows or {"data": [...]}, "csv" a header row
+# then one row per record, "parquet" and "arrow" (IPC file or stream, as `datasets` writes) columnar.
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+# What `datasets.Dataset.save_to_disk` writes beside its .arrow files: metadata, not rows.
+SAVED_META = ("state.json", "dataset_info.json", "dataset_dict.json")
+BATCH_ROWS = 1024  # rows converted to Python objects at a time from columnar files
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files a local source stands for: itself, or the data files under a directory in sorted order.
+
+    The dataset stage reads exactly these and the source fingerprint hashes exactly these, so a file that
+    would not be read (a README beside the data) cannot invalidate a cached dataset.
+    """
+    if not path.is_dir():
+        if path.suffix not in FILE_TYPES:
+            raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: {path.name}", field=FIELD)
+        return [path]
+    saved = _saved_dataset_files(path)
+    if saved is not None:
+        return saved
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix in FILE_TYPES and p.is_file() and not (p.name in SAVED_META and (p.parent / "state.json").is_file())
+    )
+    if not files:
+        raise DataError(f"no data file ({', '.join(FILE_TYPES)}) in {path}", field=FIELD)
+    return files
+
+
+def _saved_dataset_files(path: Path) -> list[Path] | None:
+    """The .arrow files of a save_to_disk directory (a Dataset, or a DatasetDict's `train` split when it has
+    one, else all its splits: the eval split is cut by data_split, not taken from the source); else None."""
+    if (path / "dataset_dict.json").is_file():
+        splits = _json(path / "dataset_dict.json").get("splits") or []
+        chosen = ["train"] if "train" in splits else splits
+        return [f for split in chosen for f in _saved_dataset_files(path / split) or []]
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        names = [entry["filename"] for entry in _json(path / "state.json").get("_data_files", [])]
+        return [path / name for name in names]
+    return None
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path.name}: not a readable save_to_disk file ({exc})", field=FIELD) from None
+    return data if isinstance(data, dict) else {}
+
+
+def read_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
+    """(row number, row) in file order; row numbers are lines for JSONL and CSV, 1-based records otherwise."""
+    kind = FILE_TYPES[f.suffix]
+    if kind == "jsonl":
+        return _jsonl_rows(f)
+    if kind == "json":
+        return enumerate(_json_rows(f, name), 1)
+    if kind == "csv":
+        return _csv_rows(f)
+    return enumerate(_columnar_rows(f, kind, name), 1)
+
+
+def _jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
+    # Binary, one line per b"\n" (JSONL's separator), each decoded strictly: a line of bytes that are not
+    # UTF-8 is dropped and named, never read with replacement characters in place of the bytes.
+    with open(f, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                line = (raw.removeprefix(codecs.BOM_UTF8) if i == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError:
+                yield i, RowError("not valid UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError:
+                yield i, RowError("not valid JSON")
+
+
+def _json_rows(f: Path, name: str) -> list:
+    """A JSON file is one document: if it cannot be parsed no row of it can be trusted, and that is one error."""
+    data = f.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{name} is not valid UTF-8 (line {line})", field=FIELD) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{name} is not valid JSON: {exc}", field=FIELD) from None
+    rows = rows.get("data", rows) if isinstance(rows, dict) else rows
+    if not isinstance(rows, list):
+        raise DataError(f'{name}: expected a list of rows or {{"data": [...]}}', field=FIELD)
+    return rows
+
+
+def _csv_rows(f: Path) -> Iterator[tuple[int, object]]:
+    # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the record that holds them can
+    # be dropped by itself (a strict decode would fail the whole file at that point).
+    csv.field_size_limit(1 << 30)
+    with open(f, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh)
+        line = 1
+        for record in reader:
+            start, line = line + 1, reader.line_num
+            try:
+                "".join(v for v in record.values() if isinstance(v, str)).encode("utf-8")
+            except UnicodeEncodeError:
+                yield start, RowError("not valid UTF-8")
+                continue
+            if None in record:  # more fields than the header names
+                yield start, RowError("more fields than the CSV header")
+                continue
+            yield start, record
+
+
+def _columnar_rows(f: Path, kind: str, name: str) -> Iterator[dict]:
+    import pyarrow as pa
+
+    try:
+        for batch in _batches(f, kind):
+            for start in range(0, batch.num_rows, BATCH_ROWS):
+                yield from batch.slice(start, BATCH_ROWS).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"{name} is not a readable {kind} file ({reason})", field=FIELD) from None
+
+
+def _batches(f: Path, kind: str) -> Iterator:
+    import pyarrow as pa
+
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
+        return
+    # Arrow IPC: the random-access file format, or the stream format that `datasets` writes; memory-mapped,
+    # so only the batch being converted is paged in.
+    with pa.memory_map(str(f)) as source:
+        try:
+            reader = pa.ipc.open_file(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            yield from pa.ipc.open_stream(source)
+            return
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
