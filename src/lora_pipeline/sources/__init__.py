@@ -48,6 +48,7 @@ SOURCES = {
     "file": ("local", "LocalSource"),
     "http": ("http", "HttpSource"),
     "https": ("http", "HttpSource"),
+    "s3": ("s3", "S3Source"),
 }
 
 
