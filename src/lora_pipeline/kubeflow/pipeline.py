@@ -72,6 +72,8 @@ def build_pipeline(config: Config | None = None, options: BuildOptions | None = 
             else:
                 tasks[stage.name] = components[stage.name](**arguments)
             task = tasks[stage.name].set_display_name(stage.name)
+            if stage.name == "train":  # the image a multi-node TrainJob runs (trainjob.train_on_cluster)
+                task.set_env_variable("LORA_PIPELINE_IMAGE", options.image)
             if stage.name in RESOURCED:
                 _set_resources(task, by_field)
             _mount_secrets(task, stage.name, options)

@@ -76,7 +76,8 @@ def run_component(stage: str, arguments: dict[str, Any], fixed: dict[str, Any]) 
         if stage == "train" and int(layer["train"].get("num_workers", 1)) > 1:
             from lora_pipeline.kubeflow.trainjob import train_on_cluster
 
-            train_on_cluster(config_file, inputs["dataset"], out, arguments.get("pvc_path") or "")
+            pvc_path, task_config = arguments.get("pvc_path") or "", arguments.get("kubernetes_config")
+            train_on_cluster(config_file, inputs["dataset"], out, pvc_path, task_config)
         else:
             _run_cli(stage_argv(stage, config_file, inputs, out))
     if artifacts.metrics:

@@ -156,18 +156,20 @@ def submit(trainjob: Any, wait: bool = False) -> str:
     return trainjob.metadata.name
 
 
-def train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path: str) -> None:
+def train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path: str, task_config: Any = None) -> None:
     """The training component with num_workers > 1: a TrainJob on the pipeline workspace, then copy the result.
 
-    Untested here (no cluster). The workspace PVC is named after the run; TrainJob pods need it mounted,
-    which the component passes through from its own pod (kubernetes_config). Set `pvc` accordingly.
+    Untested here (no cluster). The workspace PVC is found in the task config KFP passes through
+    (`kubernetes_config`: the task pod's volumes); the image is the component's own (LORA_PIPELINE_IMAGE).
     """
     import shutil
 
     from lora_pipeline.config import from_dict, load_yaml, validate
     from lora_pipeline.errors import ConfigError
 
-    if not pvc_path:
+    volumes = _get(task_config, "volumes") or []
+    claim = next((v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v), "")
+    if not pvc_path or not claim:
         raise ConfigError("multi-node training needs the pipeline workspace (compile --workspace-size)",
                           field="train.num_workers")  # fmt: skip
     config = validate(from_dict(load_yaml(str(config_file))))
@@ -175,7 +177,7 @@ def train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path: 
     shutil.copytree(dataset_dir, work / "dataset", dirs_exist_ok=True)
     options = TrainJobOptions(
         image=os.environ.get("LORA_PIPELINE_IMAGE", ""),
-        pvc=os.environ.get("LORA_PIPELINE_WORKSPACE_PVC", ""),
+        pvc=claim,
         mount_path=pvc_path,
         dataset_dir=str(work / "dataset"),
         output_dir=str(work / "train"),
@@ -183,6 +185,10 @@ def train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path: 
     )
     submit(build_trainjob(config, options), wait=True)
     shutil.copytree(work / "train", out)
+
+
+def _get(task_config: Any, name: str) -> Any:
+    return task_config.get(name) if isinstance(task_config, dict) else getattr(task_config, name, None)
 
 
 def _pod_namespace() -> str | None:
