@@ -133,6 +133,21 @@ CASES: list[tuple[str, str, list[str], str]] = [
         "registry.address",
     ),
     ("registry-bad-host", "register", ["--registry.address", "http://"], "registry.address"),
+    # --- data formats and download limits ---
+    ("data-format-choice", "run", ["--dataset.format", "csvv"], "dataset.format"),
+    ("data-columns-field", "run", ["--dataset.columns", "answer=output"], "dataset.columns"),
+    ("data-sha256-not-hex", "run", ["--dataset.sha256", "xyz"], "dataset.sha256"),
+    ("data-max-bad-rows", "run", ["--dataset.max_bad_rows", "1.5"], "dataset.max_bad_rows"),
+    ("data-format-mismatch", "dataset", ["--dataset.data_uri", "{data}", "--dataset.format", "alpaca"], "instruction"),
+    ("data-checksum", "dataset", ["--dataset.data_uri", "{http}/good.jsonl#sha256=" + "0" * 64], "checksum mismatch"),
+    (
+        "data-max-bytes",
+        "dataset",
+        ["--dataset.data_uri", "{http}/good.jsonl", "--dataset.max_bytes", "10"],
+        "max_bytes",
+    ),
+    ("uri-s3-userinfo", "dataset", ["--dataset.data_uri", "s3://key:secretpw@bucket/x.jsonl"], "AWS_* variables"),
+    ("uri-hf-bad-option", "dataset", ["--dataset.data_uri", "hf://owner/name?splt=train"], "unknown option"),
 ]
 
 

@@ -49,6 +49,7 @@ SOURCES = {
     "http": ("http", "HttpSource"),
     "https": ("http", "HttpSource"),
     "s3": ("s3", "S3Source"),
+    "hf": ("hf", "HfSource"),
 }
 
 
@@ -120,7 +121,8 @@ def _verify(path: Path, expected: str, uri: str) -> None:
 
 
 def redact(uri: str) -> str:
-    """`uri` with user:password@ and the query string replaced by a visible marker; fragments are kept.
+    """`uri` with user:password@ and the query string replaced by a visible marker; fragments are kept, and so
+    is the query of hf:// URIs (split and revision).
 
     Parsed by hand rather than with urlsplit, which raises on some malformed URIs: this runs in error
     paths, where a second exception would hide the first and might print the URI in full.
@@ -134,10 +136,10 @@ def redact(uri: str) -> str:
         authority = f"{MARK}@{authority.rsplit('@', 1)[1]}"
     tail, hash_sign, fragment = tail.partition("#")
     path, question_mark, query = tail.partition("?")
-    if query:
+    if query and scheme.lower() != "hf":  # hf:// queries are split and revision, never a token
         path = f"{path}?{MARK}"
-    elif question_mark:
-        path += "?"
+    else:
+        path += question_mark + query
     return f"{scheme}://{authority}{path}{hash_sign}{fragment}"
 
 
