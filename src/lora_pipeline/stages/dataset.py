@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
+import os
 import random
 import tempfile
 from array import array
@@ -186,10 +186,11 @@ class _Spool:
         with open(dest, "wb") as out:
             if self.offsets[-1] == 0:
                 return
-            with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                offsets = self.offsets
+            # pread, not mmap: pages of a mapped spool would count in the process's RSS until unmapped.
+            with open(self.path, "rb") as fh:
+                fd, offsets = fh.fileno(), self.offsets
                 for i in order:
-                    out.write(data[offsets[i] : offsets[i + 1]])
+                    out.write(os.pread(fd, offsets[i + 1] - offsets[i], offsets[i]))
 
 
 def _label(f: Path, root: Path) -> str:
