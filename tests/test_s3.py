@@ -122,6 +122,7 @@ def test_model_prefix_is_cached_by_etags(s3, tmp_path: Path) -> None:  # noqa: A
     for name, body in (("config.json", b'{"model_type": "qwen2"}'), ("model.safetensors", b"w" * 100)):
         s3.put_object(Bucket=s3.bucket, Key=f"models/m1/{name}", Body=body)
     uri = f"s3://{s3.bucket}/models/m1/"
+    first = sources.model_fingerprint(uri)
     path = sources.fetch_model(uri, tmp_path / "cache")
     assert sorted(p.name for p in path.iterdir()) == [".complete", "config.json", "model.safetensors"]
     (path / "config.json").write_text("marked")  # a second call with the same ETags downloads nothing
@@ -130,4 +131,12 @@ def test_model_prefix_is_cached_by_etags(s3, tmp_path: Path) -> None:  # noqa: A
     s3.put_object(Bucket=s3.bucket, Key="models/m1/model.safetensors", Body=b"v" * 100)  # a new version
     new = sources.fetch_model(uri, tmp_path / "cache")
     assert new != path and (new / "model.safetensors").read_bytes() == b"v" * 100
+    assert sources.model_fingerprint(uri) != first
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_model_prefix_names_the_model_option(s3, tmp_path: Path) -> None:  # noqa: ANN001
+    with pytest.raises(SourceError, match=r"^train.model: not found: s3://.*/models/none/"):
+        sources.model_fingerprint(f"s3://{s3.bucket}/models/none/")
+    with pytest.raises(SourceError, match=r"^train.model: not found: "):
+        sources.fetch_model(f"s3://{s3.bucket}/models/none/", tmp_path / "cache")

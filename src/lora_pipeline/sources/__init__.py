@@ -99,6 +99,16 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     return fetch_s3_model(uri, cache_dir)
 
 
+def model_fingerprint(uri: str) -> str:
+    """The content identity of a model URI (s3://bucket/prefix/) without downloading it; SourceError naming
+    train.model when it is not there or cannot be reached. Pre-flight check and cache-key input."""
+    if scheme_of(uri) != "s3":
+        raise SourceError(f"models can be fetched from s3:// only: {redact(uri)}", field="train.model")
+    from lora_pipeline.sources.s3 import model_fingerprint as s3_model_fingerprint
+
+    return s3_model_fingerprint(uri)
+
+
 def split_checksum(uri: str, expected: str) -> tuple[str, str]:
     """(`uri` without a `#sha256=<hex>` fragment, the checksum to verify: the option's, else the fragment's)."""
     if "://" in uri and "#sha256=" in uri:

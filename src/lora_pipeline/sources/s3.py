@@ -85,6 +85,15 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     return target
 
 
+def model_fingerprint(uri: str) -> str:
+    """The identity of a model prefix (keys, ETags, sizes), without downloading: for pre-flight and cache keys."""
+    field = "train.model"
+    objects, prefix = _objects(_client(uri, CHECK_TIMEOUTS, field), uri, field)
+    if prefix is None:
+        raise SourceError(f"expected a prefix holding a model directory, got one object: {redact(uri)}", field=field)
+    return f"s3-tree:{_tree_digest(objects, prefix)}"
+
+
 def _parse(uri: str, field: str = FIELD) -> tuple[str, str]:
     rest = uri.split("://", 1)[1]
     bucket, _, key = rest.partition("/")
