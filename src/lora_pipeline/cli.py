@@ -210,6 +210,13 @@ def _silence_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     # bitsandbytes on CPU looks for an optional kernels package on import, even when nothing is quantized.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
+    # The eval stage hands lm-eval a model it loaded itself (quantized as trained); lm-eval warns about that.
+    logging.getLogger("lm_eval.models.huggingface").addFilter(
+        lambda record: (
+            "pretrained` model kwarg is not of type" not in record.getMessage()
+            and "already-initialized model" not in record.getMessage()
+        )
+    )
 
 
 def _dispatch(args: argparse.Namespace) -> int:

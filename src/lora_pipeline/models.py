@@ -82,6 +82,18 @@ def load_base_model(
         raise StageError(f"cannot load model {model_ref!r}: {first_line(exc)}", field=field) from None
 
 
+def keep_cpu_4bit_weights_trainable(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during the per-epoch eval.
+
+    On a CPU with AVX512-BF16, a Linear4bit in eval mode under no_grad converts its weight in place to an
+    inference-only layout, and the next training step then fails ("a view of a leaf Variable that requires
+    grad is being used in an in-place operation"). Training keeps the trainable layout throughout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_tokenizer(model_ref: str, trust_remote_code: bool = False, field: str = "train.model") -> Any:
     from transformers import AutoTokenizer
 

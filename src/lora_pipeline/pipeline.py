@@ -10,7 +10,6 @@ is rewritten after every stage, so a failed or interrupted run still tells how f
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import Config, is_local_uri, local_path
+from lora_pipeline.config import Config, is_local_uri, local_path, output_options
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
@@ -61,15 +60,6 @@ def check_recorded_source(config: Config, run_dir: Path, stages: tuple[str, ...]
 
 
 # --- cache keys ---------------------------------------------------------------------------------------
-
-
-def output_options(section_config: Any) -> dict[str, Any]:
-    """The options of a section that change its stage's output (metadata cache=False ones are left out)."""
-    return {
-        f.name: getattr(section_config, f.name)
-        for f in dataclasses.fields(section_config)
-        if f.metadata.get("cache", True)
-    }
 
 
 def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: str | None = None) -> str:

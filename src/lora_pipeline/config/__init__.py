@@ -19,6 +19,7 @@ from lora_pipeline.config.schema import (
     field_type,
     fields_of,
     kfp_parameters,
+    output_options,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "kfp_parameters",
     "load_yaml",
     "local_path",
+    "output_options",
     "validate",
 ]

@@ -386,3 +386,12 @@ def kfp_parameters() -> dict[str, tuple[str, str]]:
     return {
         f.metadata["kfp"]: (section, f.name) for section in SECTIONS for f in fields_of(section) if "kfp" in f.metadata
     }
+
+
+def output_options(section_config: Any) -> dict[str, Any]:
+    """The options of a section that change its stage's output: fields with metadata cache=False are left out."""
+    return {
+        f.name: getattr(section_config, f.name)
+        for f in dataclasses.fields(section_config)
+        if f.metadata.get("cache", True)
+    }

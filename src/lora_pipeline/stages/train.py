@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.checkpoints import make_checkpoint_callback, prepare_work_dir, training_key
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
 from lora_pipeline.models import (
     check_quantization_available,
     first_line,
+    keep_cpu_4bit_weights_trainable,
     load_base_model,
     load_tokenizer,
     quantization_settings,
@@ -29,6 +31,7 @@ from lora_pipeline.models import (
 
 log = logging.getLogger(__name__)
 
+MIN_STEPS = 10  # fewer optimizer steps than this and a LoRA barely leaves its init
 VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")
 
 
@@ -43,6 +46,7 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import torch
     import transformers
 
+    from lora_pipeline.progress import make_progress_callback
     from lora_pipeline.tokenization import PadCollator, encode_chat, ensure_chat_template
 
     transformers.set_seed(cfg.seed)
@@ -60,15 +64,19 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     micro, accum = batch_geometry(cfg, max(len(r["input_ids"]) for r in train_rows), world_size())
     model = load_base_model(model_ref, quant, cfg.trust_remote_code)
     if quant:
+        keep_cpu_4bit_weights_trainable(model)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = _wrap_lora(model, cfg)
     use_liger = _liger_available(cfg)
 
-    work = out.with_name(f".{out.name}.work")  # survives a crash, for resume; moved into `out` at the end
     steps_per_epoch = math.ceil(len(train_rows) / (micro * accum * world_size()))
+    warnings = _small_dataset_warnings(len(train_rows), micro * accum * world_size(), cfg.epochs, steps_per_epoch)
+    work = out.with_name(f".{out.name}.work")  # checkpoints survive kill -9 and Ctrl-C, for resume
+    resume = prepare_work_dir(work, training_key(cfg, dataset_dir))
     cuda = torch.cuda.is_available()
+    tty = os.isatty(2)
     args = transformers.TrainingArguments(
         output_dir=str(work / "checkpoints"),
         per_device_train_batch_size=micro,
@@ -82,14 +90,16 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         data_seed=cfg.seed,
         logging_steps=max(1, steps_per_epoch * cfg.epochs // 200),
         eval_strategy="epoch" if eval_rows else "no",
-        save_strategy="epoch" if cfg.save_epoch else "no",
+        save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or 500,
+        save_total_limit=2,  # the newest complete one is enough to resume; rotation happens after a save completes
         report_to=[],
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         use_liger_kernel=use_liger,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=not os.isatty(2),
+        disable_tqdm=not tty,
     )
     trainer = transformers.Trainer(
         model=model,
@@ -98,27 +108,46 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         eval_dataset=eval_rows or None,
         data_collator=PadCollator(tokenizer.pad_token_id),
     )
+    epoch_dir = work / "epoch_checkpoints"
+    trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir))
+    if not tty:  # transformers would print every logged dict raw: one readable line now and then instead
+        tokens_per_step = sum(len(r["input_ids"]) for r in train_rows) / steps_per_epoch
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+        trainer.add_callback(make_progress_callback(tokens_per_step))
+    if resume:
+        log.info("train: resuming from step %s of %d", resume.name.rsplit("-", 1)[1], steps_per_epoch * cfg.epochs)
     started = time.perf_counter()
-    result = trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
+    if _rank() != 0:  # under torchrun every rank trains; one writes
+        return out
 
     from lora_pipeline.report import write_loss_chart
 
     history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    # The mean of the logged losses, which a resumed run restores from its checkpoint; the Trainer's own
+    # `training_loss` averages only the steps run by the last process.
+    train_loss = sum(losses) / len(losses) if losses else None
+    total_steps = steps_per_epoch * cfg.epochs
+    resumed_at = int(resume.name.rsplit("-", 1)[1]) if resume else 0
+    total_tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.epochs
+    tokens_here = total_tokens * (trainer.state.global_step - resumed_at) / total_steps
+    eval_seconds = sum(h["eval_runtime"] for h in history if "eval_runtime" in h and h.get("step", 0) > resumed_at)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
-        if (work / "checkpoints").exists():
-            shutil.move(str(work / "checkpoints"), tmp / "checkpoints")
+        if epoch_dir.exists():
+            shutil.move(str(epoch_dir), tmp / "checkpoints")
         target_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows) * cfg.epochs
-        total_tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.epochs
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         write_json_atomic(
             {
-                "train_loss": result.training_loss,
-                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+                "train_loss": train_loss,
+                "final_loss": losses[-1] if losses else None,
                 "eval_loss": evals[-1] if evals else None,
                 "steps": trainer.state.global_step,
+                "resumed_from_step": resumed_at or None,
                 "epochs": cfg.epochs,
                 "train_rows": len(train_rows),
                 "eval_rows": len(eval_rows),
@@ -128,7 +157,8 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "effective_batch_size": micro * accum * world_size(),
                 "tokens": {"total": total_tokens, "target": target_tokens},
                 "train_seconds": round(seconds, 3),
-                "tokens_per_second": round(total_tokens / seconds, 1) if seconds else None,
+                # tokens this process trained on, over its time outside the per-epoch evaluation
+                "tokens_per_second": round(tokens_here / max(1e-9, seconds - eval_seconds), 1),
                 "backend": backend,
                 "liger": use_liger,
                 "quantization": quant,
@@ -136,6 +166,7 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "device": "cuda" if cuda else "cpu",
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "base_model": model_ref,
+                "warnings": warnings,
                 "versions": package_versions(VERSIONED),
                 "history": history,
             },
@@ -144,9 +175,27 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         write_loss_chart(history, tmp / "loss_chart.html", title=f"LoRA training loss: {model_ref}")
     shutil.rmtree(work, ignore_errors=True)
     log.info(
-        "train: loss %.4f after %d steps in %.1fs -> %s", result.training_loss, trainer.state.global_step, seconds, out
+        "train: loss %.4f after %d steps in %.1fs -> %s", train_loss or 0.0, trainer.state.global_step, seconds, out
     )
     return out
+
+
+def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch: int) -> list[str]:
+    """Too few optimizer steps leave the adapter near its zero init: say so once, with the numbers."""
+    steps = steps_per_epoch * epochs
+    if steps >= MIN_STEPS:
+        return []
+    message = (
+        f"only {steps} optimizer step{'s' if steps != 1 else ''} ({rows} rows, effective batch {batch}, "
+        f"{epochs} epoch{'s' if epochs != 1 else ''}): training will barely move the adapter; "
+        "lower --train.effective_batch_size or add epochs"
+    )
+    log.warning("train: %s", message)
+    return [message]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -179,7 +228,8 @@ def _liger_available(cfg: TrainConfig) -> bool:
 
     if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
         return True
-    log.warning("train.use_liger: Liger kernels need CUDA and liger-kernel; training without them")
+    # INFO, not a warning: use_liger is on by default (the spec's default), so on CPU it says nothing wrong.
+    log.info("train.use_liger: Liger kernels need CUDA and liger-kernel; training without them")
     return False
 
 
