@@ -131,3 +131,56 @@ def test_missing_model_names_the_field(demo_dataset, tmp_path: Path) -> None:
 def test_batch_geometry(effective, micro, tokens, longest, world, expected) -> None:
     cfg = TrainConfig(effective_batch_size=effective, micro_batch_size=micro, max_tokens_per_gpu=tokens)
     assert batch_geometry(cfg, longest, world) == expected
+
+
+def test_spec_defaults_4bit_two_epochs_with_eval_split_train_on_cpu(demo_assets, demo_dataset, tmp_path) -> None:
+    # The spec's defaults: 4-bit QLoRA, 2 epochs, an eval split. bitsandbytes repacked the 4-bit weights for
+    # CPU inference during the epoch-1 eval and the next training step failed; it must train through.
+    cfg = small_train_config(
+        demo_assets.model_dir, lora_load_in_4bit=True, epochs=2, effective_batch_size=24, micro_batch_size=24
+    )
+    metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "q") / "metrics.json")
+    assert metrics["steps"] == 6 and metrics["eval_loss"] is not None
+    assert len([h for h in metrics["history"] if "eval_loss" in h]) == 2
+
+
+def test_too_few_optimizer_steps_is_one_warning_recorded_in_metrics(demo_assets, demo_dataset, tmp_path, caplog):
+    cfg = small_train_config(demo_assets.model_dir, effective_batch_size=128, micro_batch_size=0, epochs=2)
+    with caplog.at_level("WARNING", logger="lora_pipeline"):
+        metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "few") / "metrics.json")
+    assert metrics["steps"] == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "only 2 optimizer steps (72 rows, effective batch 128, 2 epochs)" in warnings[0]
+    assert metrics["warnings"] == [warnings[0].removeprefix("train: ")]
+    assert not (tmp_path / "few" / "checkpoints").exists()  # no save_epoch: no empty folder either
+
+
+def test_plain_text_rows_train_on_every_token(demo_assets, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.tokenization import encode_text
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    encoded = encode_text(tokenizer, "The cat slept on the mat.", 128)
+    assert encoded["labels"] == encoded["input_ids"] and encoded["input_ids"][-1] == tokenizer.eos_token_id
+    data = tmp_path / "ds"
+    data.mkdir()
+    rows = [{"text": f"Note {i}: the cat slept on mat number {i}."} for i in range(24)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = read_json(train_adapter(small_train_config(demo_assets.model_dir), data, tmp_path / "t") / "metrics.json")
+    assert metrics["train_rows"] == 24 and metrics["tokens"]["target"] > 24 * 8  # every token is a target
+
+
+def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_assets, demo_dataset, tmp_path) -> None:
+    from conftest import run_cli
+
+    flags = ["--train.model", str(demo_assets.model_dir), "--train.lora_load_in_4bit", "false"]
+    flags += ["--train.effective_batch_size", "8", "--train.epochs", "2"]  # use_liger stays on: the spec default
+    out = run_cli("train", "--input", f"dataset={demo_dataset}", "--out", str(tmp_path / "t"), *flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stderr.splitlines()
+    assert not [line for line in lines if "WARNING" in line or "Warning" in line], out.stderr[-3000:]
+    assert not [line for line in lines if line.startswith("{")]  # no raw {'loss': ...} dicts
+    progress = [line for line in lines if "train: step " in line]
+    assert 5 <= len(progress) <= 12 and "train: step 18/18 (100%) loss " in progress[-1]
+    assert "\r" not in out.stderr  # no progress bars

@@ -16,14 +16,27 @@ from lora_pipeline.config import TrainConfig, is_local_uri, local_path
 from lora_pipeline.errors import StageError
 
 
-def resolve_model(model: str) -> str:
-    """A local model path becomes absolute (the adapter records it as its base); a hub id stays as is."""
+def resolve_model(model: str, fetch: bool = False) -> str:
+    """A local model path becomes absolute (the adapter records it as its base); a hub id stays as is; an
+    s3:// prefix becomes its local copy in the model cache (downloaded when `fetch`, reused by content)."""
+    if model.startswith("s3://"):
+        if not fetch:
+            return model
+        from lora_pipeline import sources
+
+        return str(sources.fetch_model(model, model_cache_dir()).resolve())
     path = Path(local_path(model))
     if is_local_uri(model) and (path.exists() or model.startswith((".", "/", "~", "file://"))):
         if not (path / "config.json").exists():
             raise StageError(f"no model (config.json) at {path}", field="train.model")
         return str(path.resolve())
     return model
+
+
+def model_cache_dir() -> Path:
+    """Where models fetched from s3:// are kept ($LORA_PIPELINE_HOME/models, default ~/.cache/lora-pipeline)."""
+    home = os.environ.get("LORA_PIPELINE_HOME") or Path.home() / ".cache" / "lora-pipeline"
+    return Path(home) / "models"
 
 
 def quantization_settings(cfg: TrainConfig) -> dict[str, Any] | None:

@@ -77,7 +77,12 @@ def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: s
 
 
 def _model_fingerprint(model: str) -> Any:
-    """A local base model by its config and weight file sizes (hashing GBs of weights per run is too slow)."""
+    """A local base model by its config and weight file sizes (hashing GBs of weights per run is too slow);
+    an s3:// model by its objects' ETags."""
+    if model.startswith("s3://"):
+        from lora_pipeline import sources
+
+        return sources.model_fingerprint(model)
     path = Path(local_path(model))
     if not (is_local_uri(model) and path.is_dir()):
         return model

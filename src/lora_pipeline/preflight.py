@@ -67,7 +67,13 @@ def check_output_dir(path: Path, field: str) -> None:
 
 
 def check_model(ref: str, field: str = "train.model") -> None:
-    """The base model resolves to a config, a tokenizer and intact weights, locally or in the HF cache/Hub."""
+    """The base model resolves to a config, a tokenizer and intact weights, locally or in the HF cache/Hub,
+    or (s3://) its objects can be listed with the credentials at hand."""
+    if ref.startswith("s3://"):
+        from lora_pipeline import sources
+
+        sources.model_fingerprint(ref)
+        return
     path = Path(local_path(ref))
     if is_local_uri(ref) and (path.exists() or ref.startswith((".", "/", "~", "file://"))):
         _check_local_model(path, field)

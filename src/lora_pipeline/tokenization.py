@@ -74,6 +74,15 @@ def encode_chat(tokenizer: Any, messages: list[dict], max_seq_len: int) -> dict[
     return {"input_ids": ids, "labels": labels}
 
 
+def encode_text(tokenizer: Any, text: str, max_seq_len: int) -> dict[str, list[int]] | None:
+    """input_ids/labels for a plain-text row: no chat template, loss on every token, ending with EOS."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    ids = ids[:max_seq_len]
+    return {"input_ids": ids, "labels": list(ids)} if len(ids) > 1 else None
+
+
 class PadCollator:
     """Right-pads a micro-batch to its longest row (dynamic padding); labels pad with IGNORE_INDEX."""
 

@@ -47,17 +47,17 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import transformers
 
     from lora_pipeline.progress import make_progress_callback
-    from lora_pipeline.tokenization import PadCollator, encode_chat, ensure_chat_template
+    from lora_pipeline.tokenization import PadCollator, ensure_chat_template
 
     transformers.set_seed(cfg.seed)
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormal floats (tiny weights/grads) slow CPU math by up to ~10x
-    model_ref = resolve_model(cfg.model)
+    model_ref = resolve_model(cfg.model, fetch=True)
     tokenizer = load_tokenizer(model_ref, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
-    train_rows = _encode(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg, encode_chat)
+    train_rows = _encode(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg)
     eval_path = dataset_dir / "eval.jsonl"
-    eval_rows = _encode(read_jsonl(eval_path), tokenizer, cfg, encode_chat) if eval_path.exists() else []
+    eval_rows = _encode(read_jsonl(eval_path), tokenizer, cfg) if eval_path.exists() else []
     if not train_rows:
         raise StageError("no training row has an assistant token within max_seq_len", field="train.max_seq_len")
 
@@ -252,8 +252,16 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
         raise StageError(first_line(exc), field="train.lora_target_modules") from None
 
 
-def _encode(rows: list[dict], tokenizer: Any, cfg: TrainConfig, encode_chat: Any) -> list[dict]:
-    encoded = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in rows]
+def _encode(rows: list[dict], tokenizer: Any, cfg: TrainConfig) -> list[dict]:
+    """Chat rows: loss on the assistant's tokens; plain-text rows ({"text": ...}): loss on every token."""
+    from lora_pipeline.tokenization import encode_chat, encode_text
+
+    encoded = [
+        encode_text(tokenizer, r["text"], cfg.max_seq_len)
+        if "text" in r
+        else encode_chat(tokenizer, r["messages"], cfg.max_seq_len)
+        for r in rows
+    ]
     dropped = sum(e is None for e in encoded)
     if dropped:
         log.warning("train: %d rows have no assistant token within max_seq_len=%d, skipped", dropped, cfg.max_seq_len)
