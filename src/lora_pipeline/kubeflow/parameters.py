@@ -21,7 +21,7 @@ from lora_pipeline.stages import BY_NAME
 
 # The spec's training component declares these inputs `Optional[...] = None`: None means "the config's
 # default" (or the value fixed by `compile -c`). The schema has no metadata for this distinction yet, so it
-# lives here; see docs/kubeflow.md ("What differs from the spec").
+# lives here; see the README ("What differs from the spec").
 OPTIONAL_COMPONENT_INPUTS = frozenset(
     {
         "training_learning_rate",
