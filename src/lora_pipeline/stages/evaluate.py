@@ -16,12 +16,14 @@ and, when `log_samples` is on, `samples/<model>_<task>.jsonl` for each of those 
 from __future__ import annotations
 
 import difflib
+import functools
 import gc
 import glob
 import importlib.util
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,6 +237,11 @@ class _Scorer:
         import lm_eval.evaluator
 
         log.info("eval: %s model on %s", name, ", ".join(self.cfg.tasks))
+        if (
+            not sys.stderr.isatty()
+        ):  # no terminal: lm-eval's request bars pass disable=False, whatever TQDM_DISABLE says
+            for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+                setattr(lm, method, functools.partial(getattr(lm, method), disable_tqdm=True))
         # lm-eval records `git describe` of the working directory, whatever repository that is, and
         # prints git's "fatal: not a git repository" on every run outside one: skip it.
         with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
