@@ -5,6 +5,7 @@ the dataclasses below, so a parameter is declared exactly once. Each field's met
   help       the spec's description
   kfp        its name in spec/lora_pipeline.md (the KFP pipeline parameter), when it has one
   component  its name in spec/lora_training_component.md, when it has one
+  component_optional   True where that component declares the input `Optional[...] = None` (None: the default)
   choices / min / max / min_exclusive   what validation enforces
   cache      False for options that do not change the stage's output (resources, labels, logging):
              they stay out of its cache key, so changing them does not rerun the stage
@@ -94,6 +95,7 @@ class TrainConfig:
         "Number of training epochs. LoRA typically needs 2-3",
         kfp="phase_02_train_man_train_epochs",
         component="training_num_epochs",
+        component_optional=True,
         min=1,
     )
     max_tokens_per_gpu: int = param(
@@ -115,6 +117,7 @@ class TrainConfig:
         "Learning rate. 2e-4 recommended for LoRA",
         kfp="phase_02_train_opt_learning_rate",
         component="training_learning_rate",
+        component_optional=True,
         min=0.0,
         min_exclusive=True,
     )
@@ -123,6 +126,7 @@ class TrainConfig:
         "LR schedule (cosine, linear, constant)",
         kfp="phase_02_train_opt_lr_scheduler",
         component="training_lr_scheduler",
+        component_optional=True,
         choices=LR_SCHEDULERS,
     )
     lr_warmup: int = param(
@@ -130,16 +134,23 @@ class TrainConfig:
         "Warmup steps before full LR",
         kfp="phase_02_train_opt_lr_warmup",
         component="training_lr_warmup_steps",
+        component_optional=True,
         min=0,
     )
     seed: int = param(
-        42, "Random seed for reproducibility", kfp="phase_02_train_opt_seed", component="training_seed", min=0
+        42,
+        "Random seed for reproducibility",
+        kfp="phase_02_train_opt_seed",
+        component="training_seed",
+        component_optional=True,
+        min=0,
     )
     save_epoch: bool = param(
         False,
         "Save checkpoint at each epoch",
         kfp="phase_02_train_opt_save_epoch",
         component="training_checkpoint_at_epoch",
+        component_optional=True,
     )
     checkpoint_steps: int = param(
         500,
@@ -159,6 +170,7 @@ class TrainConfig:
         "Enable Liger kernel optimizations (CUDA with liger-kernel installed; otherwise a warning)",
         kfp="phase_02_train_opt_use_liger",
         component="training_use_liger",
+        component_optional=True,
     )
     backend: str = param(
         "auto",
@@ -199,58 +211,68 @@ class TrainConfig:
         "[LoRA] Use Rank-Stabilized LoRA",
         kfp="phase_02_train_opt_lora_use_rslora",
         component="training_lora_use_rslora",
+        component_optional=True,
     )
     lora_use_dora: bool = param(
         False,
         "[LoRA] Use Weight-Decomposed LoRA (DoRA)",
         kfp="phase_02_train_opt_lora_use_dora",
         component="training_lora_use_dora",
+        component_optional=True,
     )
     lora_load_in_4bit: bool = param(
         True,
         "[QLoRA] Enable 4-bit quantization (needs bitsandbytes)",
         kfp="phase_02_train_opt_lora_load_in_4bit",
         component="training_lora_load_in_4bit",
+        component_optional=True,
     )
     lora_load_in_8bit: bool = param(
         False,
         "[QLoRA] Enable 8-bit quantization (needs bitsandbytes)",
         kfp="phase_02_train_opt_lora_load_in_8bit",
         component="training_lora_load_in_8bit",
+        component_optional=True,
     )
     bnb_4bit_quant_type: str | None = param(
         None,
         "[QLoRA] 4-bit quantization type, nf4 or fp4 (None = nf4)",
         component="training_lora_bnb_4bit_quant_type",
+        component_optional=True,
         choices=("nf4", "fp4"),
     )
     bnb_4bit_compute_dtype: str | None = param(
         None,
         "[QLoRA] 4-bit compute dtype (None = bfloat16)",
         component="training_lora_bnb_4bit_compute_dtype",
+        component_optional=True,
         choices=("bfloat16", "float16", "float32"),
     )
     bnb_4bit_use_double_quant: bool | None = param(
         None,
         "[QLoRA] Enable double quantization (None = true)",
         component="training_lora_bnb_4bit_use_double_quant",
+        component_optional=True,
     )
     lora_sample_packing: bool = param(
         False,
         "[LoRA] Pack multiple samples for efficiency",
         kfp="phase_02_train_opt_lora_sample_packing",
         component="training_lora_sample_packing",
+        component_optional=True,
     )
     fsdp_sharding_strategy: str | None = param(
         None,
         "FSDP sharding strategy for multi-GPU training (FULL_SHARD, HYBRID_SHARD, NO_SHARD)",
         component="training_fsdp_sharding_strategy",
+        component_optional=True,
         choices=FSDP_STRATEGIES,
     )
     data_output_dir: str | None = param(
         None,
         "Directory for processed training data (None = inside the train stage output)",
         component="training_data_output_dir",
+        component_optional=True,
     )
     gpus_per_worker: int = param(
         1,

@@ -19,31 +19,6 @@ from typing import Any
 from lora_pipeline.config import SECTIONS, Config, field_type, fields_of
 from lora_pipeline.stages import BY_NAME
 
-# The spec's training component declares these inputs `Optional[...] = None`: None means "the config's
-# default" (or the value fixed by `compile -c`). The schema has no metadata for this distinction yet, so it
-# lives here; see the README ("What differs from the spec").
-OPTIONAL_COMPONENT_INPUTS = frozenset(
-    {
-        "training_learning_rate",
-        "training_lr_warmup_steps",
-        "training_checkpoint_at_epoch",
-        "training_num_epochs",
-        "training_data_output_dir",
-        "training_lora_use_rslora",
-        "training_lora_use_dora",
-        "training_lora_load_in_4bit",
-        "training_lora_load_in_8bit",
-        "training_lora_bnb_4bit_quant_type",
-        "training_lora_bnb_4bit_compute_dtype",
-        "training_lora_bnb_4bit_use_double_quant",
-        "training_lora_sample_packing",
-        "training_seed",
-        "training_use_liger",
-        "training_lr_scheduler",
-        "training_fsdp_sharding_strategy",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Parameter:
@@ -94,7 +69,8 @@ def component_parameters(stage: str, config: Config | None = None) -> list[Param
         name = f.metadata.get("component") if stage == "train" else (f.name if "kfp" in f.metadata else None)
         if name is None:
             continue
-        optional = name in OPTIONAL_COMPONENT_INPUTS
+        # The spec's training component declares some inputs `Optional[...] = None`: None = the config's value.
+        optional = stage == "train" and f.metadata.get("component_optional", False)
         default = None if optional else _value(config, section, f.name)
         params.append(Parameter(name, section, f.name, plain_type(section, f.name), default, optional))
     return params
