@@ -211,3 +211,24 @@ def test_recorded_uri_without_its_credentials_must_be_given_again(server: _Serve
     assert out.returncode == 2
     assert "dataset.data_uri" in out.stderr and "give --dataset.data_uri again" in out.stderr
     assert run_cli("dataset", "-o", str(run_dir), "--dataset.data_uri", uri).returncode == 0
+
+
+def test_kubernetes_only_options_are_named_and_recorded_on_a_local_run(chat_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    flags = ["--train.memory", "64Gi", "--train.labels", "team=nlp", "--dataset.data_uri", str(chat_file)]
+    out = run_cli("dataset", "-o", str(run_dir), *flags)
+    assert out.returncode == 0, out.stderr
+    assert "train.memory=64Gi, train.labels=team=nlp: applies on Kubernetes only" in out.stderr
+    assert read_json(run_dir / "run.json")["kubernetes_only"] == {"train.memory": "64Gi", "train.labels": "team=nlp"}
+
+
+def test_env_vars_are_set_while_training_and_restored(monkeypatch, tmp_path: Path) -> None:
+    from lora_pipeline.stages import train
+
+    seen = {}
+    monkeypatch.setenv("KEEP_ME", "before")
+    monkeypatch.delenv("NEW_ONE", raising=False)
+    monkeypatch.setattr(train, "_train", lambda cfg, d, o: seen.update(os.environ) or o)
+    train.train_adapter(TrainConfig(env_vars="KEEP_ME=during,NEW_ONE=1"), tmp_path, tmp_path / "out")
+    assert (seen["KEEP_ME"], seen["NEW_ONE"]) == ("during", "1")
+    assert os.environ["KEEP_ME"] == "before" and "NEW_ONE" not in os.environ

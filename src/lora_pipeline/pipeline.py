@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import Config, is_local_uri, local_path, output_options
+from lora_pipeline.config import Config, is_local_uri, kubernetes_only, local_path, output_options
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
@@ -149,6 +149,10 @@ def _run_locked(
     manifest.setdefault("started", _now())
     manifest.pop("finished", None)
     manifest.setdefault("invocations", []).append({"time": _now(), **(invocation or {})})
+    manifest["kubernetes_only"] = kubernetes_only(config)
+    if manifest["kubernetes_only"]:
+        names = ", ".join(f"{k}={v}" for k, v in manifest["kubernetes_only"].items())
+        log.info("%s: applies on Kubernetes only (compiled pipeline, TrainJob); this local run does not use it", names)
     for stage in (BY_NAME[name] for name in stages):
         out = run_dir / stage.name
         if stage.name == "dataset" and source_is_recorded_only(config):

@@ -7,6 +7,7 @@ from lora_pipeline.config.loading import (
     is_local_uri,
     load_yaml,
     local_path,
+    parse_key_values,
     validate,
 )
 from lora_pipeline.config.schema import (
@@ -19,6 +20,7 @@ from lora_pipeline.config.schema import (
     field_type,
     fields_of,
     kfp_parameters,
+    kubernetes_only,
     output_options,
 )
 
@@ -36,8 +38,10 @@ __all__ = [
     "from_dict",
     "is_local_uri",
     "kfp_parameters",
+    "kubernetes_only",
     "load_yaml",
     "local_path",
     "output_options",
+    "parse_key_values",
     "validate",
 ]

@@ -86,13 +86,13 @@ def _parse_dict(value: Any) -> dict:
         if text.startswith("{"):
             value = json.loads(text)
         else:
-            return _parse_key_values(text)
+            return parse_key_values(text)
     if not isinstance(value, dict):
         raise ValueError
     return dict(value)
 
 
-def _parse_key_values(text: str) -> dict[str, str]:
+def parse_key_values(text: str) -> dict[str, str]:
     """'a=1,b=2' -> {'a': '1', 'b': '2'} (the spec's format for labels, annotations and env vars)."""
     out: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
@@ -178,7 +178,7 @@ def validate(config: Config) -> Config:
             )
     for name in ("labels", "annotations", "env_vars"):
         try:
-            _parse_key_values(getattr(t, name))
+            parse_key_values(getattr(t, name))
         except ValueError:
             raise ConfigError(
                 f"expected key=value,key=value, got {getattr(t, name)!r}", field=f"train.{name}"

@@ -7,6 +7,7 @@ the dataclasses below, so a parameter is declared exactly once. Each field's met
   component  its name in spec/lora_training_component.md, when it has one
   component_optional   True where that component declares the input `Optional[...] = None` (None: the default)
   choices / min / max / min_exclusive   what validation enforces
+  applies    "kubernetes" for options that shape the Kubeflow pods / TrainJob and do nothing on a local run
   cache      False for options that do not change the stage's output (resources, labels, logging):
              they stay out of its cache key, so changing them does not rerun the stage
 Fields with neither `kfp` nor `component` are this project's own additions.
@@ -280,6 +281,7 @@ class TrainConfig:
         kfp="phase_02_train_man_train_gpu",
         component="training_resource_gpu_per_worker",
         min=0,
+        applies="kubernetes",
     )
     num_workers: int = param(
         1,
@@ -287,12 +289,14 @@ class TrainConfig:
         kfp="phase_02_train_man_train_workers",
         component="training_resource_num_workers",
         min=1,
+        applies="kubernetes",
     )
     num_procs: str = param(
         "auto",
         "Processes per worker ('auto' = one per GPU)",
         kfp="phase_02_train_opt_num_procs",
         component="training_resource_num_procs_per_worker",
+        applies="kubernetes",
     )
     cpu: str = param(
         "4",
@@ -300,6 +304,7 @@ class TrainConfig:
         kfp="phase_02_train_opt_cpu",
         component="training_resource_cpu_per_worker",
         cache=False,
+        applies="kubernetes",
     )
     memory: str = param(
         "32Gi",
@@ -307,6 +312,7 @@ class TrainConfig:
         kfp="phase_02_train_opt_memory",
         component="training_resource_memory_per_worker",
         cache=False,
+        applies="kubernetes",
     )
     labels: str = param(
         "",
@@ -314,6 +320,7 @@ class TrainConfig:
         kfp="phase_02_train_opt_labels",
         component="training_metadata_labels",
         cache=False,
+        applies="kubernetes",
     )
     annotations: str = param(
         "",
@@ -321,6 +328,7 @@ class TrainConfig:
         kfp="phase_02_train_opt_annotations",
         component="training_metadata_annotations",
         cache=False,
+        applies="kubernetes",
     )
     env_vars: str = param("", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs")
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
@@ -417,3 +425,14 @@ def output_options(section_config: Any) -> dict[str, Any]:
         for f in dataclasses.fields(section_config)
         if f.metadata.get("cache", True)
     }
+
+
+def kubernetes_only(config: Any) -> dict[str, Any]:
+    """Options set off their default that apply on Kubernetes only: a local run records and names them."""
+    out = {}
+    for section in SECTIONS:
+        values, defaults = getattr(config, section), SECTIONS[section]()
+        for f in fields_of(section):
+            if f.metadata.get("applies") == "kubernetes" and getattr(values, f.name) != getattr(defaults, f.name):
+                out[f"{section}.{f.name}"] = getattr(values, f.name)
+    return out

@@ -12,11 +12,18 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.checkpoints import make_checkpoint_callback, prepare_work_dir, training_key
-from lora_pipeline.config import TrainConfig
+from lora_pipeline.checkpoints import (
+    checkpoint_step,
+    make_checkpoint_callback,
+    move_epoch_checkpoints,
+    prepare_work_dir,
+    training_key,
+)
+from lora_pipeline.config import TrainConfig, parse_key_values
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
 from lora_pipeline.models import (
@@ -36,12 +43,32 @@ VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bi
 
 
 def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
+    """Train the adapter with `train.env_vars` set in this process's environment (restored afterwards)."""
+    env = parse_key_values(cfg.env_vars)
+    if env:
+        log.info("train.env_vars: %s set for training", ", ".join(env))  # names only: values may be secrets
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        return _train(cfg, dataset_dir, out)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     dataset_dir, out = Path(dataset_dir), Path(out)
     if not (dataset_dir / "train.jsonl").exists():
         raise StageError(f"no train.jsonl in {dataset_dir}: run the dataset stage first", field="train")
     quant = quantization_settings(cfg)
     check_quantization_available(quant, f"train.lora_load_in_{'4' if cfg.lora_load_in_4bit else '8'}bit")
     backend = choose_backend(cfg)
+    # peft imports bitsandbytes even when nothing is quantized, and on a CPU with AVX512-BF16 bitsandbytes
+    # warns on import that an optional kernels package is missing: nothing the user set or can act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_optional_kernels_notice)
 
     import torch
     import transformers
@@ -72,7 +99,9 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     use_liger = _liger_available(cfg)
 
     steps_per_epoch = math.ceil(len(train_rows) / (micro * accum * world_size()))
-    warnings = _small_dataset_warnings(len(train_rows), micro * accum * world_size(), cfg.epochs, steps_per_epoch)
+    if cfg.fsdp_sharding_strategy and world_size() == 1:
+        log.warning("train.fsdp_sharding_strategy applies when several GPU processes train; this run has one")
+    notes = _small_dataset_warnings(len(train_rows), micro * accum * world_size(), cfg.epochs, steps_per_epoch)
     work = out.with_name(f".{out.name}.work")  # checkpoints survive kill -9 and Ctrl-C, for resume
     resume = prepare_work_dir(work, training_key(cfg, dataset_dir))
     cuda = torch.cuda.is_available()
@@ -109,13 +138,14 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         data_collator=PadCollator(tokenizer.pad_token_id),
     )
     epoch_dir = work / "epoch_checkpoints"
-    trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir))
+    trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir, steps_per_epoch))
     if not tty:  # transformers would print every logged dict raw: one readable line now and then instead
         tokens_per_step = sum(len(r["input_ids"]) for r in train_rows) / steps_per_epoch
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-        trainer.add_callback(make_progress_callback(tokens_per_step))
+        trainer.add_callback(make_progress_callback(tokens_per_step, log))
+    resumed_at = checkpoint_step(resume) if resume else 0
     if resume:
-        log.info("train: resuming from step %s of %d", resume.name.rsplit("-", 1)[1], steps_per_epoch * cfg.epochs)
+        log.info("train: resuming from step %d of %d", resumed_at, steps_per_epoch * cfg.epochs)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
@@ -130,15 +160,13 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     # `training_loss` averages only the steps run by the last process.
     train_loss = sum(losses) / len(losses) if losses else None
     total_steps = steps_per_epoch * cfg.epochs
-    resumed_at = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     total_tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.epochs
     tokens_here = total_tokens * (trainer.state.global_step - resumed_at) / total_steps
     eval_seconds = sum(h["eval_runtime"] for h in history if "eval_runtime" in h and h.get("step", 0) > resumed_at)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
-        if epoch_dir.exists():
-            shutil.move(str(epoch_dir), tmp / "checkpoints")
+        move_epoch_checkpoints(epoch_dir, tmp / "checkpoints")
         target_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows) * cfg.epochs
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         write_json_atomic(
@@ -166,7 +194,7 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "device": "cuda" if cuda else "cpu",
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "base_model": model_ref,
-                "warnings": warnings,
+                "warnings": notes,
                 "versions": package_versions(VERSIONED),
                 "history": history,
             },
@@ -186,12 +214,16 @@ def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch:
     if steps >= MIN_STEPS:
         return []
     message = (
-        f"only {steps} optimizer step{'s' if steps != 1 else ''} ({rows} rows, effective batch {batch}, "
+        f"only {steps} optimizer step{'s' if steps != 1 else ''} ({rows} rows, effective_batch_size {batch}, "
         f"{epochs} epoch{'s' if epochs != 1 else ''}): training will barely move the adapter; "
         "lower --train.effective_batch_size or add epochs"
     )
     log.warning("train: %s", message)
     return [message]
+
+
+def _no_optional_kernels_notice(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
 
 
 def _rank() -> int:
@@ -247,7 +279,10 @@ def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft asks the model for transformers' deprecated `is_gradient_checkpointing`: not the user's doing.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, lora)
     except ValueError as exc:  # peft names the modules it could not find
         raise StageError(first_line(exc), field="train.lora_target_modules") from None
 
