@@ -1,7 +1,11 @@
-"""kill -9 twice during training, then the same command: it resumes and ends where an uninterrupted run ends."""
+"""Interrupted training resumes from its last complete checkpoint and ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,98 +15,163 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from lora_pipeline.checkpoints import training_key
+from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.files import read_json
+from lora_pipeline.stages.dataset import prepare_dataset
+from lora_pipeline.stages.train import train_adapter
 
 pytestmark = pytest.mark.integration
+
+# The train stage as a process of its own, so that it can be killed: config as JSON, then dataset and output dirs.
+TRAIN = """
+import json, logging, sys
+from pathlib import Path
+from lora_pipeline.config import TrainConfig
+from lora_pipeline.stages.train import train_adapter
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))
+"""
+STEPS_PER_EPOCH = 9  # 36 train rows / effective batch 4
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 
 @pytest.fixture(scope="module")
 def dataset_dir(demo_assets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "dataset"
-    done = run_cli(
-        "dataset", "--dataset.data_uri", str(demo_assets.data_file), "--dataset.subset", "200", "--out", str(out)
+    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=48, data_split=0.75), out)
+
+
+def resumable_config(model_dir: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(model_dir),
+        effective_batch_size=4,
+        micro_batch_size=2,  # with gradient accumulation: a resume lands between optimizer steps, not micro-batches
+        epochs=2,
+        learning_rate=3e-3,
+        max_seq_len=128,
+        lora_dropout=0.1,  # dropout draws random numbers: a resume must restore the RNG to match
+        lora_load_in_4bit=False,
+        use_liger=False,
+        checkpoint_steps=3,
+        checkpoint_minutes=0.0,
     )
-    assert done.returncode == 0, done.stderr
-    return out
+    values.update(overrides)
+    return TrainConfig(**values)
 
 
-def train_args(demo_assets, dataset_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--input",
-        f"dataset={dataset_dir}",
-        "--out",
-        str(out),
-        "--train.model",
-        str(demo_assets.model_dir),
-        "--train.lora_load_in_4bit",
-        "false",
-        "--train.use_liger",
-        "false",
-        "--train.effective_batch_size",
-        "8",
-        "--train.epochs",
-        "2",
-        "--train.learning_rate",
-        "3e-3",
-        "--train.lora_dropout",
-        "0.1",  # dropout draws random numbers: a resume must restore the RNG to match
-        "--train.checkpoint_steps",
-        "5",
-        *extra,
-    ]
-
-
-def complete_checkpoints(out: Path) -> list[int]:
-    work = out.with_name(f".{out.name}.work") / "checkpoints"
-    return sorted(int(p.parent.name.split("-")[1]) for p in work.glob("checkpoint-*/trainer_state.json"))
-
-
-def kill_after_checkpoint(args: list[str], out: Path, after: int) -> int:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_pipeline.cli", *args],
+def start(cfg: TrainConfig, dataset_dir: Path, out: Path) -> subprocess.Popen:
+    config = json.dumps(dataclasses.asdict(cfg))
+    return subprocess.Popen(
+        [sys.executable, "-c", TRAIN, config, str(dataset_dir), str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
+
+
+def finish(cfg: TrainConfig, dataset_dir: Path, out: Path) -> str:
+    proc = start(cfg, dataset_dir, out)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def saved_steps(out: Path) -> list[int]:
+    """Steps of the checkpoints in the work dir whose trainer_state.json (written last) is whole."""
+    steps = []
+    for state in out.with_name(f".{out.name}.work").glob("checkpoints/checkpoint-*/trainer_state.json"):
+        with contextlib.suppress(OSError, ValueError):  # being written, or cut off by the kill
+            steps.append(json.loads(state.read_text())["global_step"])
+    return sorted(steps)
+
+
+def interrupt_after(cfg: TrainConfig, dataset_dir: Path, out: Path, step: int, sig: signal.Signals) -> str:
+    """Start training, send `sig` once a checkpoint past `step` is saved; the process's stderr."""
+    proc = start(cfg, dataset_dir, out)
     deadline = time.monotonic() + 300
-    while not [s for s in complete_checkpoints(out) if s > after]:
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+    while not [s for s in saved_steps(out) if s > step]:
+        assert proc.poll() is None, f"training ended before a checkpoint past step {step}: {proc.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    return complete_checkpoints(out)[-1]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the interrupted run must not have completed"
+    return stderr
 
 
-def test_killed_twice_then_resumed_matches_an_uninterrupted_run(demo_assets, dataset_dir: Path, tmp_path: Path) -> None:
-    reference = run_cli(*train_args(demo_assets, dataset_dir, tmp_path / "straight"))
-    assert reference.returncode == 0, reference.stderr[-2000:]
+def losses(metrics: dict) -> list[float]:
+    return [h["loss"] for h in metrics["history"] if "loss" in h]
+
+
+def test_killed_then_interrupted_run_resumes_and_matches_an_uninterrupted_one(
+    demo_assets, dataset_dir: Path, tmp_path: Path
+) -> None:
+    cfg = resumable_config(demo_assets.model_dir)
+    finish(cfg, dataset_dir, tmp_path / "straight")
 
     out = tmp_path / "interrupted"
-    args = train_args(demo_assets, dataset_dir, out)
-    first = kill_after_checkpoint(args, out, after=0)
-    second = kill_after_checkpoint(args, out, after=first + 5)
-    assert 0 < first < second
-    final = run_cli(*args)
-    assert final.returncode == 0, final.stderr[-2000:]
-    assert f"train: resuming from step {second} of 46" in final.stderr
+    work = out.with_name(f".{out.name}.work")
+    interrupt_after(cfg, dataset_dir, out, 0, signal.SIGKILL)
+    first = saved_steps(out)[-1]
+    # What a kill in the middle of the Trainer's next save leaves: weights written, trainer_state.json cut off.
+    partial = work / "checkpoints" / f"checkpoint-{first + 3}"
+    partial.mkdir(exist_ok=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (partial / "trainer_state.json").write_text('{\n  "best_global_step": null,\n  "global_')
+
+    # Ctrl-C in the second epoch: KeyboardInterrupt, and the work dir stays for the next run.
+    stderr = interrupt_after(cfg, dataset_dir, out, STEPS_PER_EPOCH, signal.SIGINT)
+    assert f"train: resuming from step {first} of {TOTAL_STEPS}" in stderr
+    assert "KeyboardInterrupt" in stderr and not out.exists()
+    second = saved_steps(out)[-1]
+    assert first < STEPS_PER_EPOCH < second < TOTAL_STEPS
+
+    stderr = finish(cfg, dataset_dir, out)
+    assert f"train: resuming from step {second} of {TOTAL_STEPS}" in stderr
+    assert not work.exists()  # removed once the stage completed
 
     a, b = read_json(tmp_path / "straight" / "metrics.json"), read_json(out / "metrics.json")
-    assert b["resumed_from_step"] == second and a["steps"] == b["steps"] == 46
-    assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
-    assert abs(a["final_loss"] - b["final_loss"]) < 1e-3
-    losses = [[h["loss"] for h in m["history"] if "loss" in h] for m in (a, b)]
-    assert len(losses[0]) == len(losses[1]) and max(abs(x - y) for x, y in zip(*losses, strict=True)) < 1e-3
-    assert not out.with_name(f".{out.name}.work").exists()
+    assert (a["resumed_from_step"], b["resumed_from_step"]) == (None, second)
+    assert a["steps"] == b["steps"] == TOTAL_STEPS
+    assert len(losses(a)) == len(losses(b)) == TOTAL_STEPS
+    assert max(abs(x - y) for x, y in zip(losses(a), losses(b), strict=True)) < 1e-3
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["final_loss"] - b["final_loss"]) < 1e-3
+    assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-3
+    # The epoch-1 evaluation ran before that epoch's checkpoint: both runs have both evaluations.
+    assert [h["step"] for h in b["history"] if "eval_loss" in h] == [STEPS_PER_EPOCH, TOTAL_STEPS]
+    assert not (out / "checkpoints").exists()  # save_epoch is off: no empty folder
 
 
-def test_a_changed_config_does_not_resume_stale_checkpoints(demo_assets, dataset_dir: Path, tmp_path: Path) -> None:
+def test_a_changed_config_does_not_resume_stale_checkpoints(
+    demo_assets, dataset_dir: Path, tmp_path: Path, caplog
+) -> None:
     out = tmp_path / "t"
-    kill_after_checkpoint(train_args(demo_assets, dataset_dir, out), out, after=0)
-    changed = run_cli(*train_args(demo_assets, dataset_dir, out, "--train.learning_rate", "1e-3"))
-    assert changed.returncode == 0, changed.stderr[-2000:]
-    assert "resuming" not in changed.stderr and "discarding checkpoints" in changed.stderr
+    cfg = resumable_config(demo_assets.model_dir)
+    interrupt_after(cfg, dataset_dir, out, 0, signal.SIGKILL)
+    assert saved_steps(out)
+    with caplog.at_level(logging.INFO, logger="lora_pipeline"):
+        train_adapter(dataclasses.replace(cfg, learning_rate=1e-3), dataset_dir, out)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("discarding checkpoints of a different config or dataset" in m for m in messages)
+    assert not any("resuming" in m for m in messages)
     assert read_json(out / "metrics.json")["resumed_from_step"] is None
+
+
+def test_training_key_covers_what_changes_the_result(dataset_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(model="some/model")
+    key = training_key(cfg, dataset_dir)
+    assert training_key(dataclasses.replace(cfg, learning_rate=1e-3), dataset_dir) != key
+    assert training_key(dataclasses.replace(cfg, lora_dropout=0.2), dataset_dir) != key
+    # Checkpoint intervals and resources do not change what is trained: a run resumes across them.
+    same = dataclasses.replace(cfg, checkpoint_steps=7, checkpoint_minutes=1.0, cpu="8", memory="64Gi")
+    assert training_key(same, dataset_dir) == key
+    edited = tmp_path / "dataset"
+    edited.mkdir()
+    for name in ("train.jsonl", "eval.jsonl"):
+        edited.joinpath(name).write_bytes((dataset_dir / name).read_bytes())
+    assert training_key(cfg, edited) == key
+    with open(edited / "eval.jsonl", "a") as fh:
+        fh.write("\n")
+    assert training_key(cfg, edited) != key

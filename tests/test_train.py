@@ -150,7 +150,7 @@ def test_too_few_optimizer_steps_is_one_warning_recorded_in_metrics(demo_assets,
         metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "few") / "metrics.json")
     assert metrics["steps"] == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "only 2 optimizer steps (72 rows, effective batch 128, 2 epochs)" in warnings[0]
+    assert len(warnings) == 1 and "only 2 optimizer steps (72 rows, effective_batch_size 128, 2 epochs)" in warnings[0]
     assert metrics["warnings"] == [warnings[0].removeprefix("train: ")]
     assert not (tmp_path / "few" / "checkpoints").exists()  # no save_epoch: no empty folder either
 

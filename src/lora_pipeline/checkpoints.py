@@ -3,8 +3,13 @@
 The work directory sits beside the train stage's output (`.train.work/`) and survives kill -9, Ctrl-C
 and crashes. It holds `key` (a hash of the options that change training and of the dataset files) and
 `checkpoints/checkpoint-N` written by the Trainer every `checkpoint_steps` steps or `checkpoint_minutes`
-minutes. A checkpoint counts as complete only once its `trainer_state.json` parses: the Trainer writes
-that file last, after the weights, optimizer, scheduler and RNG states.
+minutes.
+
+The Trainer (transformers 5.x, `Trainer._save_checkpoint`) writes a checkpoint in place, file by file:
+adapter weights, optimizer, scheduler, RNG states, then `trainer_state.json`, then it deletes the oldest
+checkpoints. A kill in between leaves a half-written `checkpoint-N`, so resume uses only complete ones:
+`trainer_state.json` parses (written last, and a truncated JSON file does not parse) and the files
+before it are there (a kill during rotation can leave an old checkpoint half deleted).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from lora_pipeline.config import TrainConfig, output_options
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+# What resuming reads besides STATE_FILE; RNG states are rng_state.pth, or rng_state_<rank>.pth per process.
+NEEDED_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
 
 
 def training_key(cfg: TrainConfig, dataset_dir: Path) -> str:
@@ -48,11 +55,12 @@ def prepare_work_dir(work: Path, key: str) -> Path | None:
 
 
 def last_complete_checkpoint(root: Path) -> Path | None:
-    complete = [p for p in Path(root).glob("checkpoint-*") if _step(p) is not None and _is_complete(p)]
-    return max(complete, key=_step, default=None)
+    complete = [p for p in Path(root).glob("checkpoint-*") if checkpoint_step(p) is not None and _is_complete(p)]
+    return max(complete, key=checkpoint_step, default=None)
 
 
-def _step(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """N of a `checkpoint-N` directory (None for any other name)."""
     tail = path.name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
 
@@ -62,10 +70,10 @@ def _is_complete(path: Path) -> bool:
         json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return True
+    return all((path / name).is_file() for name in NEEDED_FILES) and any(path.glob("rng_state*.pth"))
 
 
-def make_checkpoint_callback(cfg: TrainConfig, epoch_dir: Path) -> Any:
+def make_checkpoint_callback(cfg: TrainConfig, epoch_dir: Path, steps_per_epoch: int) -> Any:
     """A TrainerCallback that saves every `checkpoint_minutes` minutes and keeps `save_epoch` checkpoints.
 
     Step-based saves are the Trainer's own (`save_steps`); the Trainer rotates those, so checkpoints made
@@ -76,25 +84,52 @@ def make_checkpoint_callback(cfg: TrainConfig, epoch_dir: Path) -> Any:
     class CheckpointCallback(TrainerCallback):
         def __init__(self) -> None:
             self.last_save = time.monotonic()
+            self.save_after_eval = False
             self.epoch_end = False
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            self.last_save = time.monotonic()  # minutes of training: model loading and a resume's restore excluded
+            return control
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             minutes = cfg.checkpoint_minutes
             if minutes and time.monotonic() - self.last_save >= minutes * 60:
                 control.should_save = True
+            if control.should_save and state.global_step % steps_per_epoch == 0:
+                # An epoch's last step: the Trainer would save before the epoch's evaluation, and a run resumed
+                # from that checkpoint would skip it; save after it instead (on_epoch_end). After the very last
+                # step there is nothing left to resume: the adapter is written next.
+                control.should_save = False
+                self.save_after_eval = state.global_step < state.max_steps
             return control
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            if cfg.save_epoch:
-                control.should_save = self.epoch_end = True
+            if cfg.save_epoch or self.save_after_eval:
+                control.should_save = True
+            self.epoch_end = cfg.save_epoch
+            self.save_after_eval = False
             return control
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             self.last_save = time.monotonic()
             if self.epoch_end and state.is_world_process_zero:
+                # Copied under a temporary name and renamed, so a kill mid-copy leaves no partial epoch checkpoint.
                 name = f"checkpoint-{state.global_step}"
-                shutil.copytree(Path(args.output_dir) / name, epoch_dir / name, dirs_exist_ok=True)
+                partial = epoch_dir / f".{name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(Path(args.output_dir) / name, partial)
+                shutil.rmtree(epoch_dir / name, ignore_errors=True)
+                partial.rename(epoch_dir / name)
             self.epoch_end = False
             return control
 
     return CheckpointCallback()
+
+
+def move_epoch_checkpoints(epoch_dir: Path, dest: Path) -> None:
+    """The `save_epoch` checkpoints into the stage output; none (no folder either) when there are none."""
+    done = sorted(p for p in Path(epoch_dir).glob("checkpoint-*") if checkpoint_step(p) is not None)
+    if done:
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in done:
+            shutil.move(str(path), dest / path.name)

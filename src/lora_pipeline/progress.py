@@ -1,8 +1,8 @@
 """Training progress as log lines, for runs without a terminal (CI, a pod's log).
 
 transformers prints each logged dict raw when its progress bar is off; this replaces that with one line
-every `every_steps` optimizer steps or `every_seconds` seconds, and at the end:
-`train: step 40/900 (4%) loss 1.2345 lr 2.0e-04 9,500 tok/s ETA 0:31`.
+about every tenth of the run or every `every_seconds` seconds, whichever comes first, and at the end:
+`train: step 40/900 (4%) loss 1.2345 lr 2.0e-04 9,500 tok/s ETA 0:31`, plus one line per evaluation.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import logging
 import time
 from typing import Any
 
-log = logging.getLogger("lora_pipeline.train")
-
 
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -20,7 +18,22 @@ def format_eta(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def make_progress_callback(tokens_per_step: float, every_seconds: float = 30.0) -> Any:
+def progress_line(
+    step: int, total: int, loss: float | None, lr: float | None, steps_per_second: float, tokens_per_step: float
+) -> str:
+    parts = [f"step {step}/{total} ({100 * step // max(1, total)}%)"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if lr is not None:
+        parts.append(f"lr {lr:.1e}")
+    if steps_per_second > 0:
+        parts.append(f"{tokens_per_step * steps_per_second:,.0f} tok/s")
+        parts.append(f"ETA {format_eta((total - step) / steps_per_second)}")
+    return " ".join(parts)
+
+
+def make_progress_callback(tokens_per_step: float, logger: logging.Logger, every_seconds: float = 30.0) -> Any:
+    """A TrainerCallback logging progress lines to `logger` (on the main process only)."""
     from transformers import TrainerCallback
 
     class ProgressLogCallback(TrainerCallback):
@@ -29,35 +42,43 @@ def make_progress_callback(tokens_per_step: float, every_seconds: float = 30.0) 
             self.lr: float | None = None
             self.started = self.last_line = time.monotonic()
             self.first_step = 0
+            self.pending = False
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = self.last_line = time.monotonic()
-            self.first_step = state.global_step  # resumed runs measure speed from where they started
+            self.first_step = state.global_step  # a resumed run measures its speed from where it started
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            if self.pending:  # the line waited for a loss that was not logged
+                self.emit(state)
+            every_steps = max(1, -(-state.max_steps // 10))  # about ten lines a run
+            step = state.global_step
+            due = step % every_steps == 0 or step == state.max_steps
+            if due or time.monotonic() - self.last_line >= every_seconds:
+                # The Trainer logs this step's loss right after on_step_end: when it will, the line waits for it.
+                self.pending = bool(control.should_log)
+                if not self.pending:
+                    self.emit(state)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             logs = logs or {}
-            self.loss = logs.get("loss", self.loss)
-            self.lr = logs.get("learning_rate", self.lr)
+            if "loss" in logs:
+                self.loss, self.lr = logs["loss"], logs.get("learning_rate", self.lr)
+                if self.pending:
+                    self.emit(state)
+            if "eval_loss" in logs and state.is_world_process_zero:
+                logger.info(
+                    "train: eval loss %.4f at step %d/%d", logs["eval_loss"], state.global_step, state.max_steps
+                )
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            every_steps = max(1, -(-state.max_steps // 10))  # about ten lines a run
-            now = time.monotonic()
-            due = state.global_step % every_steps == 0 or now - self.last_line >= every_seconds
-            if state.is_world_process_zero and (due or state.global_step == state.max_steps):
-                self.last_line = now
-                log.info("train: %s", self.line(state.global_step, state.max_steps, now - self.started))
-
-        def line(self, step: int, total: int, elapsed: float) -> str:
-            done = step - self.first_step
-            rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
-            parts = [f"step {step}/{total} ({100 * step // max(1, total)}%)"]
-            if self.loss is not None:
-                parts.append(f"loss {self.loss:.4f}")
-            if self.lr is not None:
-                parts.append(f"lr {self.lr:.1e}")
-            if rate:
-                parts.append(f"{tokens_per_step * rate:,.0f} tok/s")
-                parts.append(f"ETA {format_eta((total - step) / rate)}")
-            return " ".join(parts)
+        def emit(self, state: Any) -> None:
+            self.pending = False
+            self.last_line = now = time.monotonic()
+            done, elapsed = state.global_step - self.first_step, now - self.started
+            rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
+            line = progress_line(state.global_step, state.max_steps, self.loss, self.lr, rate, tokens_per_step)
+            logger.info("train: %s", line)
 
     return ProgressLogCallback()
