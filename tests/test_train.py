@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import torch
 from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import read_json
+from lora_pipeline.progress import format_eta, progress_line
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import batch_geometry, train_adapter
 
@@ -171,16 +176,48 @@ def test_plain_text_rows_train_on_every_token(demo_assets, tmp_path) -> None:
     assert metrics["train_rows"] == 24 and metrics["tokens"]["target"] > 24 * 8  # every token is a target
 
 
-def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_assets, demo_dataset, tmp_path) -> None:
-    from conftest import run_cli
+# The train stage in a fresh process, logging the way the CLI does (INFO for this package, WARNING for libraries,
+# Python warnings printed), with stderr a pipe: no terminal.
+TRAIN = """
+import dataclasses, json, logging, sys
+from pathlib import Path
+from lora_pipeline.config import TrainConfig
+from lora_pipeline.stages.train import train_adapter
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+logging.getLogger("lora_pipeline").setLevel(logging.INFO)
+train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))
+"""
 
-    flags = ["--train.model", str(demo_assets.model_dir), "--train.lora_load_in_4bit", "false"]
-    flags += ["--train.effective_batch_size", "8", "--train.epochs", "2"]  # use_liger stays on: the spec default
-    out = run_cli("train", "--input", f"dataset={demo_dataset}", "--out", str(tmp_path / "t"), *flags)
-    assert out.returncode == 0, out.stderr[-2000:]
+
+def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_assets, demo_dataset, tmp_path) -> None:
+    # use_liger stays on (the spec default): on CPU that is an INFO line, not a warning.
+    cfg = TrainConfig(
+        model=str(demo_assets.model_dir), lora_load_in_4bit=False, effective_batch_size=8, max_seq_len=128
+    )
+    config = json.dumps(dataclasses.asdict(cfg))
+    out = subprocess.run(
+        [sys.executable, "-c", TRAIN, config, str(demo_dataset), str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stderr.splitlines()
     assert not [line for line in lines if "WARNING" in line or "Warning" in line], out.stderr[-3000:]
-    assert not [line for line in lines if line.startswith("{")]  # no raw {'loss': ...} dicts
+    assert not [line for line in lines if "{'loss'" in line or "{'eval_loss'" in line]  # no raw logged dicts
+    assert "/18 [" not in out.stderr  # no tqdm training bar (it reads `  0%|          | 0/18 [00:00<?, ?it/s]`)
     progress = [line for line in lines if "train: step " in line]
-    assert 5 <= len(progress) <= 12 and "train: step 18/18 (100%) loss " in progress[-1]
-    assert "\r" not in out.stderr  # no progress bars
+    assert 5 <= len(progress) <= 12, out.stderr[-3000:]
+    assert "train: step 18/18 (100%) loss " in progress[-1] and " tok/s ETA 0:00" in progress[-1]
+    steps = [int(line.split("train: step ")[1].split("/")[0]) for line in progress]
+    assert steps == sorted(set(steps))  # one line per step at most, in order
+    assert "train: eval loss " in out.stderr
+    assert "INFO lora_pipeline.stages.train: train.use_liger: Liger kernels need CUDA" in out.stderr
+
+
+def test_progress_line_format() -> None:
+    line = progress_line(40, 900, 1.23456, 2e-4, steps_per_second=20.0, tokens_per_step=475.0)
+    assert line == "step 40/900 (4%) loss 1.2346 lr 2.0e-04 9,500 tok/s ETA 0:43"  # 860 steps left at 20/s
+    assert format_eta(3725) == "1:02:05"
+    assert progress_line(0, 10, None, None, 0.0, 100.0) == "step 0/10 (0%)"  # nothing measured yet: no rate
