@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.checkpoints import training_key
+from lora_pipeline.checkpoints import last_complete_checkpoint, make_checkpoint_callback, training_key
 from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.dataset import prepare_dataset
@@ -175,3 +175,65 @@ def test_training_key_covers_what_changes_the_result(dataset_dir: Path, tmp_path
     with open(edited / "eval.jsonl", "a") as fh:
         fh.write("\n")
     assert training_key(cfg, edited) != key
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def step_end(callback, step: int, max_steps: int = TOTAL_STEPS, should_save: bool = False):
+    from transformers import TrainerControl, TrainerState
+
+    state, control = TrainerState(global_step=step, max_steps=max_steps), TrainerControl(should_save=should_save)
+    return callback.on_step_end(None, state, control), state
+
+
+def test_a_checkpoint_is_due_after_checkpoint_minutes_of_training(tmp_path: Path) -> None:
+    clock = FakeClock()
+    callback = make_checkpoint_callback(TrainConfig(checkpoint_minutes=2.0), tmp_path, STEPS_PER_EPOCH, clock)
+    callback.on_train_begin(None, None, None)
+    clock.now += 119
+    assert not step_end(callback, 1)[0].should_save
+    clock.now += 2
+    control, state = step_end(callback, 2)
+    assert control.should_save
+    callback.on_save(None, state, control)  # the clock restarts at each save, whatever triggered it
+    clock.now += 119
+    assert not step_end(callback, 3)[0].should_save
+    off = make_checkpoint_callback(TrainConfig(checkpoint_minutes=0.0), tmp_path, STEPS_PER_EPOCH, clock)
+    clock.now += 10_000
+    assert not step_end(off, 4)[0].should_save
+
+
+def test_a_save_due_at_an_epoch_end_waits_for_that_epochs_evaluation(tmp_path: Path) -> None:
+    from transformers import TrainerControl, TrainerState
+
+    callback = make_checkpoint_callback(TrainConfig(checkpoint_minutes=0.0), tmp_path, STEPS_PER_EPOCH)
+    assert step_end(callback, 3, should_save=True)[0].should_save  # mid-epoch: saved at once
+    assert not step_end(callback, STEPS_PER_EPOCH, should_save=True)[0].should_save
+    epoch_end = callback.on_epoch_end(None, TrainerState(global_step=STEPS_PER_EPOCH), TrainerControl())
+    assert epoch_end.should_save  # after the epoch's evaluation
+    # The last step: nothing left to resume, the adapter itself is written next.
+    assert not step_end(callback, TOTAL_STEPS, should_save=True)[0].should_save
+    assert not callback.on_epoch_end(None, TrainerState(global_step=TOTAL_STEPS), TrainerControl()).should_save
+
+
+def test_only_complete_checkpoints_are_resumed_from(tmp_path: Path) -> None:
+    def checkpoint(step: int, *files: str, state: str = '{"global_step": 1}') -> None:
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        for name in files:
+            (path / name).write_bytes(b"x")
+        (path / "trainer_state.json").write_text(state)
+
+    every = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+    checkpoint(3, *every)
+    checkpoint(6, *every, state='{"global_step": 6, "log_hi')  # cut off while writing its last file
+    checkpoint(9, *every[:2])  # half deleted by a rotation that was killed
+    (tmp_path / "checkpoint-tmp").mkdir()
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert last_complete_checkpoint(tmp_path / "nowhere") is None

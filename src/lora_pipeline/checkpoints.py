@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in NEEDED_FILES) and any(path.glob("rng_state*.pth"))
 
 
-def make_checkpoint_callback(cfg: TrainConfig, epoch_dir: Path, steps_per_epoch: int) -> Any:
+def make_checkpoint_callback(
+    cfg: TrainConfig, epoch_dir: Path, steps_per_epoch: int, clock: Callable[[], float] = time.monotonic
+) -> Any:
     """A TrainerCallback that saves every `checkpoint_minutes` minutes and keeps `save_epoch` checkpoints.
 
     Step-based saves are the Trainer's own (`save_steps`); the Trainer rotates those, so checkpoints made
@@ -83,17 +86,17 @@ def make_checkpoint_callback(cfg: TrainConfig, epoch_dir: Path, steps_per_epoch:
 
     class CheckpointCallback(TrainerCallback):
         def __init__(self) -> None:
-            self.last_save = time.monotonic()
+            self.last_save = clock()
             self.save_after_eval = False
             self.epoch_end = False
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            self.last_save = time.monotonic()  # minutes of training: model loading and a resume's restore excluded
+            self.last_save = clock()  # minutes of training: model loading and a resume's restore excluded
             return control
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             minutes = cfg.checkpoint_minutes
-            if minutes and time.monotonic() - self.last_save >= minutes * 60:
+            if minutes and clock() - self.last_save >= minutes * 60:
                 control.should_save = True
             if control.should_save and state.global_step % steps_per_epoch == 0:
                 # An epoch's last step: the Trainer would save before the epoch's evaluation, and a run resumed
@@ -111,7 +114,7 @@ def make_checkpoint_callback(cfg: TrainConfig, epoch_dir: Path, steps_per_epoch:
             return control
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            self.last_save = time.monotonic()
+            self.last_save = clock()
             if self.epoch_end and state.is_world_process_zero:
                 # Copied under a temporary name and renamed, so a kill mid-copy leaves no partial epoch checkpoint.
                 name = f"checkpoint-{state.global_step}"
