@@ -190,9 +190,13 @@ train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sy
 
 
 def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_assets, demo_dataset, tmp_path) -> None:
-    # use_liger stays on (the spec default): on CPU that is an INFO line, not a warning.
+    # use_liger stays on (the spec default): on CPU that is an INFO line, not a warning. Checkpoints are saved.
     cfg = TrainConfig(
-        model=str(demo_assets.model_dir), lora_load_in_4bit=False, effective_batch_size=8, max_seq_len=128
+        model=str(demo_assets.model_dir),
+        lora_load_in_4bit=False,
+        effective_batch_size=8,
+        max_seq_len=128,
+        checkpoint_steps=4,
     )
     config = json.dumps(dataclasses.asdict(cfg))
     out = subprocess.run(
@@ -205,6 +209,10 @@ def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_asset
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stderr.splitlines()
     assert not [line for line in lines if "WARNING" in line or "Warning" in line], out.stderr[-3000:]
+    # Nothing else either, but this package's log lines and the model-loading bar.
+    others = [line for line in lines if line.strip() and not line.startswith("INFO lora_pipeline.")]
+    others = [line for line in others if "Loading weights" not in line]
+    assert not others, out.stderr[-3000:]
     assert not [line for line in lines if "{'loss'" in line or "{'eval_loss'" in line]  # no raw logged dicts
     assert "/18 [" not in out.stderr  # no tqdm training bar (it reads `  0%|          | 0/18 [00:00<?, ?it/s]`)
     progress = [line for line in lines if "train: step " in line]

@@ -39,6 +39,14 @@ from lora_pipeline.models import (
 log = logging.getLogger(__name__)
 
 MIN_STEPS = 10  # fewer optimizer steps than this and a LoRA barely leaves its init
+# Library warnings that say nothing about the user's settings, by logger name: dropped from the run's output.
+LIBRARY_NOTICES = {
+    # peft imports bitsandbytes even when nothing is quantized, and on a CPU with AVX512-BF16 bitsandbytes then
+    # warns that the optional `kernels` package is missing.
+    "bitsandbytes.backends.cpu.ops": "kernels-community",
+    # The Trainer orders checkpoints by mtime, and says so when two saves come less than a second apart.
+    "transformers.trainer_utils": "mtime may not be reliable",
+}
 VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")
 
 
@@ -66,9 +74,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     quant = quantization_settings(cfg)
     check_quantization_available(quant, f"train.lora_load_in_{'4' if cfg.lora_load_in_4bit else '8'}bit")
     backend = choose_backend(cfg)
-    # peft imports bitsandbytes even when nothing is quantized, and on a CPU with AVX512-BF16 bitsandbytes
-    # warns on import that an optional kernels package is missing: nothing the user set or can act on.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_optional_kernels_notice)
+    _quiet_library_notices()
 
     import torch
     import transformers
@@ -222,8 +228,21 @@ def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch:
     return [message]
 
 
-def _no_optional_kernels_notice(record: logging.LogRecord) -> bool:
-    return "kernels-community" not in record.getMessage()
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_library_notices() -> None:
+    """Drop the library log lines listed in LIBRARY_NOTICES (once per process; idempotent)."""
+    for name, text in LIBRARY_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(text))
 
 
 def _rank() -> int:
