@@ -311,7 +311,7 @@ def test_check_include_path_must_be_a_directory(tmp_path: Path) -> None:
     "model_args, message",
     [
         ({"dtpye": "bfloat16"}, "'dtpye'.*did you mean 'dtype'"),
-        ({"gpu_memory_utilization": 0.9}, "vLLM option"),
+        ({"gpu_memory_utilization": 0.9}, "option of the vllm backend only"),
         ({"trust_remote_code": True}, "train.trust_remote_code"),
         ({"pretrained": "other/model"}, "train stage"),
     ],

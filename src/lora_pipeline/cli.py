@@ -201,6 +201,18 @@ def _setup_logging() -> None:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def apply_verbosity(level: str) -> None:
+    """eval.verbosity sets the whole run's logging: this package's and lm-eval's lines at `level`; other
+    libraries stay at WARNING (their INFO lines say little), except that DEBUG shows their debug lines too
+    and ERROR/CRITICAL quiet their warnings as well."""
+    import logging
+
+    value = logging.getLevelName(level)
+    logging.getLogger().setLevel(value if value == logging.DEBUG else max(value, logging.WARNING))
+    for name in ("lora_pipeline", "lm_eval"):
+        logging.getLogger(name).setLevel(value)
+
+
 def _silence_library_noise() -> None:
     """Warnings that say nothing about the user's settings, printed by libraries on every run."""
     import logging
@@ -240,6 +252,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else pipeline.default_run_dir(demo)
     recorded = pipeline.recorded_config(run_dir) if run_dir.is_dir() else None
     config = resolve_config(args, recorded or base)
+    apply_verbosity(config.eval.verbosity)
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0
@@ -255,6 +268,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> int:
     """`STAGE --input NAME=DIR --out DIR`: the stage function alone, as a Kubeflow component runs it."""
+    apply_verbosity(config.eval.verbosity)
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0

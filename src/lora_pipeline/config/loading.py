@@ -59,7 +59,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if origin is list:
             return _parse_list(value)
         if origin is dict:
-            return _parse_dict(value)
+            parsed = _parse_dict(value)
+            if name in TYPED_VALUES and isinstance(value, str) and not value.strip().startswith("{"):
+                return {key: arg_value(val) for key, val in parsed.items()}
+            return parsed
     except (ValueError, TypeError, json.JSONDecodeError):
         shown = value if len(repr(value)) < 60 else repr(value)[:57] + "..."
         raise ConfigError(f"expected {_type_name(base)}, got {shown!r}", field=name) from None
@@ -101,6 +104,30 @@ def parse_key_values(text: str) -> dict[str, str]:
             raise ValueError
         out[key.strip()] = val.strip()
     return out
+
+
+# Mappings handed to lm-eval: their `k=v` strings are typed as lm-eval's own CLI types them, so that
+# `--eval.gen_kwargs temperature=0` gives the number 0 (labels, annotations and env vars stay strings).
+TYPED_VALUES = frozenset({"eval.gen_kwargs", "eval.model_args"})
+
+
+def arg_value(text: str) -> Any:
+    """One `k=v` value typed like lm_eval.utils.handle_arg_string (0.4.13): true/false, none, a quoted string
+    as written, an integer, a number, else the string. Kept here so the CLI starts without importing lm-eval."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    lower = text.lower()
+    if lower in ("true", "false"):
+        return lower == "true"
+    if lower == "none":
+        return None
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _type_name(tp: Any) -> str:

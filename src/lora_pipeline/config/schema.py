@@ -32,6 +32,7 @@ def param(default: Any, help: str, **meta: Any) -> Any:
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
 FSDP_STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2")
 VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EVAL_BACKENDS = ("auto", "hf", "vllm")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
@@ -346,7 +347,15 @@ class EvalConfig:
     limit: int = param(-1, "Max samples per task (-1 = all)", kfp="phase_03_eval_opt_limit", min=-1)
     log_samples: bool = param(True, "Log individual predictions", kfp="phase_03_eval_opt_log_samples")
     model_args: dict = param(
-        {}, "Model init args dict (dtype, gpu_memory_utilization)", kfp="phase_03_eval_opt_model_args"
+        {},
+        "Model init args dict (dtype, max_length; gpu_memory_utilization with the vllm backend only)",
+        kfp="phase_03_eval_opt_model_args",
+    )
+    backend: str = param(
+        "auto",
+        "lm-eval model backend: hf (transformers), vllm, or auto (vllm when CUDA and the vllm package are "
+        "importable, else hf)",
+        choices=EVAL_BACKENDS,
     )
     verbosity: str = param(
         "INFO",

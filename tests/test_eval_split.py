@@ -1,0 +1,151 @@
+"""The `split` eval task: the run's own held-out rows, scored offline for base and tuned (loss, perplexity on
+the assistant tokens, exact match of the generated answer), beside lm-eval's tasks in eval_results.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_pipeline.config import DatasetConfig, EvalConfig
+from lora_pipeline.errors import StageError
+from lora_pipeline.evaluation import split_task
+from lora_pipeline.files import read_json, read_jsonl
+from lora_pipeline.report import format_table
+from lora_pipeline.stages.dataset import prepare_dataset
+from lora_pipeline.stages.evaluate import evaluate_adapter
+from lora_pipeline.stages.train import train_adapter
+from test_eval import small_train_config
+
+integration = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_assets, tmp_path_factory) -> Path:
+    """A run directory as `lora-pipeline run` lays it out: dataset/ beside train/."""
+    root = tmp_path_factory.mktemp("splitrun")
+    prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), root / "dataset")
+    train_adapter(small_train_config(demo_assets.model_dir, epochs=2), root / "dataset", root / "train")
+    return root
+
+
+@integration
+def test_split_task_scores_base_and_tuned_on_the_runs_eval_split(demo_assets, run_dir: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    cfg = EvalConfig(tasks=["split", demo_assets.task_name], include_path=str(demo_assets.task_dir), limit=12)
+    out = evaluate_adapter(cfg, run_dir / "train", tmp_path / "eval")
+    results = read_json(out / "eval_results.json")
+    base, tuned = results["base"]["results"]["split"], results["tuned"]["results"]["split"]
+    for metrics in (base, tuned):
+        assert metrics["perplexity,none"] == pytest.approx(math.exp(metrics["loss,none"]))
+        assert 0 <= metrics["exact_match,none"] <= 1
+    # Training lowered the loss on rows it never saw, and the answers are at least as often right.
+    assert tuned["loss,none"] < base["loss,none"] - 0.5, (base, tuned)
+    assert tuned["exact_match,none"] >= base["exact_match,none"]
+    assert results["tuned"]["n-samples"]["split"] == {"original": 12, "effective": 12}  # limit applies
+    # lm-eval's task and the split sit side by side in the comparison and the table.
+    rows = {(r["task"], r["metric"]) for r in results["comparison"]}
+    expected = {("split", "loss"), ("split", "perplexity"), ("split", "exact_match"), (demo_assets.task_name, "acc")}
+    assert expected <= rows
+    assert "split" in format_table(results["comparison"])
+    # Samples: one row per held-out row with the generated answer and its reference.
+    sample = read_jsonl(out / "samples" / "tuned_split.jsonl")
+    assert len(sample) == 12 and {"target", "response", "exact_match", "loss"} <= set(sample[0])
+    assert time.monotonic() - started < 120
+
+
+@integration
+def test_split_only_text_rows_give_loss_only(demo_assets, run_dir: Path, tmp_path: Path) -> None:
+    # A train output whose eval split holds plain-text rows (loss on every token) and one chat row.
+    train = tmp_path / "run" / "train"
+    train.mkdir(parents=True)
+    (train / "adapter").symlink_to(run_dir / "train" / "adapter")
+    rows = [{"text": "The wrench was in the kitchen last week."}, {"text": "A violin on the table."}]
+    (train / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvalConfig(tasks=["split"], log_samples=False, compare_base=False)
+    out = evaluate_adapter(cfg, train, tmp_path / "eval")
+    results = read_json(out / "eval_results.json")
+    metrics = results["tuned"]["results"]["split"]
+    assert set(metrics) == {"alias", "loss,none", "perplexity,none"}  # no answers to match
+    assert [r["metric"] for r in results["comparison"]] == ["loss", "perplexity"]
+    assert not (out / "samples").exists()  # log_samples off: no samples file
+
+
+@integration
+def test_max_tokens_reaches_generate(demo_assets, run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """gen_kwargs' max_tokens (the spec's, vLLM's name) bounds the split's generation on the hf backend, and
+    reaches lm-eval's hf model as max_gen_toks."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import GenerationMixin
+
+    seen: list[int] = []
+    real_generate = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        # lm-eval's hf model asks for max_length = context + max_gen_toks; the split task for max_new_tokens.
+        new = kwargs.get("max_new_tokens") or kwargs["max_length"] - kwargs["input_ids"].shape[1]
+        seen.append(new)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    gen_requests: list[dict] = []
+    real_until = HFLM.generate_until
+
+    def until_spy(self, requests, *args, **kwargs):
+        gen_requests.extend(req.args[1] for req in requests)
+        return real_until(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "generate_until", until_spy)
+    task = _generation_task(tmp_path / "tasks", tmp_path / "gen.jsonl")
+    cfg = EvalConfig(
+        tasks=["split", "gen_task"], include_path=str(task), gen_kwargs={"max_tokens": 3}, limit=4, compare_base=False
+    )
+    out = evaluate_adapter(cfg, run_dir / "train", tmp_path / "eval")
+    assert seen and set(seen) == {3}, seen
+    assert gen_requests and all(r.get("max_gen_toks") == 3 and "max_tokens" not in r for r in gen_requests)
+    results = read_json(out / "eval_results.json")
+    assert results["tuned"]["config"]["gen_kwargs"]["max_gen_toks"] == 3
+
+
+def _generation_task(directory: Path, data: Path) -> Path:
+    directory.mkdir(parents=True)
+    data.write_text("".join(json.dumps({"q": f"Name {i}", "a": "tool"}) + "\n" for i in range(4)))
+    task = {
+        "task": "gen_task",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{q}}",
+        "doc_to_target": "{{a}}",
+        "generation_kwargs": {"until": ["\n"], "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}],
+    }
+    (directory / "gen_task.yaml").write_text(json.dumps(task))
+    return directory
+
+
+def test_find_eval_split_order(tmp_path: Path) -> None:
+    train = tmp_path / "run" / "train"
+    train.mkdir(parents=True)
+    with pytest.raises(StageError, match="eval.jsonl") as err:
+        split_task.find_eval_split(train, {})
+    assert err.value.field == "eval.tasks" and "\n" not in str(err.value)
+    (tmp_path / "run" / "dataset").mkdir()
+    (tmp_path / "run" / "dataset" / "eval.jsonl").write_text("{}\n")
+    assert split_task.find_eval_split(train, {}) == tmp_path / "run" / "dataset" / "eval.jsonl"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "eval.jsonl").write_text("{}\n")
+    recorded = {"dataset_dir": str(tmp_path / "elsewhere")}  # the train stage's record wins over the layout
+    assert split_task.find_eval_split(train, recorded) == tmp_path / "elsewhere" / "eval.jsonl"
+    (train / "eval.jsonl").write_text("{}\n")  # a copy inside the train output wins over both
+    assert split_task.find_eval_split(train, recorded) == train / "eval.jsonl"
+
+
+def test_max_new_tokens_names_in_lm_eval_priority() -> None:
+    assert split_task.max_new_tokens({}) is None
+    assert split_task.max_new_tokens({"max_tokens": 5}) == 5
+    assert split_task.max_new_tokens({"max_tokens": 5, "max_gen_toks": 7}) == 7
