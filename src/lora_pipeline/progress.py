@@ -82,3 +82,43 @@ def make_progress_callback(tokens_per_step: float, logger: logging.Logger, every
             logger.info("train: %s", line)
 
     return ProgressLogCallback()
+
+
+class Meter:
+    """Progress of a long read or download: a tqdm bar on a terminal; without one (CI, a pod's log), a log
+    line every `every_seconds` and at the end, e.g. `dataset: 1,200,000 rows read (115,000/s)`."""
+
+    def __init__(
+        self, logger: logging.Logger, what: str, unit: str, total: int | None = None, every_seconds: float = 10.0
+    ) -> None:
+        import sys
+
+        self.logger, self.what, self.unit, self.total = logger, what, unit, total
+        self.every_seconds, self.count = every_seconds, 0
+        self.started = self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit=unit, unit_scale=True, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_seconds:
+            self.last = now
+            self.logger.info("%s", self.line(now))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif time.monotonic() - self.started >= self.every_seconds:  # short work needs no closing line
+            self.logger.info("%s", self.line(time.monotonic()))
+
+    def line(self, now: float) -> str:
+        rate = self.count / max(1e-9, now - self.started)
+        of = f" of {self.total:,}" if self.total else ""
+        return f"{self.what}: {self.count:,}{of} {self.unit} ({rate:,.0f}/s)"

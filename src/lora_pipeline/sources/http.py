@@ -23,6 +23,7 @@ from typing import IO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.progress import Meter
 from lora_pipeline.sources import FIELD, MARK, Limits, redact
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,16 @@ class HttpSource:
                 length = resp.headers.get("Content-Length")
                 expected = have + int(length) if length and length.isdigit() else None
                 _check_cap(uri, expected or 0, limits.max_bytes)
+                meter = Meter(log, f"download {redact(uri)}", "B", expected)
+                meter.update(have)
+
+                def check(n: int) -> None:
+                    meter.update(have + n - meter.count)
+                    _check_cap(uri, have + n, limits.max_bytes)
+
                 with open(part, "ab" if resumed else "wb") as out:
-                    size = have + _copy(resp, out, lambda n: _check_cap(uri, have + n, limits.max_bytes))
+                    size = have + _copy(resp, out, check)
+                meter.close()
             if expected is not None and size < expected:  # the server closed the connection early
                 raise http.client.IncompleteRead(b"", expected - size)
             os.replace(part, target)

@@ -24,6 +24,7 @@ from lora_pipeline.config import DatasetConfig
 from lora_pipeline.errors import DataError
 from lora_pipeline.files import atomic_dir, write_json_atomic
 from lora_pipeline.formats import RowError, describe_formats, detect, normalise
+from lora_pipeline.progress import Meter
 from lora_pipeline.readers import data_files, read_rows
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,10 @@ def _read_file(f: Path, name: str, cfg: DatasetConfig, spool: _Spool, tally: _Ta
                 "map yours with --dataset.columns, e.g. instruction=question,output=answer",
                 field="dataset.columns",
             )
+    meter = Meter(log, f"dataset: {name}", "rows")
     for i, raw in _chain(head, rows):
         tally.read += 1
+        meter.update()
         try:
             if isinstance(raw, RowError):
                 raise raw
@@ -138,6 +141,7 @@ def _read_file(f: Path, name: str, cfg: DatasetConfig, spool: _Spool, tally: _Ta
         tally.valid += 1
         if not tally.subset or len(spool) < tally.subset:
             spool.add(row)
+    meter.close()
     return fmt
 
 

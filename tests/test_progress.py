@@ -1,0 +1,39 @@
+"""Progress without a terminal is a readable log line now and then, never a carriage-return bar."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from conftest import CHAT_ROWS, write_jsonl
+from lora_pipeline.config import DatasetConfig
+from lora_pipeline.progress import Meter, format_eta
+
+
+def test_meter_logs_count_total_and_rate(caplog) -> None:
+    logger = logging.getLogger("lora_pipeline.test")
+    with caplog.at_level("INFO", logger="lora_pipeline"):
+        meter = Meter(logger, "download x.jsonl", "B", total=3000, every_seconds=0)
+        meter.update(1000)
+        meter.update(2000)
+        meter.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("download x.jsonl: 1,000 of 3,000 B (") and lines[-1].startswith(
+        "download x.jsonl: 3,000"
+    )
+    assert all("\r" not in line for line in lines)
+
+
+def test_dataset_stage_reports_rows_read(tmp_path: Path, caplog, monkeypatch) -> None:
+    from lora_pipeline import progress
+    from lora_pipeline.stages.dataset import prepare_dataset
+
+    monkeypatch.setattr(progress.Meter.__init__, "__defaults__", (None, 0.0))  # every_seconds = 0
+    data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)
+    with caplog.at_level("INFO", logger="lora_pipeline"):
+        prepare_dataset(DatasetConfig(data_uri=str(data)), tmp_path / "ds")
+    assert any(r.getMessage().startswith("dataset: d.jsonl: 40 rows (") for r in caplog.records)
+
+
+def test_eta_format() -> None:
+    assert (format_eta(31), format_eta(3725), format_eta(-5)) == ("0:31", "1:02:05", "0:00")
