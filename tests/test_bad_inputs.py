@@ -126,6 +126,19 @@ CASES: list[tuple[str, str, list[str], str]] = [
         ["--eval.tasks", "rel_task", "--eval.include_path", "file:rel_tasks"],
         "rel_task",
     ),
+    ("eval-backend-choice", "run", ["--eval.backend", "tpu"], "eval.backend"),
+    (
+        "eval-vllm-key-on-hf",
+        "eval",
+        ["--eval.backend", "hf", "--eval.model_args", "gpu_memory_utilization=0.5", "--eval.tasks", "split"],
+        "eval.model_args: 'gpu_memory_utilization' is an option of the vllm backend only",
+    ),
+    (
+        "eval-vllm-gen-key-on-hf",
+        "eval",
+        ["--eval.backend", "hf", "--eval.gen_kwargs", "presence_penalty=1", "--eval.tasks", "split"],
+        "eval.gen_kwargs: 'presence_penalty'",
+    ),
     (
         "registry-refused",
         "register",

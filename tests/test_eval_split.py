@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from lora_pipeline.config import DatasetConfig, EvalConfig
 from lora_pipeline.errors import StageError
-from lora_pipeline.evaluation import split_task
+from lora_pipeline.evaluation import backends, split_task
 from lora_pipeline.files import read_json, read_jsonl
 from lora_pipeline.report import format_table
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.evaluate import evaluate_adapter
 from lora_pipeline.stages.train import train_adapter
+from test_bad_inputs import LOG_LINE
 from test_eval import small_train_config
 
 integration = pytest.mark.integration
@@ -149,3 +151,57 @@ def test_max_new_tokens_names_in_lm_eval_priority() -> None:
     assert split_task.max_new_tokens({}) is None
     assert split_task.max_new_tokens({"max_tokens": 5}) == 5
     assert split_task.max_new_tokens({"max_tokens": 5, "max_gen_toks": 7}) == 7
+
+
+# --- the eval stage through the CLI: offline hub tasks, verbosity --------------------------------------------
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@integration
+def test_hub_task_offline_is_one_line_naming_the_task(run_dir: Path, tmp_path: Path) -> None:
+    before = _snapshot(run_dir / "train")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    args = ["--input", f"train={run_dir / 'train'}", "--out", str(tmp_path / "eval"), "--eval.tasks", "arc_easy"]
+    out = run_cli("eval", *args, env=offline)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if not LOG_LINE.match(line)]
+    assert len(errors) == 1 and errors[0].startswith("lora-pipeline: error: eval.tasks: "), out.stderr[-2000:]
+    assert "arc_easy" in errors[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "eval").exists()
+    assert _snapshot(run_dir / "train") == before  # the train stage's output is untouched
+
+
+@integration
+@pytest.mark.parametrize("verbosity", ["WARNING", "DEBUG"])
+def test_verbosity_applies_to_the_whole_run(run_dir: Path, tmp_path: Path, verbosity: str) -> None:
+    args = ["--input", f"train={run_dir / 'train'}", "--out", str(tmp_path / "eval"), "--eval.tasks", "split"]
+    out = run_cli("eval", *args, "--eval.limit", "4", "--eval.verbosity", verbosity)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours = [line for line in out.stderr.splitlines() if " lora_pipeline" in line]
+    if verbosity == "WARNING":  # our INFO lines (which backend, the table) are hidden
+        assert not [line for line in ours if " INFO " in line], out.stderr
+    else:  # ours at INFO and DEBUG, and libraries' debug lines too
+        assert any(" INFO lora_pipeline" in line for line in ours), out.stderr
+        assert [line for line in out.stderr.splitlines() if " DEBUG " in line and " lora_pipeline" not in line]
+    assert (tmp_path / "eval" / "eval_results.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.cuda_available() or not backends.vllm_importable(), reason="needs CUDA and vllm")
+def test_vllm_backend_scores_base_and_adapter(demo_assets, run_dir: Path, tmp_path: Path) -> None:
+    cfg = EvalConfig(
+        tasks=["split", demo_assets.task_name],
+        include_path=str(demo_assets.task_dir),
+        backend="vllm",
+        limit=20,
+        model_args={"gpu_memory_utilization": 0.3, "enforce_eager": True},
+    )
+    results = read_json(evaluate_adapter(cfg, run_dir / "train", tmp_path / "eval") / "eval_results.json")
+    assert results["backend"] == "vllm"
+    task = demo_assets.task_name
+    assert results["tuned"]["config"]["model_args"]["lora_local_path"].endswith("adapter")
+    assert results["tuned"]["results"][task]["acc,none"] != results["base"]["results"][task]["acc,none"]
+    assert "loss,none" in results["tuned"]["results"]["split"]

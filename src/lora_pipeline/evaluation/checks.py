@@ -59,12 +59,9 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
 
 
 def scoring_backend(cfg: EvalConfig, error: type[LoraPipelineError] = ConfigError) -> str:
-    """hf or vllm. The run's own split is scored with transformers whatever the backend, so with only that
-    task nothing runs on vLLM; an explicit vllm on a machine without it is an error, not a silent hf run."""
+    """hf or vllm: an explicit vllm on a machine without it is an error, not a silent hf run."""
     if cfg.backend == "vllm" and (missing := vllm_missing()):
         raise error(f"the vllm backend needs {missing} on this machine (auto falls back to hf)", field="eval.backend")
-    if not lm_eval_tasks(cfg.tasks):
-        return "hf"
     return resolve_backend(cfg.backend)
 
 

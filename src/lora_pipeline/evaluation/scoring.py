@@ -85,7 +85,19 @@ class Scorer:
     def with_vllm(self, base_ref: str, adapter: Path, quant: dict | None, trust_remote_code: bool) -> dict[str, dict]:
         """lm-eval's tasks on one vLLM engine: the tuned model is the base with the adapter as a LoRA request,
         the base model the same engine without it (one load for both). The run's split, if asked for, is
-        scored with transformers afterwards, as on the hf backend."""
+        scored with transformers afterwards, on the base loaded as in training (model_args are vLLM's)."""
+        results: dict[str, Any] = {}
+        if self.tasks:
+            results = self._lm_eval_on_vllm(base_ref, adapter, quant, trust_remote_code)
+        if self.split_rows is not None and rank() == 0:
+            for name, split in self._split_on_transformers(base_ref, adapter, quant, trust_remote_code).items():
+                results[name] = split_task.merge(results.get(name), split)
+                results[name].setdefault("config", {"model_args": {"pretrained": base_ref, "quantization": quant}})
+        return results
+
+    def _lm_eval_on_vllm(
+        self, base_ref: str, adapter: Path, quant: dict | None, trust_remote_code: bool
+    ) -> dict[str, dict]:
         args = vllm_model_args(base_ref, adapter, quant, self.cfg.model_args, self.batch_size, trust_remote_code)
         try:
             lm = vllm_model_class()(**args)
@@ -102,9 +114,6 @@ class Scorer:
         results["tuned"] = self.score("tuned", lm, args, split_model=None)
         del lm
         free_memory()
-        if self.split_rows is not None and rank() == 0:
-            for name, split in self._split_on_transformers(base_ref, adapter, quant, trust_remote_code).items():
-                results[name] = split_task.merge(results.get(name), split)
         return results
 
     def _split_on_transformers(
