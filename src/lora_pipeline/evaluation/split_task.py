@@ -67,8 +67,17 @@ def score_split(
     model: Any, tokenizer: Any, rows: list[dict], batch_size: int, max_tokens: int | None, log_samples: bool
 ) -> dict[str, Any]:
     """lm-eval-shaped results of one model on the rows: loss, perplexity, exact match (+ samples)."""
+    import copy
+
     import torch
 
+    from lora_pipeline.tokenization import ensure_chat_template
+
+    if not getattr(tokenizer, "chat_template", None) or tokenizer.pad_token is None:
+        # An adapter saved without a template was trained on ChatML (ensure_chat_template): score it so too,
+        # on a copy, leaving lm-eval's tokenizer as it is.
+        tokenizer = copy.deepcopy(tokenizer)
+        ensure_chat_template(tokenizer)
     model.eval()
     samples = [_encode(tokenizer, row, i) for i, row in enumerate(rows)]
     samples = [s for s in samples if s is not None]
