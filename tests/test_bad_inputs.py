@@ -139,6 +139,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
         ["--eval.backend", "hf", "--eval.gen_kwargs", "presence_penalty=1", "--eval.tasks", "split"],
         "eval.gen_kwargs: 'presence_penalty'",
     ),
+    ("eval-max-tokens", "eval", ["--eval.gen_kwargs", "max_tokens=many", "--eval.tasks", "split"], "max_tokens"),
     (
         "registry-refused",
         "register",

@@ -118,6 +118,13 @@ def test_split_only_needs_no_lm_eval_task_index(monkeypatch) -> None:
     assert checks.checked_options(EvalConfig(tasks=["split"]), ConfigError) == ("hf", None)
 
 
+@pytest.mark.parametrize("value", [0, -1, 2.5, "many", "<redacted>", True])
+def test_max_tokens_must_be_a_positive_integer(value) -> None:
+    with pytest.raises(ConfigError, match="max_tokens must be a positive integer") as err:
+        check_eval_options(EvalConfig(tasks=["split"], backend="hf", gen_kwargs={"max_tokens": value}))
+    assert err.value.field == "eval.gen_kwargs"
+
+
 def test_max_tokens_is_hf_max_gen_toks() -> None:
     assert hf_gen_kwargs({"max_tokens": 5, "temperature": 0}) == {"max_gen_toks": 5, "temperature": 0}
     assert hf_gen_kwargs({"max_tokens": 5, "max_gen_toks": 7}) == {"max_gen_toks": 7}  # lm-eval's priority

@@ -100,6 +100,8 @@ VLLM_ENGINE_ARGS = frozenset(
 LM_EVAL_GEN_KEYS = frozenset(
     {"until", "do_sample", "temperature", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"}
 )
+# Names lm-eval accepts for the number of tokens to generate, in its order of priority.
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 # vllm.SamplingParams fields, used when vllm is not importable here.
 VLLM_SAMPLING_KEYS = frozenset(
     {

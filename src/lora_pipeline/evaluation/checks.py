@@ -10,7 +10,13 @@ from typing import Any
 
 from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import ConfigError, LoraPipelineError, StageError
-from lora_pipeline.evaluation.backends import gen_kwarg_problem, model_arg_problem, resolve_backend, vllm_missing
+from lora_pipeline.evaluation.backends import (
+    MAX_TOKEN_KEYS,
+    gen_kwarg_problem,
+    model_arg_problem,
+    resolve_backend,
+    vllm_missing,
+)
 from lora_pipeline.models import first_line
 
 # The task name that scores the run's own held-out data (the dataset stage's eval.jsonl) instead of an
@@ -39,9 +45,12 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
     for key in cfg.model_args:
         if problem := model_arg_problem(key, backend):
             raise error(problem, field="eval.model_args")
-    for key in cfg.gen_kwargs:
+    for key, value in cfg.gen_kwargs.items():
         if problem := gen_kwarg_problem(key, backend):
             raise error(problem, field="eval.gen_kwargs")
+        # Caught here rather than as a ValueError inside generation, after the models have loaded.
+        if key in MAX_TOKEN_KEYS and value is not None and (type(value) is not int or value < 1):
+            raise error(f"{key} must be a positive integer, got {value!r}", field="eval.gen_kwargs")
     tasks = lm_eval_tasks(cfg.tasks)
     if not tasks:
         return backend, None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.errors import StageError
+from lora_pipeline.evaluation.backends import MAX_TOKEN_KEYS
 from lora_pipeline.files import read_jsonl
 from lora_pipeline.tokenization import IGNORE_INDEX, encode_chat, encode_text
 
@@ -26,7 +27,6 @@ TASK = "split"
 # to see whether the model stops where the reference does, without generating pages from an untuned base.
 EXTRA_TOKENS = 16
 MAX_NEW_TOKENS = 512
-MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # lm-eval's priority
 
 
 def find_eval_split(train_dir: Path, trained: dict[str, Any]) -> Path:
