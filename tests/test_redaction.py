@@ -28,12 +28,22 @@ def test_redact_config_hides_secret_keys_in_key_value_options() -> None:
     config = {
         "dataset": {"data_uri": "http://a:b@h/x?sig=1", "seed": 3},
         "train": {"env_vars": "HF_TOKEN=hf_x,AWS_SECRET_ACCESS_KEY=s,MODE=fast", "lora_r": 8},
-        "eval": {"model_args": {"token": "t", "dtype": "bfloat16"}, "tasks": ["arc_easy"]},
+        "eval": {
+            "model_args": {"token": "t", "dtype": "bfloat16", "add_bos_token": True, "pad_token": "<|pad|>"},
+            "gen_kwargs": {"max_tokens": 64, "max_new_tokens": "32"},
+            "tasks": ["arc_easy"],
+        },
     }
     clean = redact_config(config)
     assert clean["dataset"] == {"data_uri": f"http://{MARK}@h/x?{MARK}", "seed": 3}
     assert clean["train"]["env_vars"] == f"HF_TOKEN={MARK},AWS_SECRET_ACCESS_KEY={MARK},MODE=fast"
-    assert clean["eval"]["model_args"] == {"token": MARK, "dtype": "bfloat16"}
+    assert clean["eval"]["model_args"] == {
+        "token": MARK,
+        "dtype": "bfloat16",
+        "add_bos_token": True,
+        "pad_token": "<|pad|>",
+    }
+    assert clean["eval"]["gen_kwargs"] == {"max_tokens": 64, "max_new_tokens": "32"}  # read back on a rerun
     assert config["train"]["env_vars"].startswith("HF_TOKEN=hf_x")  # the live config is untouched
 
 

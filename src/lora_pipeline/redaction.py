@@ -27,7 +27,10 @@ SECRET_ENV = (
     "OCI_PULL_SECRET_MODEL_DOWNLOAD",
 )
 # key=value entries (train.env_vars, model_args) whose key says the value is a secret.
-_SECRET_KEY = re.compile(r"token|secret|password|passwd|credential|api_?key|access_?key|auth", re.IGNORECASE)
+# A whole part of the name, so `max_tokens` or `max_new_tokens` (numbers, read back on a rerun) stay as they are.
+_SECRET_KEY = re.compile(
+    r"(?:^|_)(token|secret|password|passwd|credentials?|api_?key|access_?key|auth)(?:_|$)", re.IGNORECASE
+)
 _URI_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
 # Query strings of web URLs carry pre-signed tokens; those of hf:// (split, revision) are kept.
 _URI_QUERY = re.compile(r"(\bhttps?://[^\s?#'\"]*)\?[^\s#'\"]+", re.IGNORECASE)
@@ -60,10 +63,15 @@ def _redact_value(key: str, value: Any) -> Any:
             return ",".join(_redact_pair(item) for item in value.split(","))
         return scrub(value)
     if isinstance(value, dict):
-        return {k: MARK if _SECRET_KEY.search(str(k)) else _redact_value(str(k), v) for k, v in value.items()}
+        return {k: MARK if _is_secret(str(k), v) else _redact_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact_value(key, v) for v in value]
     return value
+
+
+def _is_secret(key: str, value: Any) -> bool:
+    """Only strings can be credentials; `<|...|>`-style values of *_token keys are special tokens, not secrets."""
+    return isinstance(value, str) and bool(_SECRET_KEY.search(key)) and not value.startswith("<")
 
 
 def _redact_pair(item: str) -> str:
