@@ -17,7 +17,7 @@ from lora_pipeline.errors import StageError
 from lora_pipeline.files import read_json
 from lora_pipeline.progress import format_eta, progress_line
 from lora_pipeline.stages.dataset import prepare_dataset
-from lora_pipeline.stages.train import batch_geometry, train_adapter
+from lora_pipeline.stages.train import batch_geometry, cpu_threads, train_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,10 @@ def test_outputs(trained: Path) -> None:
     losses = [h["loss"] for h in metrics["history"] if "loss" in h]
     assert len(losses) == 9 and all(loss > 0 for loss in losses)
     assert metrics["backend"] == "peft" and metrics["device"] == "cpu"
+    batching = metrics["batching"]  # every row once: the real tokens are the dataset's
+    assert batching["real_tokens"] == metrics["tokens"]["total"] <= batching["padded_tokens"]
+    assert 0 <= batching["padding_share"] < 0.5 and batching["micro_batches_per_step"] >= 1
+    assert metrics["tokens_per_second"] > 0 and metrics["sample_packing"] == {"requested": False, "applied": False}
     assert not [p for p in trained.parent.iterdir() if p.name.startswith(".")]  # work/temp dirs cleaned
 
 
@@ -121,6 +125,28 @@ def test_missing_model_names_the_field(demo_dataset, tmp_path: Path) -> None:
     with pytest.raises(StageError) as err:
         train_adapter(small_train_config(tmp_path / "nowhere"), demo_dataset, tmp_path / "t")
     assert err.value.field == "train.model"
+
+
+def test_threads_option_sets_torch_threads_and_packing_says_it_is_not_applied(
+    demo_assets, demo_dataset, tmp_path, caplog
+) -> None:
+    before = torch.get_num_threads()
+    cfg = small_train_config(demo_assets.model_dir, threads=1, lora_sample_packing=True, effective_batch_size=24)
+    with caplog.at_level("INFO", logger="lora_pipeline"):
+        metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
+    assert metrics["threads"] == {"torch": 1, "from": "train.threads"}  # read back from torch while training
+    assert torch.get_num_threads() == before  # restored for whatever runs next in this process
+    assert metrics["sample_packing"]["requested"] and not metrics["sample_packing"]["applied"]
+    packing = [r.getMessage() for r in caplog.records if "lora_sample_packing" in r.getMessage()]
+    assert len(packing) == 1 and "not implemented" in packing[0]
+
+
+def test_threads_default_to_omp_num_threads_then_the_cores_this_process_may_use(monkeypatch) -> None:
+    assert cpu_threads(3) == (3, "train.threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(0) == (2, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads(0) == (len(os.sched_getaffinity(0)), "cpu affinity")
 
 
 @pytest.mark.parametrize(

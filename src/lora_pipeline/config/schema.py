@@ -88,8 +88,8 @@ class TrainConfig:
     )
     micro_batch_size: int = param(
         0,
-        "Samples per forward pass (0 = auto: as many as max_tokens_per_gpu allows); "
-        "gradient accumulation makes up the effective batch",
+        "Most samples per forward pass (0 = as many as max_tokens_per_gpu allows, counting padding); "
+        "each optimizer step's samples are cut into as many forward passes as the token budget needs",
         min=0,
     )
     epochs: int = param(
@@ -102,7 +102,7 @@ class TrainConfig:
     )
     max_tokens_per_gpu: int = param(
         32000,
-        "Max tokens per GPU (memory cap). 32000 for LoRA",
+        "Max tokens per forward pass, padding included (memory cap). 32000 for LoRA",
         kfp="phase_02_train_man_train_tokens",
         component="training_max_tokens_per_gpu",
         min=1,
@@ -258,7 +258,8 @@ class TrainConfig:
     )
     lora_sample_packing: bool = param(
         False,
-        "[LoRA] Pack multiple samples for efficiency",
+        "[LoRA] Pack multiple samples for efficiency (not applied yet: said at INFO and in metrics.json; "
+        "rows are grouped by length instead)",
         kfp="phase_02_train_opt_lora_sample_packing",
         component="training_lora_sample_packing",
         component_optional=True,
@@ -333,6 +334,12 @@ class TrainConfig:
     )
     env_vars: str = param("", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs")
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
+    threads: int = param(
+        0,
+        "CPU threads for torch (0 = OMP_NUM_THREADS if set, else the cores this process may use)",
+        min=0,
+        cache=False,
+    )
 
 
 @dataclass

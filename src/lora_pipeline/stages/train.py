@@ -51,15 +51,20 @@ VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bi
 
 
 def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
-    """Train the adapter with `train.env_vars` set in this process's environment (restored afterwards)."""
+    """Train the adapter with `train.env_vars` set in this process's environment and torch's CPU threads set
+    (see `cpu_threads`); both restored afterwards."""
+    import torch
+
     env = parse_key_values(cfg.env_vars)
     if env:
         log.info("train.env_vars: %s set for training", ", ".join(env))  # names only: values may be secrets
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
+    threads_before = torch.get_num_threads()
     try:
         return _train(cfg, dataset_dir, out)
     finally:
+        torch.set_num_threads(threads_before)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -79,9 +84,13 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import torch
     import transformers
 
+    from lora_pipeline.batching import StepCollator, StepSampler, make_trainer_class
     from lora_pipeline.progress import make_progress_callback
     from lora_pipeline.tokenization import PadCollator, ensure_chat_template
 
+    threads, threads_from = cpu_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    log.info("train: %d CPU thread%s for torch (%s)", threads, "s" if threads != 1 else "", threads_from)
     transformers.set_seed(cfg.seed)
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormal floats (tiny weights/grads) slow CPU math by up to ~10x
@@ -104,7 +113,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     model = _wrap_lora(model, cfg)
     use_liger = _liger_available(cfg)
 
-    steps_per_epoch = math.ceil(len(train_rows) / (micro * accum * world_size()))
+    step_rows = micro * accum  # rows per optimizer step in this process
+    steps_per_epoch = math.ceil(len(train_rows) / (step_rows * world_size()))
+    packing = _sample_packing(cfg)
     if cfg.fsdp_sharding_strategy and world_size() == 1:
         log.warning("train.fsdp_sharding_strategy applies when several GPU processes train; this run has one")
     notes = _small_dataset_warnings(len(train_rows), micro * accum * world_size(), cfg.epochs, steps_per_epoch)
@@ -114,9 +125,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     tty = os.isatty(2)
     args = transformers.TrainingArguments(
         output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=micro,
+        per_device_train_batch_size=step_rows,  # not used for training: the StepSampler makes the batches
         per_device_eval_batch_size=micro,
-        gradient_accumulation_steps=accum,
+        gradient_accumulation_steps=1,  # one batch is one optimizer step; its micro-batches run in training_step
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -136,12 +147,14 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         dataloader_num_workers=0,
         disable_tqdm=not tty,
     )
-    trainer = transformers.Trainer(
+    trainer = make_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PadCollator(tokenizer.pad_token_id),  # evaluation's batches
+        step_sampler=StepSampler([len(r["input_ids"]) for r in train_rows], step_rows, cfg.seed),
+        step_collator=StepCollator(tokenizer.pad_token_id, cfg.max_tokens_per_gpu, cfg.micro_batch_size),
     )
     epoch_dir = work / "epoch_checkpoints"
     trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir, steps_per_epoch))
@@ -152,6 +165,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     resumed_at = checkpoint_step(resume) if resume else 0
     if resume:
         log.info("train: resuming from step %d of %d", resumed_at, steps_per_epoch * cfg.epochs)
+    threads_used = torch.get_num_threads()  # what torch runs with, read back
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
@@ -185,11 +199,16 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "epochs": cfg.epochs,
                 "train_rows": len(train_rows),
                 "eval_rows": len(eval_rows),
+                # The geometry the longest row allows; each step's micro-batches are cut by the token budget
+                # (see "batching": how many it took on average).
                 "micro_batch_size": micro,
                 "gradient_accumulation_steps": accum,
                 "world_size": world_size(),
-                "effective_batch_size": micro * accum * world_size(),
+                "effective_batch_size": step_rows * world_size(),
                 "tokens": {"total": total_tokens, "target": target_tokens},
+                "batching": {"max_tokens_per_gpu": cfg.max_tokens_per_gpu, **trainer.batch_stats.as_dict()},
+                "sample_packing": packing,
+                "threads": {"torch": threads_used, "from": threads_from},
                 "train_seconds": round(seconds, 3),
                 # tokens this process trained on, over its time outside the per-epoch evaluation
                 "tokens_per_second": round(tokens_here / max(1e-9, seconds - eval_seconds), 1),
@@ -263,6 +282,30 @@ def batch_geometry(cfg: TrainConfig, longest: int, world: int = 1) -> tuple[int,
     micro = min(micro, per_rank)
     accum = math.ceil(per_rank / micro)
     return math.ceil(per_rank / accum), accum
+
+
+def cpu_threads(option: int) -> tuple[int, str]:
+    """Threads for torch's CPU ops, and where the number came from: `train.threads` when set, else
+    OMP_NUM_THREADS, else the cores this process may run on (its affinity, which a container's cpuset or
+    `taskset` narrows; os.cpu_count() would count the whole machine)."""
+    if option > 0:
+        return option, "train.threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    try:
+        return max(1, len(os.sched_getaffinity(0))), "cpu affinity"
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1), "cpu count"
+
+
+def _sample_packing(cfg: TrainConfig) -> dict[str, Any]:
+    """lora_sample_packing is not implemented: say so once instead of ignoring it silently."""
+    if not cfg.lora_sample_packing:
+        return {"requested": False, "applied": False}
+    reason = "not implemented yet; rows are batched by length under the token budget instead (little padding)"
+    log.info("train.lora_sample_packing: %s", reason)
+    return {"requested": True, "applied": False, "reason": reason}
 
 
 def choose_backend(cfg: TrainConfig) -> str:

@@ -1,0 +1,193 @@
+"""Token-budget batching: optimizer steps of `effective_batch_size` rows, cut into micro-batches by tokens.
+
+Each optimizer step holds a fixed number of rows (the effective batch, per process). Its rows are cut into
+micro-batches that each hold at most `max_tokens` tokens counting padding (rows x the longest row in the
+micro-batch), so a step of short rows runs as one or two large forward passes and a step of long rows as
+several small ones: the number of micro-batches per step varies. The step's loss is the mean over all its
+real target tokens (not a mean of per-micro-batch means), so how a step is split changes nothing but speed.
+
+Rows of similar length share a step, so little is padded: the epoch's rows are shuffled, cut into mega-batches
+of `MEGA_STEPS` steps, each mega-batch is sorted by length and cut into steps, and the steps are shuffled.
+Everything is drawn from `random.Random` seeded by (seed, epoch) alone, never from the torch RNG, so a run
+resumed from a checkpoint sees the same steps in the same order and the Trainer's skip of the steps already
+trained lands on the right ones.
+
+The Trainer sees one batch per optimizer step (gradient_accumulation_steps 1): `TokenBudgetTrainer` runs the
+step's micro-batches itself in `training_step`, each normalised by the step's target-token count through
+transformers' `num_items_in_batch` (the model divides its summed token loss by it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
+
+MEGA_STEPS = 64  # steps sorted together: more means less padding, less randomness in which rows share a step
+
+
+def split_by_budget(lengths: Sequence[int], max_tokens: int, max_rows: int = 0) -> list[list[int]]:
+    """Positions of `lengths` cut into micro-batches, longest first, each within `max_tokens` counting padding.
+
+    A row longer than `max_tokens` on its own is a micro-batch of one (truncation is max_seq_len's job).
+    `max_rows` (0 = no limit) caps rows per micro-batch as well.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            current = batches[-1]
+            width = lengths[current[0]]  # sorted longest first: the first row sets the padded width
+            if (len(current) + 1) * width <= max_tokens and (not max_rows or len(current) < max_rows):
+                current.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+class StepSampler:
+    """Batch sampler for the Trainer: yields the row indices of one optimizer step at a time.
+
+    Deterministic from `seed` and the epoch set by `set_epoch` (the Trainer calls it before each epoch).
+    """
+
+    def __init__(self, lengths: Sequence[int], step_rows: int, seed: int, mega_steps: int = MEGA_STEPS) -> None:
+        self.lengths = list(lengths)
+        self.step_rows = max(1, step_rows)
+        self.seed = seed
+        self.mega_steps = max(1, mega_steps)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.step_rows)
+
+    def steps(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}")  # a str seed hashes the same in every process (no PYTHONHASHSEED)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mega = self.step_rows * self.mega_steps
+        steps: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            steps += [chunk[i : i + self.step_rows] for i in range(0, len(chunk), self.step_rows)]
+        # The last step may be short (rows not divisible by the step): it stays a step, wherever it lands.
+        rng.shuffle(steps)
+        return steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.steps(self.epoch)
+
+
+class StepCollator:
+    """Collates one optimizer step's rows into padded micro-batches within the token budget."""
+
+    def __init__(self, pad_token_id: int, max_tokens: int, max_rows: int = 0) -> None:
+        self.pad = PadCollator(pad_token_id)
+        self.max_tokens = max_tokens
+        self.max_rows = max_rows
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        parts = split_by_budget([len(r["input_ids"]) for r in rows], self.max_tokens, self.max_rows)
+        return {"micro_batches": [self.pad([rows[i] for i in part]) for part in parts]}
+
+
+def target_tokens(batch: dict[str, Any]) -> int:
+    """Target tokens the causal-LM loss counts in a padded batch: labels shifted by one, padding excluded."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+def summed_token_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+    """Causal-LM cross-entropy summed over target tokens, divided by `num_items_in_batch` (the step's count)."""
+    import torch.nn.functional as F
+
+    logits = outputs["logits"][..., :-1, :].float()
+    targets = labels[..., 1:].to(logits.device)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum())
+
+
+class BatchStats:
+    """Real and padded tokens of the micro-batches trained, and micro-batches per optimizer step."""
+
+    def __init__(self) -> None:
+        self.real = self.padded = self.micro_batches = self.steps = 0
+        self.max_micro_batches = 0
+
+    def add_step(self, micro_batches: list[dict[str, Any]]) -> None:
+        self.steps += 1
+        self.micro_batches += len(micro_batches)
+        self.max_micro_batches = max(self.max_micro_batches, len(micro_batches))
+        for mb in micro_batches:
+            self.real += int(mb["attention_mask"].sum())
+            self.padded += mb["input_ids"].numel()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "real_tokens": self.real,
+            "padded_tokens": self.padded,  # real tokens plus padding: what the forward passes computed on
+            "padding_share": round(1 - self.real / self.padded, 4) if self.padded else 0.0,
+            "micro_batches_per_step": round(self.micro_batches / self.steps, 2) if self.steps else 0.0,
+            "max_micro_batches_per_step": self.max_micro_batches,
+        }
+
+
+def make_trainer_class() -> type:
+    """`TokenBudgetTrainer`, defined on call so that importing this module does not import transformers."""
+    import torch
+    import transformers
+    from torch.utils.data import DataLoader
+
+    class TokenBudgetTrainer(transformers.Trainer):
+        """A Trainer whose batches are whole optimizer steps (see the module docstring)."""
+
+        def __init__(self, *args: Any, step_sampler: StepSampler, step_collator: StepCollator, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.step_sampler, self.step_collator = step_sampler, step_collator
+            self.batch_stats = BatchStats()
+            if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
+                # The model would return a per-micro-batch mean: compute the summed token loss here instead.
+                self.compute_loss_func = summed_token_loss
+
+        def get_train_dataloader(self) -> DataLoader:
+            loader = DataLoader(
+                self.train_dataset,
+                batch_sampler=self.step_sampler,
+                collate_fn=self.step_collator,
+                num_workers=0,
+            )
+            # Several processes: accelerate hands each its own steps (every world_size-th one).
+            return self.accelerator.prepare(loader)
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+            micro_batches = inputs["micro_batches"]
+            self.batch_stats.add_step(micro_batches)
+            # Every target token of the step, over all processes: each micro-batch's summed token loss is divided
+            # by it, so the micro-batches' losses and gradients add up to the step's token mean.
+            total = torch.tensor(sum(target_tokens(mb) for mb in micro_batches), device=self.args.device)
+            if self.args.world_size > 1:
+                total = self.accelerator.gather(total).sum()
+            total = total.clamp(min=1)
+            loss = torch.zeros((), device=self.args.device)
+            for i, mb in enumerate(micro_batches):
+                # Gradients are reduced across processes once, after the step's last micro-batch.
+                last = i == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                with sync:
+                    loss = loss + super().training_step(model, mb, total)
+            return loss
+
+        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+            if "micro_batches" in inputs:
+                return sum(super(TokenBudgetTrainer, self).floating_point_ops(mb) for mb in inputs["micro_batches"])
+            return super().floating_point_ops(inputs)
+
+    return TokenBudgetTrainer
