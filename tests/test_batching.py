@@ -60,23 +60,30 @@ def test_steps_are_a_function_of_seed_and_epoch_only() -> None:
     assert len(a) == len(list(a)) == 19  # ceil(300 / 16): the last step holds the remaining 12 rows
 
 
-def test_length_grouping_keeps_padding_small() -> None:
+def test_length_grouping_keeps_padding_small_with_few_forward_passes() -> None:
     lengths = log_uniform_lengths(2048)
     rows = rows_of(lengths)
     collate = StepCollator(pad_token_id=0, max_tokens=8192)
 
-    def padding(steps: list[list[int]]) -> float:
-        real = padded = 0
+    def padding_and_passes(steps: list[list[int]]) -> tuple[float, int]:
+        real = padded = passes = 0
         for step in steps:
             for mb in collate([rows[i] for i in step])["micro_batches"]:
                 real, padded = real + int(mb["attention_mask"].sum()), padded + mb["input_ids"].numel()
-        return 1 - real / padded
+                passes += 1
+        return 1 - real / padded, passes
 
     order = list(range(len(lengths)))
     random.Random(0).shuffle(order)
-    unsorted = [order[i : i + 32] for i in range(0, len(order), 32)]
-    grouped = padding(list(StepSampler(lengths, 32, seed=0)))
-    assert grouped < 0.05 and padding(unsorted) > 0.3  # unsorted steps are still sorted within the step
+    unsorted = padding_and_passes([order[i : i + 32] for i in range(0, len(order), 32)])
+    grouped = padding_and_passes(list(StepSampler(lengths, 32, seed=0)))
+    assert grouped[0] < 0.05 and grouped[0] < unsorted[0] and grouped[1] < unsorted[1]
+
+
+def test_cuts_weigh_padding_against_the_cost_of_a_pass() -> None:
+    # Filling the budget would pad the 100-token row to 900: two passes cost less.
+    assert split_by_budget([100, 900], max_tokens=10_000, overhead=256) == [[1], [0]]
+    assert split_by_budget([30, 20], max_tokens=10_000, overhead=256) == [[0, 1]]  # padding 10 < one more pass
 
 
 @pytest.fixture(scope="module")

@@ -27,26 +27,40 @@ from typing import Any
 
 from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
 
+# What one more forward + backward pass costs beyond its tokens, in tokens: the price of cutting a step finer.
+PASS_OVERHEAD_TOKENS = 256
 MEGA_STEPS = 64  # steps sorted together: more means less padding, less randomness in which rows share a step
 
 
-def split_by_budget(lengths: Sequence[int], max_tokens: int, max_rows: int = 0) -> list[list[int]]:
+def split_by_budget(
+    lengths: Sequence[int], max_tokens: int, max_rows: int = 0, overhead: int = PASS_OVERHEAD_TOKENS
+) -> list[list[int]]:
     """Positions of `lengths` cut into micro-batches, longest first, each within `max_tokens` counting padding.
 
-    A row longer than `max_tokens` on its own is a micro-batch of one (truncation is max_seq_len's job).
-    `max_rows` (0 = no limit) caps rows per micro-batch as well.
+    The rows are sorted by length and cut where the cost is least: padded tokens plus `overhead` tokens per
+    forward pass. Filling the budget greedily would pad a 100-token row to 900 whenever both fit; cutting
+    everywhere would run many tiny passes. The best cut is found exactly (dynamic programming over the sorted
+    rows; cheap, a step holds at most a few hundred rows). A row longer than `max_tokens` on its own is a
+    micro-batch of one (truncation is max_seq_len's job). `max_rows` (0 = no limit) caps rows per micro-batch.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            current = batches[-1]
-            width = lengths[current[0]]  # sorted longest first: the first row sets the padded width
-            if (len(current) + 1) * width <= max_tokens and (not max_rows or len(current) < max_rows):
-                current.append(i)
-                continue
-        batches.append([i])
-    return batches
+    width = [lengths[i] for i in order]
+    n = len(order)
+    best = [0] + [math.inf] * n  # best[j]: least cost of the first j sorted rows
+    cut = [0] * (n + 1)  # where the last micro-batch of that best split starts
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # micro-batch i..j-1, padded to width[i]; widening as i goes down
+            rows = j - i
+            if rows > 1 and (rows * width[i] > max_tokens or (max_rows and rows > max_rows)):
+                break
+            cost = best[i] + rows * width[i] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches, j = [], n
+    while j > 0:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    return batches[::-1]
 
 
 class StepSampler:

@@ -1,0 +1,288 @@
+"""Training throughput: this package's train stage against TRL's SFTTrainer, on the same model and data.
+
+A benchmark, not a test: it prints numbers and asserts nothing. For each model (the demo's tiny Qwen2, and a
+larger random Qwen2: hidden 256, 4 layers) it generates mixed-length chat data (assistant answers sized so
+that whole rows are 16..1024 tokens, log-uniform), then trains LoRA r=16 on every linear layer with the same
+number of optimizer steps, effective batch, learning rate and schedule, in fp32 on the CPU:
+
+  trl_default       TRL SFTTrainer + PEFT with TRL's own defaults (micro-batch 8 padded to its longest row,
+                    gradient checkpointing on); bf16 off, as CPU training here is fp32
+  trl_padding_free  TRL with padding_free=True (rows concatenated, position ids restart per row; transformers
+                    builds the block-diagonal mask from them) and gradient checkpointing off
+  ours              lora_pipeline's train stage (token-budget micro-batches of rows grouped by length)
+
+Each variant runs in a process of its own (peak RSS is per process), interleaved (A, B, C, A, B, C, ...)
+so that a slower or busier stretch of the machine does not land on one variant. Real tokens/s is the data's
+token count (the same for all) over the seconds spent in `Trainer.train` (model loading, tokenization and
+saving excluded; nothing evaluates). Reported per variant: the median over repeats.
+
+    .venv/bin/python bench/train_throughput.py                     # about 4-5 minutes on 2 cores
+    .venv/bin/python bench/train_throughput.py --steps 16 --repeats 3 --models large
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("trl_default", "trl_padding_free", "ours")
+MODELS = ("demo", "large")
+LARGE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8}
+MAX_LEN = 1024
+LORA = {"r": 16, "alpha": 32}
+LR = 2e-4
+
+
+# ---- setup (parent process) ----
+
+
+def build_models(work: Path) -> dict[str, Path]:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from lora_pipeline.demo import build_demo
+
+    demo = build_demo(work / "home").model_dir
+    large = work / "large"
+    if not (large / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(demo)
+        base = Qwen2Config.from_pretrained(demo)
+        config = Qwen2Config(
+            vocab_size=base.vocab_size,
+            eos_token_id=base.eos_token_id,
+            pad_token_id=base.pad_token_id,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            **LARGE,
+        )
+        Qwen2ForCausalLM(config).save_pretrained(large)  # random init, like the demo's
+        tokenizer.save_pretrained(large)
+    return {"demo": Path(demo), "large": large}
+
+
+def make_rows(tokenizer_dir: Path, n: int, seed: int) -> tuple[list[dict], list[int]]:
+    """n chat rows whose rendered length is log-uniform in 16..MAX_LEN tokens, and those lengths."""
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.tokenization import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(seed)
+    words = ["the", "cat", "dog", "sat", "on", "a", "mat", "market", "price", "rose", "fell", "team", "won", "rain"]
+    filler = " ".join(rng.choice(words) for _ in range(4 * MAX_LEN))
+    offsets = tokenizer(filler, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    rows, lengths = [], []
+    for i in range(n):
+        target = int(16 * (MAX_LEN / 16) ** rng.random())
+        question = f"Note {i}: what comes next?"
+        empty = encode_chat(tokenizer, _messages(question, "x"), 10 * MAX_LEN)
+        answer_tokens = max(1, target - len(empty["input_ids"]) + 1)
+        start = rng.randrange(0, len(offsets) - answer_tokens - 1)
+        answer = filler[offsets[start][0] : offsets[start + answer_tokens - 1][1]].strip() or "cat"
+        messages = _messages(question, answer)
+        encoded = encode_chat(tokenizer, messages, MAX_LEN)
+        rows.append({"messages": messages})
+        lengths.append(len(encoded["input_ids"]))
+    return rows, lengths
+
+
+def _messages(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+# ---- one training run (child process) ----
+
+
+def run_ours(model: Path, data: Path, batch: int, out: Path) -> dict:
+    from lora_pipeline.config import TrainConfig
+    from lora_pipeline.stages.train import train_adapter
+
+    cfg = TrainConfig(
+        model=str(model),
+        effective_batch_size=batch,
+        epochs=1,
+        learning_rate=LR,
+        max_seq_len=MAX_LEN,
+        lora_r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_load_in_4bit=False,
+        use_liger=False,
+        checkpoint_steps=0,
+        checkpoint_minutes=0.0,
+    )
+    metrics = json.loads((train_adapter(cfg, data, out) / "metrics.json").read_text())
+    batching = metrics["batching"]
+    return {
+        "seconds": metrics["train_seconds"],
+        "final_loss": metrics["final_loss"],
+        "steps": metrics["steps"],
+        "padding_share": batching["padding_share"],
+        "micro_batches_per_step": batching["micro_batches_per_step"],
+    }
+
+
+class CountingCollator:
+    """Wraps TRL's collator to count the real and padded tokens of the batches it makes."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.real, self.padded = inner, 0, 0
+
+    def __call__(self, examples: list) -> dict:
+        batch = self.inner(examples)
+        self.padded += batch["input_ids"].numel()
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch
+
+
+def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    # prompt/completion rows: TRL's default (completion_only_loss) is then loss on the assistant's tokens, as ours.
+    ds = datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
+    micro = 8  # TRL's default per_device_train_batch_size
+    # Rows are at most MAX_LEN tokens already; TRL enforces max_length only with packing when padding-free.
+    extra = {"padding_free": True, "gradient_checkpointing": False, "max_length": None} if padding_free else {}
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=max(1, batch // micro),
+        num_train_epochs=1,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=42,
+        **{"max_length": MAX_LEN, **extra},
+    )
+    peft_config = LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model),
+        args=args,
+        train_dataset=ds,
+        processing_class=AutoTokenizer.from_pretrained(model),
+        peft_config=peft_config,
+    )
+    counting = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counting
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "seconds": round(seconds, 3),
+        "final_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+        "padding_share": round(1 - counting.real / counting.padded, 4) if counting.padded else 0.0,
+        "micro_batches_per_step": max(1, batch // micro),
+    }
+
+
+def child(variant: str, model: Path, data: Path, batch: int) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        if variant == "ours":
+            result = run_ours(model, data, batch, out)
+        else:
+            result = run_trl(model, data, batch, out, padding_free=variant == "trl_padding_free")
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(variant: str, model: Path, data: Path, batch: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data)]
+    proc = subprocess.run([*cmd, "--batch", str(batch)], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+# ---- the benchmark ----
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
+    parser.add_argument("--batch", type=int, default=16, help="effective batch: rows per optimizer step (16)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved (default 2)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: demo, large")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--work", type=Path, default=None, help="where models and data go (default: a temp dir)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.model, args.data, args.batch)
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        models = build_models(work)
+        variants = args.variants.split(",")
+        print(
+            f"torch threads {torch.get_num_threads()}, {args.steps} steps x {args.batch} rows, {args.repeats} repeats"
+        )
+        for name in args.models.split(","):
+            rows, lengths = make_rows(models[name], args.steps * args.batch, seed=1)
+            data = work / f"data-{name}"
+            data.mkdir(parents=True, exist_ok=True)
+            (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tokens = sum(lengths)
+            print(
+                f"\n== model {name}: {len(rows)} rows, {tokens:,} tokens, lengths {min(lengths)}..{max(lengths)} "
+                f"(median {int(statistics.median(lengths))})"
+            )
+            results: dict[str, list[dict]] = {v: [] for v in variants}
+            for _ in range(args.repeats):
+                for variant in variants:
+                    results[variant].append(run_child(variant, models[name], data, args.batch))
+            report(results, tokens)
+
+
+def report(results: dict[str, list[dict]], tokens: int) -> None:
+    rate = {v: tokens / statistics.median(r["seconds"] for r in runs) for v, runs in results.items()}
+    print(f"{'variant':<18}{'tok/s':>10}{'seconds':>9}{'steps':>7}{'padding':>9}{'final loss':>12}{'peak RSS':>11}")
+    for variant, runs in results.items():
+        last = runs[-1]
+        seconds = statistics.median(r["seconds"] for r in runs)
+        print(
+            f"{variant:<18}{rate[variant]:>10,.0f}{seconds:>9.2f}{last['steps']:>7}{100 * last['padding_share']:>8.1f}%"
+            f"{last['final_loss']:>12.4f}{max(r['peak_rss_mib'] for r in runs):>8.0f} MiB"
+        )
+    if "ours" not in rate:
+        return
+    trl = {v: r for v, r in rate.items() if v != "ours"}
+    if "trl_default" in trl:
+        print(f"ratio vs TRL defaults: {rate['ours'] / trl['trl_default']:.2f}")
+    if trl:
+        best = max(trl, key=trl.get)
+        print(f"ratio vs TRL best: {rate['ours'] / trl[best]:.2f} ({best})")
+    print(f"padding: {100 * results['ours'][-1]['padding_share']:.1f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
