@@ -10,6 +10,7 @@ the dataclasses below, so a parameter is declared exactly once. Each field's met
   applies    "kubernetes" for options that shape the Kubeflow pods / TrainJob and do nothing on a local run
   cache      False for options that do not change the stage's output (resources, labels, logging):
              they stay out of its cache key, so changing them does not rerun the stage
+  secret     True for credentials: never recorded (run.json, --print_config) nor printed
 Fields with neither `kfp` nor `component` are this project's own additions.
 """
 
@@ -385,7 +386,12 @@ class EvalConfig:
 
 @dataclass
 class RegistryConfig:
-    address: str = param("", "Model Registry address (empty = skip registration)", kfp="phase_04_registry_man_address")
+    address: str = param(
+        "",
+        "Model Registry address: http://host or https://host (a bare host means https); "
+        "'local' = the local registry file (registry.path); empty or 'none' = skip registration",
+        kfp="phase_04_registry_man_address",
+    )
     port: int = param(8080, "Model registry server port", kfp="phase_04_registry_opt_port", min=1, max=65535)
     author: str = param("pipeline", "Author name for the registered model", kfp="phase_04_registry_man_reg_author")
     model_name: str = param("lora-model", "Model name in registry", kfp="phase_04_registry_man_reg_name")
@@ -395,6 +401,20 @@ class RegistryConfig:
         "pytorch", "Model format (pytorch, onnx, tensorflow)", kfp="phase_04_registry_opt_format_name"
     )
     format_version: str = param("1.0", "Model format version", kfp="phase_04_registry_opt_format_version")
+    # Not spec parameters: a bearer token (a secret: never recorded, so not in the cache key either), a CA
+    # bundle for a registry behind a private CA, and where the local registry lives.
+    token: str = param(
+        "",
+        "Bearer token for the Model Registry (default: env MODEL_REGISTRY_TOKEN); never stored",
+        cache=False,
+        secret=True,
+    )
+    ca_cert: str = param("", "PEM CA bundle to verify an https registry with (default: system CAs)", cache=False)
+    path: str = param(
+        "",
+        "Local registry file (default: $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
+        "else ~/.local/share/lora-pipeline/registry.db)",
+    )
 
 
 @dataclass
