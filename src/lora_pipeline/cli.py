@@ -21,6 +21,7 @@ from lora_pipeline.errors import ConfigError, LoraPipelineError
 from lora_pipeline.files import exclusive_lock
 from lora_pipeline.preflight import preflight
 from lora_pipeline.redaction import install_log_filter, redact_config, scrub
+from lora_pipeline.registry import remember_secret
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 
 
@@ -59,7 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_pipeline.kubeflow.command import add_compile_command  # argparse only; kfp loads when it runs
 
     add_compile_command(sub, _add_config_flags)
+    _add_models_command(sub)
     return parser
+
+
+def _add_models_command(sub: Any) -> None:
+    """`models list` / `models show NAME [VERSION]`: the local registry (`--registry.address local`)."""
+    p = sub.add_parser(
+        "models", help="List or show the models in the local registry", description=_add_models_command.__doc__
+    )
+    p.add_argument("--path", default=None, metavar="FILE", help="Registry file (default: as --registry.path)")
+    what = p.add_subparsers(dest="models_command", metavar="list|show", parser_class=_Parser, required=True)
+    what.add_parser("list", help="Every registered version: name, version, base model, date, main score")
+    show = what.add_parser("show", help="One version's lineage: base model, dataset, LoRA settings, losses, scores")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?", default=None, help="default: the latest registered version")
 
 
 def _add_common(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -142,7 +157,9 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
     layers, flags = config_layers(args)
     for layer in layers:
         config = from_dict(layer, config)
-    return validate(from_dict(flags, config))
+    config = validate(from_dict(flags, config))
+    remember_secret(config.registry)  # a token given as an option is scrubbed like one from the environment
+    return config
 
 
 def _negative_values(argv: list[str]) -> list[str]:
@@ -233,6 +250,16 @@ def _silence_library_noise() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     _setup_logging()
+    if args.command == "models":
+        from lora_pipeline.registry import local_path
+        from lora_pipeline.registry.commands import list_models, show_model
+
+        path = Path(args.path).expanduser() if args.path else local_path()
+        if args.models_command == "list":
+            print(list_models(path))
+        else:
+            print(show_model(path, args.name, args.version))
+        return 0
     if args.command == "compile":
         from lora_pipeline.kubeflow.command import compile_command
 

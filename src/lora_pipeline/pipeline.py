@@ -24,6 +24,7 @@ from lora_pipeline.config import Config, is_local_uri, kubernetes_only, local_pa
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
+from lora_pipeline.registry import remember_secret
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def _run_locked(
     invocation: dict[str, Any] | None,
 ) -> dict[str, Any]:
     run_dir.chmod(0o700)
+    remember_secret(config.registry)  # a registry token given in the config is scrubbed from run.json
     manifest_path = run_dir / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
     manifest.update(
@@ -176,6 +178,7 @@ def _run_locked(
             manifest["stages"][stage.name]["status"] = manifest["status"] = status
             manifest["stages"][stage.name]["error"] = scrub(str(exc))[:500] or type(exc).__name__
             _write_manifest(manifest, manifest_path)
+            _write_report(run_dir)
             raise
         seconds = round(time.perf_counter() - started, 2)
         write_json_atomic({"key": key, "seconds": seconds}, out / "stage.json")
@@ -184,7 +187,19 @@ def _run_locked(
     manifest["status"] = "completed"
     manifest["finished"] = _now()
     _write_manifest(manifest, manifest_path)
+    _write_report(run_dir)
     return manifest
+
+
+def _write_report(run_dir: Path) -> None:
+    """RUN_DIR/report.html, also after a failed stage (it shows how far the run got). A report that cannot
+    be written is a warning: the run's outcome does not depend on it."""
+    from lora_pipeline.run_report import write_run_report
+
+    try:
+        write_run_report(run_dir)
+    except Exception as exc:  # the report reads every stage's files; none of them may fail the run
+        log.warning("report.html not written: %s", scrub(str(exc)))
 
 
 def _write_manifest(manifest: dict[str, Any], path: Path) -> None:
@@ -214,6 +229,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
     chart = run_dir / "train" / "loss_chart.html"
     if "train" in manifest["stages"] and chart.exists():
         print(f"\nloss chart: {chart}")
+    if (run_dir / "report.html").exists():
+        print(f"run report: {run_dir / 'report.html'}")
 
 
 def _versions() -> dict[str, str]:

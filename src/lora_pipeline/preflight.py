@@ -40,7 +40,11 @@ def preflight(
     if "train" in stages:
         check_model(config.train.model)
     if "register" in stages:
-        check_registry(config.registry.address, config.registry.port)
+        from lora_pipeline.registry import check_local, token
+
+        check_registry(config.registry.address, config.registry.port, token(config.registry))
+        if out_field == "-o":  # a run directory: its adapter's URI is known before training
+            check_local(config.registry, Path(out) / "train" / "adapter")
     if "eval" in stages:
         from lora_pipeline.stages.evaluate import check_eval_options
 
@@ -153,11 +157,20 @@ def _check_hub_model(ref: str, field: str) -> None:
         ) from None
 
 
-def check_registry(address: str, port: int) -> None:
-    """An empty address means no registration. A set one must answer on its port."""
-    if not address:
+def check_registry(address: str, port: int, token: str = "") -> None:
+    """Empty/`local` (the local registry file) and `none` (no registration) reach nothing. Any other address
+    is a Kubeflow Model Registry: it must answer on its port, and over https it needs a token."""
+    if address.strip().lower() in ("", "local", "none"):
         return
-    host = urlsplit(address if "://" in address else f"//{address}").hostname
+    import importlib.util
+
+    from lora_pipeline.registry.kubeflow import INSTALL_HINT, normalise_address
+
+    if importlib.util.find_spec("model_registry") is None:
+        raise ConfigError(INSTALL_HINT, field="registry.address")
+    url, port = normalise_address(address, port)
+    parts = urlsplit(url)
+    host = parts.hostname
     if not host:
         raise ConfigError(f"not a host name or URL: {address!r}", field="registry.address")
     try:
@@ -165,7 +178,12 @@ def check_registry(address: str, port: int) -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"cannot connect to {host}:{port} ({reason})", field="registry.address") from None
-    raise ConfigError(
-        "the Kubeflow Model Registry client is not wired in yet; leave the address empty to skip registration",
-        field="registry.address",
+    # The client refuses https without a token; in a pod it falls back to the service account's.
+    service_account = os.environ.get(
+        "KF_PIPELINES_SA_TOKEN_PATH", "/var/run/secrets/kubernetes.io/serviceaccount/token"
     )
+    if parts.scheme == "https" and not token and not Path(service_account).is_file():
+        raise ConfigError(
+            f"{url} is https: set --registry.token or MODEL_REGISTRY_TOKEN (http:// for a registry without auth)",
+            field="registry.token",
+        )

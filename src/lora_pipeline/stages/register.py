@@ -1,7 +1,9 @@
-"""Register stage: record the trained adapter in a model registry; skipped when no address is set.
+"""Register stage: record the trained adapter, with its lineage and scores, in a model registry.
 
-Always writes `registration.json`: what was (or would be) registered and the outcome. Registry clients
-sit behind a name table so the Kubeflow Model Registry client and a local registry plug in here.
+registry.address picks the registry (see lora_pipeline.registry): `local` = the local SQLite file, empty
+or `none` = skip, else the Kubeflow Model Registry. Always writes `registration.json`: what was registered,
+where, the outcome and the registry's ids. A registry that cannot be reached fails this stage only: the
+train and eval outputs stay, and `lora-pipeline register -o RUN_DIR` registers later without retraining.
 """
 
 from __future__ import annotations
@@ -11,51 +13,124 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import RegistryConfig
-from lora_pipeline.errors import RegistryError, StageError
+from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic
+from lora_pipeline.redaction import scrub
+from lora_pipeline.registry import Entry, Scalar, kind, open_registry
 
 log = logging.getLogger(__name__)
+
+# KFP mounts artifacts under these local prefixes; the registry should hold the object-store URI instead.
+_KFP_MOUNTS = {"/minio/": "s3://", "/s3/": "s3://", "/gcs/": "gs://"}
+# adapter_config.json key -> metadata name
+_LORA_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
+_LORA_KEYS.update(use_rslora="use_rslora", use_dora="use_dora")
 
 
 def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None, out: Path) -> Path:
     adapter = Path(train_dir) / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise StageError(f"no adapter in {adapter}: run the train stage first", field="register")
+    entry = Entry(
+        name=cfg.model_name,
+        version=cfg.version,
+        uri=artifact_uri(adapter),
+        author=cfg.author,
+        description=cfg.description,
+        format_name=cfg.format_name,
+        format_version=cfg.format_version,
+        metadata=version_metadata(train_dir, eval_dir),
+    )
     record: dict[str, Any] = {
-        "model_name": cfg.model_name,
-        "version": cfg.version,
-        "author": cfg.author,
-        "description": cfg.description,
-        "model_format_name": cfg.format_name,
-        "model_format_version": cfg.format_version,
-        "uri": str(adapter.resolve()),
-        "metadata": version_metadata(train_dir, eval_dir),
+        "model_name": entry.name,
+        "version": entry.version,
+        "author": entry.author,
+        "description": entry.description,
+        "model_format_name": entry.format_name,
+        "model_format_version": entry.format_version,
+        "uri": entry.uri,
+        "metadata": entry.metadata,
+        "registry_kind": kind(cfg),
     }
-    if not cfg.address:
-        record.update(status="skipped", reason="registry.address is empty")
-        log.info("register: skipped (no registry address)")
+    if kind(cfg) == "none":
+        record.update(status="skipped", reason=f"registry.address is {repr(cfg.address) if cfg.address else 'empty'}")
+        log.info("register: skipped (no registry address; `--registry.address local` registers in a local file)")
     else:
-        raise RegistryError(
-            "the Kubeflow Model Registry client is not wired in yet; leave the address empty to skip",
-            field="registry.address",
-        )
+        outcome = open_registry(cfg).register(entry)
+        record.update(outcome.to_dict())
+        verb = "registered" if outcome.status == "registered" else "already registered (no change)"
+        log.info("register: %s %s %s in %s", entry.name, entry.version, verb, outcome.where)
     with atomic_dir(out) as tmp:
         write_json_atomic(record, tmp / "registration.json")
     return out
 
 
-def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Any]:
-    """What a registry version carries besides the artifact: base model, losses, eval scores."""
+def artifact_uri(adapter: Path) -> str:
+    """Where the adapter lives, as the registry should point to it: an absolute path (a PVC is a path), or
+    the s3:// / gs:// URI of a KFP artifact mounted in the pod."""
+    path = str(Path(adapter).resolve())
+    for mount, scheme in _KFP_MOUNTS.items():
+        if path.startswith(mount):
+            return scheme + path[len(mount) :]
+    return path
+
+
+def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar]:
+    """What a version carries besides its artifact: base model, dataset, LoRA settings, losses, eval scores.
+    Flat scalars only: Kubeflow's custom properties are typed values, not nested objects."""
+    train_dir = Path(train_dir)
     meta: dict[str, Any] = {}
-    adapter_cfg = read_json(Path(train_dir) / "adapter" / "adapter_config.json")
+    adapter_cfg = read_json(train_dir / "adapter" / "adapter_config.json")
     meta["base_model"] = adapter_cfg.get("base_model_name_or_path")
-    meta["lora_r"], meta["lora_alpha"] = adapter_cfg.get("r"), adapter_cfg.get("lora_alpha")
-    metrics_file = Path(train_dir) / "metrics.json"
+    dataset = _dataset_info(train_dir)
+    if dataset:
+        meta["dataset_uri"] = scrub(str(dataset.get("source") or ""))  # recorded redacted; scrubbed again
+        meta["dataset_sha256"] = dataset.get("sha256")
+        meta["dataset_train_rows"], meta["dataset_eval_rows"] = dataset.get("train_rows"), dataset.get("eval_rows")
+    for key, name in _LORA_KEYS.items():
+        meta[name] = adapter_cfg.get(key)
+    targets = adapter_cfg.get("target_modules")
+    if isinstance(targets, list):  # PEFT records full module paths; their last names say what was adapted
+        targets = ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
+    meta["lora_target_modules"] = targets
+    metrics_file = train_dir / "metrics.json"
     if metrics_file.exists():
         metrics = read_json(metrics_file)
-        meta["train_loss"], meta["eval_loss"] = metrics.get("train_loss"), metrics.get("eval_loss")
+        for key in ("train_loss", "final_loss", "eval_loss", "epochs", "steps", "effective_batch_size"):
+            meta[key] = metrics.get(key)
+        meta["quantization"] = _quantization(metrics.get("quantization"))
     results_file = Path(eval_dir) / "eval_results.json" if eval_dir else None
     if results_file and results_file.exists():
         for row in read_json(results_file).get("comparison", []):
-            meta[f"eval_{row['task']}_{row['metric']}"] = row["tuned"]
-    return meta
+            meta.update(_score_entries(row))
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and v != ""}
+
+
+def score_key(row: dict[str, Any]) -> str:
+    """`eval.<task>.<metric>` (+ `.<filter>` unless lm-eval's 'none', + `.<precision>` unless full)."""
+    parts = [row["task"], row["metric"]]
+    if row.get("filter") not in (None, "", "none"):
+        parts.append(row["filter"])
+    if row.get("precision") not in (None, "", "full"):
+        parts.append(str(row["precision"]).replace(" ", "-"))
+    return "eval." + ".".join(parts)
+
+
+def _score_entries(row: dict[str, Any]) -> dict[str, Any]:
+    key = score_key(row)
+    return {key: row.get("tuned"), f"{key}.base": row.get("base"), f"{key}.delta": row.get("delta")}
+
+
+def _dataset_info(train_dir: Path) -> dict[str, Any] | None:
+    """dataset.json: copied into the train output when the train stage records it, else the run directory's
+    dataset stage beside it. A Kubeflow register pod sees neither unless the train stage copies it."""
+    for candidate in (train_dir / "dataset.json", train_dir.parent / "dataset" / "dataset.json"):
+        if candidate.is_file():
+            return read_json(candidate)
+    return None
+
+
+def _quantization(quant: Any) -> str:
+    if isinstance(quant, dict) and quant.get("bits"):
+        return f"{quant['bits']}-bit {quant.get('quant_type') or ''}".strip()
+    return "none" if not quant else str(quant)

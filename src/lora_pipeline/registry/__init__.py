@@ -1,0 +1,138 @@
+"""Model registries: the local SQLite file (the default) and the Kubeflow Model Registry, behind one Protocol.
+
+Both follow Kubeflow's model: a registered model has versions, a version has a model artifact (the adapter's
+URI), and name+version is unique. Registering is idempotent: the same name+version with the same artifact URI
+is a no-op that reports the existing ids; a different URI is refused and nothing is overwritten.
+
+`registry.address` picks one: `local` = the local file, empty or `none` = no registration (the spec's
+default: a run registers nothing unless asked), anything else = a Kubeflow Model Registry at that address.
+Clients are imported and built only when used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lora_pipeline.config import RegistryConfig
+
+LOCAL = ("local",)
+SKIP = ("", "none")
+TOKEN_ENV = "MODEL_REGISTRY_TOKEN"
+
+# A version's metadata values: what both registries store as-is (Kubeflow's custom properties are typed).
+Scalar = str | int | float | bool
+
+
+@dataclass
+class Entry:
+    """One model version to register: the registered model's name, the version and its artifact."""
+
+    name: str
+    version: str
+    uri: str
+    author: str = ""
+    description: str = ""
+    format_name: str = "pytorch"
+    format_version: str = "1.0"
+    metadata: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What registering did: `registered` (new version) or `exists` (the same version and URI was there)."""
+
+    status: str
+    model_id: str
+    version_id: str
+    artifact_id: str
+    where: str  # the registry: a file path or a URL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "registry": self.where,
+            "registered_model_id": self.model_id,
+            "model_version_id": self.version_id,
+            "model_artifact_id": self.artifact_id,
+        }
+
+
+class Registry(Protocol):
+    def register(self, entry: Entry) -> Outcome: ...
+
+
+def kind(cfg: RegistryConfig) -> str:
+    """'local', 'none' or 'kubeflow', from registry.address."""
+    address = cfg.address.strip().lower()
+    if address in LOCAL:
+        return "local"
+    return "none" if address in SKIP else "kubeflow"
+
+
+def local_path(cfg: RegistryConfig | None = None) -> Path:
+    """The local registry file: registry.path, $LORA_PIPELINE_REGISTRY, $LORA_PIPELINE_HOME/registry.db, or
+    the user's data directory (a registry outlives caches, so not ~/.cache)."""
+    if cfg is not None and cfg.path:
+        return Path(cfg.path).expanduser()
+    if os.environ.get("LORA_PIPELINE_REGISTRY"):
+        return Path(os.environ["LORA_PIPELINE_REGISTRY"]).expanduser()
+    if os.environ.get("LORA_PIPELINE_HOME"):
+        return Path(os.environ["LORA_PIPELINE_HOME"]) / "registry.db"
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "lora-pipeline" / "registry.db"
+
+
+def token(cfg: RegistryConfig) -> str:
+    """The bearer token: registry.token, else $MODEL_REGISTRY_TOKEN. A value that came back redacted from
+    run.json is no token."""
+    from lora_pipeline.redaction import is_redacted
+
+    value = cfg.token if cfg.token and not is_redacted(cfg.token) else os.environ.get(TOKEN_ENV, "")
+    return value.strip()
+
+
+def remember_secret(cfg: RegistryConfig) -> None:
+    """Make a token given as an option as secret as one given in the environment: redaction scrubs the
+    values of env vars named *TOKEN* from run.json, --print_config, logs and error lines."""
+    value = cfg.token
+    from lora_pipeline.redaction import is_redacted
+
+    if value and not is_redacted(value):
+        os.environ["LORA_PIPELINE_REGISTRY_TOKEN"] = value
+
+
+def open_registry(cfg: RegistryConfig) -> Registry:
+    """The registry that registry.address names (not for 'none')."""
+    if kind(cfg) == "local":
+        from lora_pipeline.registry.local import LocalRegistry
+
+        return LocalRegistry(local_path(cfg))
+    from lora_pipeline.registry.kubeflow import KubeflowRegistry
+
+    return KubeflowRegistry(cfg.address, cfg.port, author=cfg.author, token=token(cfg), ca_cert=cfg.ca_cert)
+
+
+def check_local(cfg: RegistryConfig, adapter: Path) -> None:
+    """Pre-flight for the local registry: its file can be written, and name+version is free or already
+    holds this adapter, so a clash is reported before training, not after."""
+    if kind(cfg) != "local":
+        return
+    from lora_pipeline.errors import ConfigError
+    from lora_pipeline.registry.local import LocalRegistry
+    from lora_pipeline.stages.register import artifact_uri
+
+    path = local_path(cfg)
+    probe = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"cannot write the local registry {path} ({probe} is not writable)", field="registry.path")
+    if path.exists():
+        existing = LocalRegistry(path).find(cfg.model_name, cfg.version)
+        if existing is not None and existing["uri"] != artifact_uri(adapter):
+            raise ConfigError(
+                f"{cfg.model_name} {cfg.version} is already registered in {path} with {existing['uri']}: "
+                "set a new --registry.version (or --registry.model_name)",
+                field="registry.version",
+            )

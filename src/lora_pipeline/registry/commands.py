@@ -1,0 +1,82 @@
+"""`lora-pipeline models list|show`: what the local registry holds, as text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.registry.local import LocalRegistry
+
+# Lineage fields of `models show`, in reading order: (label, metadata keys shown on that line).
+_LINEAGE = (
+    ("base model", ("base_model",)),
+    ("dataset", ("dataset_uri",)),
+    ("dataset sha256", ("dataset_sha256",)),
+    ("dataset rows", ("dataset_train_rows", "dataset_eval_rows")),
+    ("LoRA", ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora")),
+    ("quantization", ("quantization",)),
+    ("training", ("epochs", "steps", "effective_batch_size")),
+    ("losses", ("train_loss", "final_loss", "eval_loss")),
+)
+
+
+def main_score(metadata: dict[str, Any]) -> str:
+    """The first eval score (tuned), as `task.metric 0.9100`; '-' when the version was not evaluated."""
+    for key, value in metadata.items():
+        if key.startswith("eval.") and not key.endswith((".base", ".delta")):
+            return f"{key[5:]} {_value(value)}"
+    return "-"
+
+
+def list_models(path: Path) -> str:
+    rows = LocalRegistry(path).versions()
+    if not rows:
+        return f"no models registered in {path}"
+    table = [("name", "version", "base model", "registered", "score")]
+    for r in rows:
+        meta = r["metadata"]
+        table.append((r["model"], r["version"], str(meta.get("base_model", "-")), r["created"][:16], main_score(meta)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    return "\n".join(lines) + f"\n\n({len(rows)} version{'s' if len(rows) != 1 else ''} in {path})"
+
+
+def show_model(path: Path, name: str, version: str | None = None) -> str:
+    r = LocalRegistry(path).version(name, version)
+    meta = dict(r["metadata"])
+    lines = [
+        f"{r['model']} {r['version']}  (registered {r['created']} by {r['author'] or '-'})",
+        f"  {'adapter':<15} {r['uri']}  [{r['format_name']} {r['format_version']}]",
+    ]
+    if r["description"]:
+        lines.append(f"  {'description':<15} {r['description']}")
+    for label, keys in _LINEAGE:
+        parts = [(k, meta.pop(k)) for k in keys if k in meta]
+        if not parts:
+            continue
+        text = _value(parts[0][1]) if len(parts) == 1 else ", ".join(f"{_short(k)}={_value(v)}" for k, v in parts)
+        lines.append(f"  {label:<15} {text}")
+    scores = [k for k in meta if k.startswith("eval.") and not k.endswith((".base", ".delta"))]
+    if scores:
+        lines.append(f"  {'eval':<15} {'task.metric':<30} {'base':>8} {'tuned':>8} {'delta':>8}")
+        for key in scores:
+            base, delta = meta.get(f"{key}.base"), meta.get(f"{key}.delta")
+            delta_text = "-" if delta is None else f"{delta:+.4f}"
+            lines.append(f"  {'':<15} {key[5:]:<30} {_value(base):>8} {_value(meta[key]):>8} {delta_text:>8}")
+    lines.append(f"  {'ids':<15} model {r['model_id']}, version {r['version_id']}, artifact {r['artifact_id']}")
+    return "\n".join(lines)
+
+
+def _short(key: str) -> str:
+    for prefix in ("dataset_", "lora_"):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)

@@ -1,0 +1,165 @@
+"""The Kubeflow Model Registry, through its official Python client (`model-registry`).
+
+The client is imported and built only here, when registering. A registry that does not answer (connection
+refused, timeouts, 5xx) is retried with backoff, then reported in one line; a refused token is not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+from urllib.parse import urlsplit
+
+from lora_pipeline.errors import RegistryError
+from lora_pipeline.registry import Entry, Outcome
+
+log = logging.getLogger(__name__)
+
+# Seconds to wait before each retry: a registry pod restarting is back within ~30 s.
+RETRY_DELAYS: tuple[float, ...] = (1, 2, 4, 8, 16)
+_TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+INSTALL_HINT = (
+    "a remote registry needs the Kubeflow Model Registry client: pip install 'lora-pipeline[kubeflow]' "
+    "(or model-registry); --registry.address local registers in a local file instead"
+)
+
+
+def normalise_address(address: str, port: int) -> tuple[str, int]:
+    """The client's (server_address, port): a bare host means https; a port in the URL wins over `port`."""
+    url = address.strip().rstrip("/")
+    if "://" not in url:
+        url = f"https://{url}"
+    return url, urlsplit(url).port or port
+
+
+class KubeflowRegistry:
+    def __init__(self, address: str, port: int, *, author: str, token: str = "", ca_cert: str = "") -> None:
+        self.server, self.port = normalise_address(address, port)
+        parts = urlsplit(self.server)
+        self.where = f"{parts.scheme}://{parts.hostname}:{self.port}"
+        self.author, self._token, self.ca_cert = author, token, ca_cert
+
+    def register(self, entry: Entry) -> Outcome:
+        delays = list(RETRY_DELAYS)
+        while True:
+            try:
+                return self._register_once(entry)
+            except Exception as exc:
+                reason = self._transient(exc)
+                if reason is None:
+                    raise self._error(exc) from None
+                if not delays:
+                    raise RegistryError(
+                        f"the Model Registry at {self.where} did not answer after {len(RETRY_DELAYS) + 1} attempts "
+                        f"({reason}); the train and eval outputs are kept: run `lora-pipeline register -o RUN_DIR` "
+                        "to register later",
+                        field="registry.address",
+                    ) from None
+                delay = delays.pop(0)
+                log.warning("register: %s at %s; retrying in %gs", reason, self.where, delay)
+                time.sleep(delay)
+
+    def _client(self) -> Any:
+        try:
+            from model_registry import ModelRegistry
+        except ImportError:
+            raise RegistryError(INSTALL_HINT, field="registry.address") from None
+
+        with warnings.catch_warnings():
+            # Without a token the client warns, then tries the pod's service-account token; plain http is fine.
+            warnings.simplefilter("ignore")
+            return ModelRegistry(
+                self.server,
+                self.port,
+                author=self.author,
+                user_token=self._token or None,
+                custom_ca=self.ca_cert or None,
+                log_level=logging.ERROR,  # its port hints fire for any http port not ending in 80
+            )
+
+    def _register_once(self, entry: Entry) -> Outcome:
+        client = self._client()  # connects: the constructor lists one registered model
+        existing = client.get_registered_model(entry.name)
+        version = client.get_model_version(entry.name, entry.version) if existing else None
+        if version is None:
+            client.register_model(
+                entry.name,
+                entry.uri,
+                model_format_name=entry.format_name,
+                model_format_version=entry.format_version,
+                version=entry.version,
+                author=entry.author,
+                owner=entry.author,
+                version_description=entry.description or None,
+                metadata=entry.metadata,
+            )
+            status = "registered"
+        else:
+            status = "exists"
+        model = client.get_registered_model(entry.name)
+        version = client.get_model_version(entry.name, entry.version)
+        artifact = client.get_model_artifact(entry.name, entry.version)
+        if artifact is None:
+            # A version left without its artifact (the registry went away between the two calls): finish it.
+            artifact = client.async_runner(
+                client._register_model_artifact(
+                    version,
+                    entry.name,
+                    entry.uri,
+                    model_format_name=entry.format_name,
+                    model_format_version=entry.format_version,
+                )
+            )
+            status = "registered"
+        if artifact.uri != entry.uri:
+            raise RegistryError(
+                f"{entry.name} {entry.version} is already registered at {self.where} with another artifact "
+                f"({artifact.uri}); nothing was overwritten: set a new --registry.version",
+                field="registry.version",
+            )
+        return Outcome(status, str(model.id), str(version.id), str(artifact.id), self.where)
+
+    @staticmethod
+    def _transient(exc: Exception) -> str | None:
+        """A reason to retry, or None when retrying cannot help."""
+        import asyncio
+
+        import aiohttp
+        from mr_openapi.exceptions import ApiException
+
+        if isinstance(exc, ApiException) and exc.status in _TRANSIENT_STATUS:
+            return f"HTTP {exc.status} {exc.reason or ''}".strip()
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return None  # a certificate problem does not go away by waiting
+        if isinstance(exc, (aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError)):
+            return (str(exc).strip() or type(exc).__name__)[:160]
+        return None
+
+    def _error(self, exc: Exception) -> RegistryError:
+        import aiohttp
+        from model_registry.exceptions import StoreError
+        from mr_openapi.exceptions import ApiException
+
+        if isinstance(exc, RegistryError):
+            return exc
+        if isinstance(exc, ApiException) and exc.status in (401, 403):
+            return RegistryError(
+                f"the Model Registry at {self.where} refused the request (HTTP {exc.status}): "
+                "check --registry.token or MODEL_REGISTRY_TOKEN",
+                field="registry.token",
+            )
+        if isinstance(exc, ApiException):
+            body = (exc.body or exc.reason or "").strip().replace("\n", " ")[:200]
+            return RegistryError(
+                f"the Model Registry at {self.where} answered HTTP {exc.status}: {body}", field="registry"
+            )
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return RegistryError(
+                f"TLS with {self.where} failed ({exc}); set --registry.ca_cert to the registry's CA bundle",
+                field="registry.ca_cert",
+            )
+        if isinstance(exc, StoreError):
+            return RegistryError(f"{self.where}: {exc}", field="registry")
+        return RegistryError(f"{self.where}: {type(exc).__name__}: {exc}", field="registry")

@@ -1,0 +1,159 @@
+"""The embedded registry: one SQLite file, Kubeflow's model (registered model -> versions -> artifact).
+
+Used when registry.address is empty or `local`, so a laptop run registers end to end and
+`lora-pipeline models list|show` can answer "which adapter was trained on what, and how did it score".
+SQLite serialises writers on the file, so two runs registering at once cannot both create a version.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.errors import RegistryError
+from lora_pipeline.registry import Entry, Outcome
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS registered_model (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_version (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES registered_model(id),
+    name TEXT NOT NULL,
+    author TEXT NOT NULL,
+    description TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created TEXT NOT NULL,
+    UNIQUE (model_id, name)
+);
+CREATE TABLE IF NOT EXISTS model_artifact (
+    id INTEGER PRIMARY KEY,
+    version_id INTEGER NOT NULL UNIQUE REFERENCES model_version(id),
+    name TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    format_name TEXT NOT NULL,
+    format_version TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+"""
+
+
+class LocalRegistry:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextmanager
+    def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.exists():
+            raise RegistryError(f"no local registry at {self.path}: nothing registered yet", field="registry.path")
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open {self.path}: {exc}", field="registry.path") from None
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA foreign_keys = ON")
+            if write:
+                db.execute("BEGIN IMMEDIATE")  # take the write lock before reading: check-then-insert is atomic
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            yield db
+            if write:
+                db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise RegistryError(f"{self.path}: {exc}", field="registry.path") from None
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    def register(self, entry: Entry) -> Outcome:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with self._db(write=True) as db:
+            model = db.execute("SELECT id FROM registered_model WHERE name = ?", (entry.name,)).fetchone()
+            if model is None:
+                model_id = db.execute(
+                    "INSERT INTO registered_model (name, owner, created) VALUES (?, ?, ?)",
+                    (entry.name, entry.author, now),
+                ).lastrowid
+            else:
+                model_id = model["id"]
+            found = db.execute(
+                "SELECT v.id AS vid, a.id AS aid, a.uri FROM model_version v "
+                "LEFT JOIN model_artifact a ON a.version_id = v.id WHERE v.model_id = ? AND v.name = ?",
+                (model_id, entry.version),
+            ).fetchone()
+            if found is not None:
+                _check_same_artifact(entry, found["uri"])
+                return Outcome("exists", str(model_id), str(found["vid"]), str(found["aid"]), str(self.path))
+            version_id = db.execute(
+                "INSERT INTO model_version (model_id, name, author, description, metadata, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (model_id, entry.version, entry.author, entry.description, json.dumps(entry.metadata), now),
+            ).lastrowid
+            artifact_id = db.execute(
+                "INSERT INTO model_artifact (version_id, name, uri, format_name, format_version, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (version_id, entry.name, entry.uri, entry.format_name, entry.format_version, now),
+            ).lastrowid
+        return Outcome("registered", str(model_id), str(version_id), str(artifact_id), str(self.path))
+
+    def versions(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every version (of one model when `name` is given), oldest first, with its artifact and metadata."""
+        query = (
+            "SELECT m.name AS model, m.id AS model_id, v.id AS version_id, v.name AS version, v.author, "
+            "v.description, v.metadata, v.created, a.id AS artifact_id, a.uri, a.format_name, a.format_version "
+            "FROM model_version v JOIN registered_model m ON m.id = v.model_id "
+            "LEFT JOIN model_artifact a ON a.version_id = v.id"
+        )
+        with self._db() as db:
+            if name is None:
+                rows = db.execute(query + " ORDER BY m.name, v.id").fetchall()
+            else:
+                rows = db.execute(query + " WHERE m.name = ? ORDER BY v.id", (name,)).fetchall()
+        return [{**dict(r), "metadata": json.loads(r["metadata"])} for r in rows]
+
+    def find(self, name: str, version: str) -> dict[str, Any] | None:
+        for row in self.versions(name):
+            if row["version"] == version:
+                return row
+        return None
+
+    def version(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """One version of a model (its latest registered one when `version` is None)."""
+        found = self.versions(name)
+        if not found:
+            raise RegistryError(f"no model named {name!r} in {self.path}", field="models")
+        if version is None:
+            return found[-1]
+        for row in found:
+            if row["version"] == version:
+                return row
+        known = ", ".join(r["version"] for r in found)
+        raise RegistryError(f"{name} has no version {version!r} (versions: {known})", field="models")
+
+
+def _check_same_artifact(entry: Entry, uri: str | None) -> None:
+    if uri != entry.uri:
+        raise RegistryError(
+            f"{entry.name} {entry.version} is already registered with another artifact ({uri}); "
+            "nothing was overwritten: set a new --registry.version",
+            field="registry.version",
+        )
