@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("model_registry")
 
-from lora_pipeline.config import RegistryConfig  # noqa: E402
+from lora_pipeline import pipeline  # noqa: E402
+from lora_pipeline.config import Config, RegistryConfig  # noqa: E402
 from lora_pipeline.errors import ConfigError, RegistryError  # noqa: E402
 from lora_pipeline.files import read_json  # noqa: E402
 from lora_pipeline.preflight import check_registry  # noqa: E402
@@ -29,6 +30,7 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kubeflow, "RETRY_DELAYS", (0.05, 0.1))
     monkeypatch.delenv("MODEL_REGISTRY_TOKEN", raising=False)
     monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("LORA_PIPELINE_REGISTRY_TOKEN", "")  # pipeline.run sets it from registry.token
 
 
 @pytest.fixture
@@ -97,10 +99,14 @@ def test_503_then_200_is_retried(tmp_path: Path, server: StandIn, caplog: pytest
     assert sum("HTTP 503" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records) == 2
 
 
-def test_registry_down_is_one_line_after_the_retries(tmp_path: Path) -> None:
-    with socket.socket() as sock:  # a port that nothing listens on
+def closed_port() -> int:
+    with socket.socket() as sock:  # a port that nothing listens on once the socket is closed
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def test_registry_down_is_one_line_after_the_retries(tmp_path: Path) -> None:
+    port = closed_port()
     run_dir = make_run(tmp_path / "run")
     started = time.monotonic()
     with pytest.raises(RegistryError) as err:
@@ -141,3 +147,20 @@ def test_preflight_reaches_the_registry_and_wants_a_token_for_https(server: Stan
 def test_address_forms() -> None:
     assert kubeflow.normalise_address("registry.example", 8080) == ("https://registry.example", 8080)
     assert kubeflow.normalise_address("http://mr:9000/", 8080) == ("http://mr:9000", 9000)
+
+
+def test_register_later_without_retraining(tmp_path: Path, server: StandIn) -> None:
+    """`lora-pipeline register -o RUN_DIR` after the registry was down: only the register stage runs."""
+    run_dir = make_run(tmp_path / "run")
+    config = Config()
+    config.registry = RegistryConfig(address=f"http://127.0.0.1:{closed_port()}", token=TOKEN)
+    with pytest.raises(RegistryError, match="did not answer"):
+        pipeline.run(config, run_dir, stages=("register",))
+    manifest = read_json(run_dir / "run.json")
+    assert manifest["stages"]["register"]["status"] == "failed" and manifest["status"] == "failed"
+    assert "register" in (run_dir / "report.html").read_text()  # the report says how far the run got
+    assert TOKEN not in (run_dir / "run.json").read_text()
+    config.registry.address, config.registry.port = server.url, server.port
+    manifest = pipeline.run(config, run_dir, stages=("register",))
+    assert manifest["stages"]["register"]["status"] == "ran"
+    assert read_json(run_dir / "register" / "registration.json")["status"] == "registered"
