@@ -38,7 +38,7 @@ table.t th{color:#64748b;font-weight:600;background:#f8fafc}
 .badge.cached,.badge.skipped{background:#e0f2fe;color:#075985}
 .badge.failed,.badge.interrupted{background:#fee2e2;color:#991b1b}.badge.running{background:#fef9c3;color:#854d0e}
 td.text{max-width:420px;white-space:pre-wrap;word-break:break-word}
-.chart h1{display:none}table.t td .mono{white-space:nowrap}
+.chart h1{display:none}table.t td .opt{white-space:nowrap}
 """
 )
 
@@ -207,7 +207,8 @@ def _config(config: dict[str, dict[str, Any]]) -> str:
             value = values.get(f.name, defaults.get(f.name))
             is_set = value != defaults.get(f.name)
             text = f'<span class="{"set" if is_set else ""}">{_e(_show(value))}</span>'
-            row = [f"<span class='mono'>--{section}.{f.name}</span>", text, f"<span class='k'>{_e(_spec(f))}</span>"]
+            option = f"<span class='mono opt'>--{section}.{f.name}</span>"
+            row = [option, text, f"<span class='k'>{_e(_spec(f))}</span>"]
             rows.append(row)
             if is_set:
                 changed.append(row)
