@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,7 +31,7 @@ PREFIX = "/api/model_registry/v1"
 
 
 class StandIn:
-    def __init__(self, token: str | None = None, lifetime: float = 60) -> None:
+    def __init__(self, token: str | None = None, lifetime: float = 60, tls: tuple[Path, Path] | None = None) -> None:
         self.token = token
         self.models: dict[str, dict] = {}  # id -> RegisteredModel dict
         self.versions: dict[str, dict] = {}
@@ -41,7 +43,11 @@ class StandIn:
         self._ids = itertools.count(1)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        if tls:  # (certificate, key): serve https
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._timer = threading.Timer(lifetime, self.stop)
         self._timer.daemon = True

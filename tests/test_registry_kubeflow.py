@@ -4,7 +4,9 @@ server on loopback whose request bodies are checked against the client's own Ope
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -164,3 +166,27 @@ def test_register_later_without_retraining(tmp_path: Path, server: StandIn) -> N
     manifest = pipeline.run(config, run_dir, stages=("register",))
     assert manifest["stages"]["register"]["status"] == "ran"
     assert read_json(run_dir / "register" / "registration.json")["status"] == "registered"
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_with_a_private_ca_and_a_refused_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    with StandIn(token=TOKEN, tls=(cert, key), lifetime=60) as server:
+        record = register(make_run(tmp_path / "run"), server, ca_cert=str(cert))
+        assert (record["status"], record["registry"]) == ("registered", server.url)
+        with pytest.raises(RegistryError, match="TLS with https://127.0.0.1") as err:  # system CAs do not know it
+            register(make_run(tmp_path / "other"), server, version="2.0.0")
+        assert err.value.field == "registry.ca_cert"
+        assert len(server.versions) == 1
