@@ -160,3 +160,10 @@ def test_no_adapter_is_one_clear_error(tmp_path: Path) -> None:
 )
 def test_artifact_uri_names_the_object_store_for_kfp_mounts(path: str, uri: str) -> None:
     assert artifact_uri(Path(path)) == uri
+
+
+def test_non_finite_losses_are_left_out(run_dir: Path) -> None:
+    metrics = run_dir / "train" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"eval_loss": 0.6', '"eval_loss": NaN'))
+    meta = register(run_dir)["metadata"]
+    assert "eval_loss" not in meta and meta["train_loss"] == 0.5

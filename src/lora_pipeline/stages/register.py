@@ -9,6 +9,7 @@ train and eval outputs stay, and `lora-pipeline register -o RUN_DIR` registers l
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,12 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
     if results_file and results_file.exists():
         for row in read_json(results_file).get("comparison", []):
             meta.update(_score_entries(row))
-    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and v != ""}
+    # A diverged run's NaN loss is not valid JSON for the registry's REST API: left out, like a missing value.
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and v != "" and _finite(v)}
+
+
+def _finite(value: Scalar) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def score_key(row: dict[str, Any]) -> str:
