@@ -69,7 +69,13 @@ def _add_models_command(sub: Any) -> None:
     p = sub.add_parser(
         "models", help="List or show the models in the local registry", description=_add_models_command.__doc__
     )
-    p.add_argument("--path", default=None, metavar="FILE", help="Registry file (default: as --registry.path)")
+    p.add_argument(
+        "--path",
+        default=None,
+        metavar="FILE",
+        help="Registry file (default: $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
+        "else ~/.local/share/lora-pipeline/registry.db)",
+    )
     what = p.add_subparsers(dest="models_command", metavar="list|show", parser_class=_Parser, required=True)
     what.add_parser("list", help="Every registered version: name, version, base model, date, main score")
     show = what.add_parser("show", help="One version's lineage: base model, dataset, LoRA settings, losses, scores")

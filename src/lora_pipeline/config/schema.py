@@ -405,14 +405,14 @@ class RegistryConfig:
     # bundle for a registry behind a private CA, and where the local registry lives.
     token: str = param(
         "",
-        "Bearer token for the Model Registry (default: env MODEL_REGISTRY_TOKEN); never stored",
+        "Bearer token for the Model Registry; empty = env MODEL_REGISTRY_TOKEN. Never stored",
         cache=False,
         secret=True,
     )
-    ca_cert: str = param("", "PEM CA bundle to verify an https registry with (default: system CAs)", cache=False)
+    ca_cert: str = param("", "PEM CA bundle to verify an https registry with; empty = the system CAs", cache=False)
     path: str = param(
         "",
-        "Local registry file (default: $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
+        "Local registry file; empty = $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
         "else ~/.local/share/lora-pipeline/registry.db)",
     )
 
