@@ -75,6 +75,7 @@ def make_rows(tokenizer_dir: Path, n: int, seed: int) -> tuple[list[dict], list[
     from lora_pipeline.tokenization import encode_chat
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.model_max_length = 10**9  # the filler below is long on purpose
     rng = random.Random(seed)
     words = ["the", "cat", "dog", "sat", "on", "a", "mat", "market", "price", "rose", "fell", "team", "won", "rain"]
     filler = " ".join(rng.choice(words) for _ in range(4 * MAX_LEN))

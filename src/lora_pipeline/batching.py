@@ -1,10 +1,17 @@
 """Token-budget batching: optimizer steps of `effective_batch_size` rows, cut into micro-batches by tokens.
 
-Each optimizer step holds a fixed number of rows (the effective batch, per process). Its rows are cut into
-micro-batches that each hold at most `max_tokens` tokens counting padding (rows x the longest row in the
-micro-batch), so a step of short rows runs as one or two large forward passes and a step of long rows as
-several small ones: the number of micro-batches per step varies. The step's loss is the mean over all its
-real target tokens (not a mean of per-micro-batch means), so how a step is split changes nothing but speed.
+Each optimizer step holds a fixed number of rows: the effective batch divided among the processes (the last
+step of an epoch holds what is left when the rows do not divide evenly). Its rows are sorted by length and
+cut into micro-batches that each hold at most `max_tokens` tokens counting padding (rows x the longest row in
+the micro-batch), where padding plus a per-pass overhead is least (`split_by_budget`). So the number of
+micro-batches varies from step to step: a step of short rows may be one forward pass, a step of long rows
+several, and they need not be equal (e.g. 1 row of 900 tokens, then 15 rows of 400..600).
+
+None of that changes the step's result, only its speed: the step's loss is the mean over all its real
+target tokens (not a mean of per-micro-batch means). Each micro-batch's summed token loss is divided by the
+step's target-token count (over all processes: each process trains its own whole steps, and the counts are
+gathered), so the micro-batches' gradients add up to the gradient of the whole step taken at once. The
+learning-rate schedule counts optimizer steps, so it does not see the split either.
 
 Rows of similar length share a step, so little is padded: the epoch's rows are shuffled, cut into mega-batches
 of `MEGA_STEPS` steps, each mega-batch is sorted by length and cut into steps, and the steps are shuffled.
