@@ -32,7 +32,7 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kubeflow, "RETRY_DELAYS", (0.05, 0.1))
     monkeypatch.delenv("MODEL_REGISTRY_TOKEN", raising=False)
     monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
-    monkeypatch.setenv("LORA_PIPELINE_REGISTRY_TOKEN", "")  # pipeline.run sets it from registry.token
+    monkeypatch.setenv("LORA_PIPELINE_SECRET_REGISTRY_TOKEN", "")  # pipeline.run sets it from registry.token
 
 
 @pytest.fixture

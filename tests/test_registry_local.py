@@ -77,7 +77,7 @@ def test_preflight_refuses_a_taken_version_before_any_stage(db: Path, tmp_path: 
 def test_token_option_is_never_recorded_nor_printed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LORA_PIPELINE_REGISTRY_TOKEN", "")  # restored after the test: main() sets it
+    monkeypatch.setenv("LORA_PIPELINE_SECRET_REGISTRY_TOKEN", "")  # restored after the test: main() sets it
     token = "tok-a1b2c3d4e5"
     run_dir = make_run(tmp_path / "run")
     flags = ["--registry.address", "none", "--registry.token", token]

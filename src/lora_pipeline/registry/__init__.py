@@ -95,13 +95,17 @@ def token(cfg: RegistryConfig) -> str:
 
 
 def remember_secret(cfg: RegistryConfig) -> None:
-    """Make a token given as an option as secret as one given in the environment: redaction scrubs the
-    values of env vars named *TOKEN* from run.json, --print_config, logs and error lines."""
-    value = cfg.token
+    """Make a secret option (schema metadata secret=True: registry.token) as secret as one from the
+    environment: redaction scrubs the values of env vars named *TOKEN* from run.json, --print_config, logs
+    and error lines. Values shorter than 6 characters are not scrubbed (redaction's rule)."""
+    import dataclasses
+
     from lora_pipeline.redaction import is_redacted
 
-    if value and not is_redacted(value):
-        os.environ["LORA_PIPELINE_REGISTRY_TOKEN"] = value
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("secret") and isinstance(value, str) and value and not is_redacted(value):
+            os.environ[f"LORA_PIPELINE_SECRET_REGISTRY_{f.name.upper()}"] = value
 
 
 def open_registry(cfg: RegistryConfig) -> Registry:
