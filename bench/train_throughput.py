@@ -16,7 +16,11 @@ so that a slower or busier stretch of the machine does not land on one variant. 
 token count (the same for all) over the seconds spent in `Trainer.train` (model loading, tokenization and
 saving excluded; nothing evaluates). Reported per variant: the median over repeats.
 
-    .venv/bin/python bench/train_throughput.py                     # about 4-5 minutes on 2 cores
+Run it on an otherwise idle machine: torch's OpenMP threads spin while they wait, so when other busy processes
+share the cores every variant slows down many-fold, and unevenly (seen here: 5 s became 69 s).
+"final loss" is the last step's loss, on different rows for ours (steps group rows by length) than for TRL.
+
+    .venv/bin/python bench/train_throughput.py                     # about 3 minutes on 2 idle cores
     .venv/bin/python bench/train_throughput.py --steps 16 --repeats 3 --models large
 """
 
