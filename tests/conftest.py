@@ -42,3 +42,11 @@ def demo_assets(tmp_path_factory: pytest.TempPathFactory):
     from lora_pipeline.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(autouse=True)
+def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test registers into its own local registry file (the demo registers locally)."""
+    path = tmp_path / "registry.db"
+    monkeypatch.setenv("LORA_PIPELINE_REGISTRY", str(path))
+    return path

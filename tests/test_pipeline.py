@@ -26,7 +26,8 @@ def demo_run(demo_assets, tmp_path_factory) -> tuple[Path, object]:
     return run_dir, out
 
 
-def test_demo_runs_all_stages_and_tuned_beats_base_by_40_points(demo_run) -> None:
+def test_demo_runs_all_stages_and_tuned_beats_base_by_40_points(demo_run, demo_assets, monkeypatch) -> None:
+    monkeypatch.delenv("LORA_PIPELINE_REGISTRY")  # the module's demo run registered in its home's registry
     run_dir, out = demo_run
     manifest = read_json(run_dir / "run.json")
     assert [s for s, info in manifest["stages"].items() if info["status"] == "ran"] == [
@@ -40,7 +41,11 @@ def test_demo_runs_all_stages_and_tuned_beats_base_by_40_points(demo_run) -> Non
     assert acc["tuned"] >= acc["base"] + 0.40, acc
     assert acc["base"] <= 0.35  # near chance (5 classes)
     assert "demo_topic" in out.stdout and "acc" in out.stdout  # the base-vs-tuned table is printed
-    assert read_json(run_dir / "register" / "registration.json")["status"] == "skipped"
+    registration = read_json(run_dir / "register" / "registration.json")
+    assert (registration["status"], registration["registry_kind"]) == ("registered", "local")
+    assert "registered: demo-topic 1.0.0 (registered" in out.stdout
+    listed = run_cli("models", "list", env={"LORA_PIPELINE_HOME": str(Path(demo_assets.model_dir).parents[1])})
+    assert "demo-topic" in listed.stdout and "1.0.0" in listed.stdout
 
 
 def test_second_run_is_cached_and_eval_option_reruns_only_eval(demo_run, demo_assets) -> None:

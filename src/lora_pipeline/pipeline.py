@@ -231,6 +231,12 @@ def print_summary(manifest: dict[str, Any]) -> None:
         print(f"\nloss chart: {chart}")
     if (run_dir / "report.html").exists():
         print(f"run report: {run_dir / 'report.html'}")
+    registration = run_dir / "register" / "registration.json"
+    if "register" in manifest["stages"] and registration.exists():
+        record = read_json(registration)
+        if record.get("status") != "skipped":
+            where = record.get("registry")
+            print(f"registered: {record['model_name']} {record['version']} ({record.get('status')}, {where})")
 
 
 def _versions() -> dict[str, str]:

@@ -170,7 +170,7 @@ class TrainConfig:
     )
     use_liger: bool = param(
         True,
-        "Enable Liger kernel optimizations (CUDA with liger-kernel installed; otherwise a warning)",
+        "Enable Liger kernel optimizations (CUDA with liger-kernel; elsewhere the portable path, said at INFO)",
         kfp="phase_02_train_opt_use_liger",
         component="training_use_liger",
         component_optional=True,

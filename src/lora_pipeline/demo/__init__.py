@@ -42,6 +42,8 @@ def demo_config() -> dict[str, Any]:
     layer.setdefault("dataset", {})["data_uri"] = str(assets.data_file)
     layer.setdefault("train", {})["model"] = str(assets.model_dir)
     layer.setdefault("eval", {}).update(tasks=[assets.task_name], include_path=str(assets.task_dir))
+    # The embedded local registry, so the demo shows registration end to end (`lora-pipeline models list`).
+    layer["registry"] = {"address": "local", "model_name": "demo-topic"}
     return layer
 
 
