@@ -255,3 +255,24 @@ def test_progress_line_format() -> None:
     assert line == "step 40/900 (4%) loss 1.2346 lr 2.0e-04 9,500 tok/s ETA 0:43"  # 860 steps left at 20/s
     assert format_eta(3725) == "1:02:05"
     assert progress_line(0, 10, None, None, 0.0, 100.0) == "step 0/10 (0%)"  # nothing measured yet: no rate
+
+
+def test_tokenized_data_is_kept_by_content_and_reused(demo_assets, demo_dataset, tmp_path, caplog) -> None:
+    enc = tmp_path / "encoded"
+    cfg = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), effective_batch_size=24)
+    with caplog.at_level("INFO", logger="lora_pipeline"):
+        first = read_json(train_adapter(cfg, demo_dataset, tmp_path / "a") / "metrics.json")
+        assert not [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
+        second = read_json(train_adapter(cfg, demo_dataset, tmp_path / "b") / "metrics.json")
+    assert [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
+    assert len(list(enc.iterdir())) == 1 and (next(enc.iterdir()) / "train.jsonl").exists()
+    assert first["train_loss"] == second["train_loss"] and not (tmp_path / "b" / "data").exists()
+    longer = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), max_seq_len=96)
+    train_adapter(longer, demo_dataset, tmp_path / "c")
+    assert len(list(enc.iterdir())) == 2  # another sequence limit is other data
+
+
+def test_train_output_carries_the_eval_split_and_dataset_record(trained: Path, demo_dataset: Path) -> None:
+    assert (trained / "eval.jsonl").read_bytes() == (demo_dataset / "eval.jsonl").read_bytes()
+    assert read_json(trained / "dataset.json") == read_json(demo_dataset / "dataset.json")
+    assert list((trained / "data").glob("*/train.jsonl"))  # default: tokenized data inside the stage output

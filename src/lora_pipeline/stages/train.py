@@ -24,6 +24,7 @@ from lora_pipeline.checkpoints import (
     training_key,
 )
 from lora_pipeline.config import TrainConfig, parse_key_values
+from lora_pipeline.encoded_data import encoded_key, load_encoded, save_encoded
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
 from lora_pipeline.models import (
@@ -101,9 +102,20 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     model_ref = resolve_model(cfg.model, fetch=True)
     tokenizer = load_tokenizer(model_ref, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
-    train_rows = _encode(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg)
-    eval_path = dataset_dir / "eval.jsonl"
-    eval_rows = _encode(read_jsonl(eval_path), tokenizer, cfg) if eval_path.exists() else []
+    # Tokenized data is kept by content (train.data_output_dir, else inside this stage's output), so a rerun
+    # on the same data, tokenizer and template skips rendering and tokenizing every row.
+    data_root = Path(cfg.data_output_dir) if cfg.data_output_dir else out / "data"
+    tokenizer_dir = Path(model_ref) if Path(model_ref).is_dir() else None
+    data_key = encoded_key(dataset_dir, tokenizer_dir, f"{model_ref}\0{tokenizer.chat_template}", cfg.max_seq_len)
+    cached = load_encoded(data_root, data_key)
+    if cached:
+        train_rows, eval_rows = cached
+    else:
+        train_rows = _encode(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg)
+        eval_path = dataset_dir / "eval.jsonl"
+        eval_rows = _encode(read_jsonl(eval_path), tokenizer, cfg) if eval_path.exists() else []
+        if cfg.data_output_dir and train_rows:
+            save_encoded(data_root, data_key, train_rows, eval_rows)
     if not train_rows:
         raise StageError("no training row has an assistant token within max_seq_len", field="train.max_seq_len")
 
@@ -192,6 +204,13 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
         move_epoch_checkpoints(epoch_dir, tmp / "checkpoints")
+        if not cfg.data_output_dir:
+            save_encoded(tmp / "data", data_key, train_rows, eval_rows)
+        # The held-out rows and the dataset record travel with the adapter: the eval stage's `split` task and
+        # the registry's lineage read them from here when only this output is mounted (a Kubeflow pod).
+        for name in ("eval.jsonl", "dataset.json"):
+            if (dataset_dir / name).exists():
+                shutil.copy(dataset_dir / name, tmp / name)
         target_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows) * cfg.epochs
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         write_json_atomic(

@@ -1,0 +1,50 @@
+"""Tokenized, templated training data on disk (`train.data_output_dir`), keyed by what produced it.
+
+The key hashes the dataset stage's files, the tokenizer's files (vocabulary, merges, chat template), the
+sequence limit and this package's version, so a rerun with the same data, tokenizer and template reads
+the token ids back instead of rendering and tokenizing every row again. Each key has its own folder,
+written atomically: `<dir>/<key>/train.jsonl`, `eval.jsonl` (rows {"input_ids": [...], "labels": [...]}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline import __version__
+from lora_pipeline.files import atomic_dir, read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval")
+
+
+def encoded_key(dataset_dir: Path, tokenizer_dir: Path | None, chat_template: str | None, max_seq_len: int) -> str:
+    digest = hashlib.sha256(f"{__version__}\0{max_seq_len}\0{chat_template or ''}".encode())
+    files = [Path(dataset_dir) / f"{split}.jsonl" for split in SPLITS]
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        files += sorted(p for p in Path(tokenizer_dir).iterdir() if p.is_file() and "token" in p.name)
+    for path in files:
+        if path.exists():
+            digest.update(path.name.encode())
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_encoded(root: Path, key: str) -> tuple[list[dict], list[dict]] | None:
+    folder = Path(root) / key
+    if not all((folder / f"{split}.jsonl").exists() for split in SPLITS):
+        return None
+    log.info("train: tokenized data reused from %s", folder)
+    return read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "eval.jsonl")
+
+
+def save_encoded(root: Path, key: str, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> Path:
+    with atomic_dir(Path(root) / key) as tmp:
+        write_jsonl(train_rows, tmp / "train.jsonl")
+        write_jsonl(eval_rows, tmp / "eval.jsonl")
+    return Path(root) / key
