@@ -238,20 +238,13 @@ def apply_verbosity(level: str) -> None:
 
 def _silence_library_noise() -> None:
     """Warnings that say nothing about the user's settings, printed by libraries on every run."""
-    import logging
     import warnings
+
+    from lora_pipeline.library_notices import drop_library_notices
 
     # peft asks transformers for a deprecated attribute; nothing a user can change.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
-    # bitsandbytes on CPU looks for an optional kernels package on import, even when nothing is quantized.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels" not in record.getMessage())
-    # The eval stage hands lm-eval a model it loaded itself (quantized as trained); lm-eval warns about that.
-    logging.getLogger("lm_eval.models.huggingface").addFilter(
-        lambda record: (
-            "pretrained` model kwarg is not of type" not in record.getMessage()
-            and "already-initialized model" not in record.getMessage()
-        )
-    )
+    drop_library_notices()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from lora_pipeline.config import TrainConfig, parse_key_values
 from lora_pipeline.encoded_data import encoded_key, load_encoded, save_encoded
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
+from lora_pipeline.library_notices import drop_library_notices
 from lora_pipeline.models import (
     check_quantization_available,
     first_line,
@@ -45,13 +46,6 @@ MIN_STEPS = 10  # fewer optimizer steps than this and a LoRA barely leaves its i
 # memory cap, so on CPU the passes are capped here as well.
 CPU_PASS_TOKENS = 4096
 # Library warnings that say nothing about the user's settings, by logger name: dropped from the run's output.
-LIBRARY_NOTICES = {
-    # peft imports bitsandbytes even when nothing is quantized, and on a CPU with AVX512-BF16 bitsandbytes then
-    # warns that the optional `kernels` package is missing.
-    "bitsandbytes.backends.cpu.ops": "kernels-community",
-    # The Trainer orders checkpoints by mtime, and says so when two saves come less than a second apart.
-    "transformers.trainer_utils": "mtime may not be reliable",
-}
 VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")
 
 
@@ -84,7 +78,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     quant = quantization_settings(cfg)
     check_quantization_available(quant, f"train.lora_load_in_{'4' if cfg.lora_load_in_4bit else '8'}bit")
     backend = choose_backend(cfg)
-    _quiet_library_notices()
+    drop_library_notices()
 
     import torch
     import transformers
@@ -269,23 +263,6 @@ def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch:
     )
     log.warning("train: %s", message)
     return [message]
-
-
-class _DropNotice(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def _quiet_library_notices() -> None:
-    """Drop the library log lines listed in LIBRARY_NOTICES (once per process; idempotent)."""
-    for name, text in LIBRARY_NOTICES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNotice) for f in logger.filters):
-            logger.addFilter(_DropNotice(text))
 
 
 def _rank() -> int:
