@@ -127,18 +127,12 @@ def test_missing_model_names_the_field(demo_dataset, tmp_path: Path) -> None:
     assert err.value.field == "train.model"
 
 
-def test_threads_option_sets_torch_threads_and_packing_says_it_is_not_applied(
-    demo_assets, demo_dataset, tmp_path, caplog
-) -> None:
+def test_threads_option_sets_torch_threads(demo_assets, demo_dataset, tmp_path) -> None:
     before = torch.get_num_threads()
-    cfg = small_train_config(demo_assets.model_dir, threads=1, lora_sample_packing=True, effective_batch_size=24)
-    with caplog.at_level("INFO", logger="lora_pipeline"):
-        metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
+    cfg = small_train_config(demo_assets.model_dir, threads=1, effective_batch_size=24)
+    metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
     assert metrics["threads"] == {"torch": 1, "from": "train.threads"}  # read back from torch while training
     assert torch.get_num_threads() == before  # restored for whatever runs next in this process
-    assert metrics["sample_packing"]["requested"] and not metrics["sample_packing"]["applied"]
-    packing = [r.getMessage() for r in caplog.records if "lora_sample_packing" in r.getMessage()]
-    assert len(packing) == 1 and "not implemented" in packing[0]
 
 
 def test_threads_default_to_omp_num_threads_then_the_cores_this_process_may_use(monkeypatch) -> None:

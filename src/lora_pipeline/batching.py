@@ -32,6 +32,7 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from lora_pipeline.packing import concat_rows, split_by_tokens
 from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
 
 # What one more forward + backward pass costs beyond its tokens, in tokens: the price of cutting a step finer.
@@ -107,15 +108,21 @@ class StepSampler:
 
 
 class StepCollator:
-    """Collates one optimizer step's rows into padded micro-batches within the token budget."""
+    """Collates one optimizer step's rows into micro-batches within the token budget: padding-free (rows end to
+    end, see `packing`) when `padding_free`, else padded to each micro-batch's longest row."""
 
-    def __init__(self, pad_token_id: int, max_tokens: int, max_rows: int = 0) -> None:
+    def __init__(self, pad_token_id: int, max_tokens: int, max_rows: int = 0, padding_free: bool = False) -> None:
         self.pad = PadCollator(pad_token_id)
         self.max_tokens = max_tokens
         self.max_rows = max_rows
+        self.padding_free = padding_free
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        parts = split_by_budget([len(r["input_ids"]) for r in rows], self.max_tokens, self.max_rows)
+        lengths = [len(r["input_ids"]) for r in rows]
+        if self.padding_free:
+            parts = split_by_tokens(lengths, self.max_tokens, self.max_rows)
+            return {"micro_batches": [concat_rows([rows[i] for i in part]) for part in parts]}
+        parts = split_by_budget(lengths, self.max_tokens, self.max_rows)
         return {"micro_batches": [self.pad([rows[i] for i in part]) for part in parts]}
 
 
@@ -148,7 +155,8 @@ class BatchStats:
         self.micro_batches += len(micro_batches)
         self.max_micro_batches = max(self.max_micro_batches, len(micro_batches))
         for mb in micro_batches:
-            self.real += int(mb["attention_mask"].sum())
+            mask = mb.get("attention_mask")  # none in a padding-free micro-batch: every token is real
+            self.real += int(mask.sum()) if mask is not None else mb["input_ids"].numel()
             self.padded += mb["input_ids"].numel()
 
     def as_dict(self) -> dict[str, Any]:

@@ -259,8 +259,9 @@ class TrainConfig:
     )
     lora_sample_packing: bool = param(
         False,
-        "[LoRA] Pack multiple samples for efficiency (not applied yet: said at INFO and in metrics.json; "
-        "rows are grouped by length instead)",
+        "[LoRA] Pack multiple samples for efficiency: rows are packed into sequences of up to "
+        "min(max_seq_len, max_tokens_per_gpu) tokens, which count as the samples of effective_batch_size; rows "
+        "never attend to each other (applied where padding-free batches are exact, else a warning)",
         kfp="phase_02_train_opt_lora_sample_packing",
         component="training_lora_sample_packing",
         component_optional=True,

@@ -120,12 +120,13 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    padding_free = _padding_free(model, cfg)
     model = _wrap_lora(model, cfg)
     use_liger = _liger_available(cfg)
 
     step_rows = micro * accum  # rows per optimizer step in this process
-    steps_per_epoch = math.ceil(len(train_rows) / (step_rows * world_size()))
-    packing = _sample_packing(cfg)
+    packing, step_items = _sample_packing(cfg, train_rows, padding_free["applied"])
+    steps_per_epoch = math.ceil(len(step_items) / (step_rows * world_size()))
     if cfg.fsdp_sharding_strategy and world_size() == 1:
         log.warning("train.fsdp_sharding_strategy applies when several GPU processes train; this run has one")
     notes = _small_dataset_warnings(len(train_rows), micro * accum * world_size(), cfg.epochs, steps_per_epoch)
@@ -161,11 +162,13 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     trainer = make_trainer_class()(
         model=model,
         args=args,
-        train_dataset=train_rows,
+        train_dataset=step_items,
         eval_dataset=eval_rows or None,
         data_collator=PadCollator(tokenizer.pad_token_id),  # evaluation's batches
-        step_sampler=StepSampler([len(r["input_ids"]) for r in train_rows], step_rows, cfg.seed),
-        step_collator=StepCollator(tokenizer.pad_token_id, pass_tokens, cfg.micro_batch_size),
+        step_sampler=StepSampler([len(r["input_ids"]) for r in step_items], step_rows, cfg.seed),
+        step_collator=StepCollator(
+            tokenizer.pad_token_id, pass_tokens, cfg.micro_batch_size, padding_free=padding_free["applied"]
+        ),
     )
     epoch_dir = work / "epoch_checkpoints"
     trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir, steps_per_epoch))
@@ -225,6 +228,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "effective_batch_size": step_rows * world_size(),
                 "tokens": {"total": total_tokens, "target": target_tokens},
                 "batching": {"max_tokens_per_pass": pass_tokens, **trainer.batch_stats.as_dict()},
+                "padding_free": padding_free,
                 "sample_packing": packing,
                 "threads": {"torch": threads_used, "from": threads_from},
                 "train_seconds": round(seconds, 3),
@@ -300,13 +304,41 @@ def cpu_threads(option: int) -> tuple[int, str]:
         return max(1, os.cpu_count() or 1), "cpu count"
 
 
-def _sample_packing(cfg: TrainConfig) -> dict[str, Any]:
-    """lora_sample_packing is not implemented: say so once instead of ignoring it silently."""
+def _padding_free(model: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Padding-free micro-batches wherever they are exact for the model (see `packing`); why not elsewhere."""
+    from lora_pipeline.packing import enable_padding_free, padding_free_support
+
+    exact, why_not = padding_free_support(model.config, cfg.trust_remote_code)
+    if not exact:
+        log.info("train: micro-batches are padded: padding-free batches are %s", why_not)
+        return {"applied": False, "reason": why_not}
+    return {"applied": True, "attention": enable_padding_free(model)}
+
+
+def _sample_packing(cfg: TrainConfig, rows: list[dict], padding_free: bool) -> tuple[dict[str, Any], list[dict]]:
+    """With lora_sample_packing, the rows packed into sequences of up to min(max_seq_len, max_tokens_per_gpu)
+    tokens, which then count as the samples of `effective_batch_size`; else the rows themselves."""
     if not cfg.lora_sample_packing:
-        return {"requested": False, "applied": False}
-    reason = "not implemented yet; rows are batched by length under the token budget instead (little padding)"
-    log.info("train.lora_sample_packing: %s", reason)
-    return {"requested": True, "applied": False, "reason": reason}
+        return {"requested": False, "applied": False}, rows
+    if not padding_free:
+        # Packing without row bounds in attention would let rows attend to each other: refuse to do that.
+        reason = "rows can be packed only where padding-free batches are exact for the model (see padding_free)"
+        log.warning("train.lora_sample_packing: not applied: %s", reason)
+        return {"requested": True, "applied": False, "reason": reason}, rows
+    from lora_pipeline.packing import pack_rows
+
+    seq_tokens = min(cfg.max_seq_len, cfg.max_tokens_per_gpu)
+    packed = pack_rows(rows, seq_tokens)
+    fill = sum(len(r["input_ids"]) for r in rows) / (len(packed) * seq_tokens)
+    log.info(
+        "train.lora_sample_packing: %d rows packed into %d sequences of up to %d tokens (%.0f%% full)",
+        len(rows),
+        len(packed),
+        seq_tokens,
+        100 * fill,
+    )
+    info = {"requested": True, "applied": True, "sequence_tokens": seq_tokens, "sequences": len(packed)}
+    return info | {"rows_per_sequence": round(len(rows) / len(packed), 2), "fill": round(fill, 4)}, packed
 
 
 def choose_backend(cfg: TrainConfig) -> str:
