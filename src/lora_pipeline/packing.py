@@ -60,10 +60,29 @@ def enable_padding_free(model: Any) -> str:
     current = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if current.startswith("flash_attention"):
         return current
+    if _flash_attention_usable(model):
+        try:  # one varlen kernel per layer instead of one SDPA call per row
+            model.set_attn_implementation("flash_attention_2")
+            return "flash_attention_2"
+        except (ImportError, ValueError) as exc:
+            log.info("train: flash-attention 2 not used (%s); row-by-row SDPA instead", exc)
     AttentionInterface.register(ATTENTION, varlen_sdpa_attention)
     AttentionMaskInterface.register(ATTENTION, _padding_mask_only)
     model.set_attn_implementation(ATTENTION)
     return ATTENTION
+
+
+def _flash_attention_usable(model: Any) -> bool:
+    import importlib.util
+
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    return (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("flash_attn") is not None
+        and dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def _padding_mask_only(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:

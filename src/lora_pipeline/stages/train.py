@@ -6,7 +6,6 @@ tokenizer), `metrics.json` and `loss_chart.html`. Loss is on the assistant's tok
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -16,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.backends import choose_backend, liger_available, load_unsloth_model
 from lora_pipeline.checkpoints import (
     checkpoint_step,
     make_checkpoint_callback,
@@ -114,15 +114,20 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         raise StageError("no training row has an assistant token within max_seq_len", field="train.max_seq_len")
 
     micro, accum = batch_geometry(cfg, max(len(r["input_ids"]) for r in train_rows), world_size())
-    model = load_base_model(model_ref, quant, cfg.trust_remote_code)
-    if quant:
-        keep_cpu_4bit_weights_trainable(model)
-        from peft import prepare_model_for_kbit_training
+    if backend == "unsloth":
+        model, _ = load_unsloth_model(model_ref, cfg, quant)
+        # unsloth runs attention its own way: rows are padded per micro-batch there
+        padding_free = {"applied": False, "reason": "unsloth runs its own attention"}
+    else:
+        model = load_base_model(model_ref, quant, cfg.trust_remote_code)
+        if quant:
+            keep_cpu_4bit_weights_trainable(model)
+            from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    padding_free = _padding_free(model, cfg)
-    model = _wrap_lora(model, cfg)
-    use_liger = _liger_available(cfg)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        padding_free = _padding_free(model, cfg)
+        model = _wrap_lora(model, cfg)
+    use_liger = liger_available(cfg)
 
     step_rows = micro * accum  # rows per optimizer step in this process
     packing, step_items = _sample_packing(cfg, train_rows, padding_free["applied"])
@@ -339,25 +344,6 @@ def _sample_packing(cfg: TrainConfig, rows: list[dict], padding_free: bool) -> t
     )
     info = {"requested": True, "applied": True, "sequence_tokens": seq_tokens, "sequences": len(packed)}
     return info | {"rows_per_sequence": round(len(rows) / len(packed), 2), "fill": round(fill, 4)}, packed
-
-
-def choose_backend(cfg: TrainConfig) -> str:
-    """The backend that will run. unsloth's integration comes with the training issue: until then, peft."""
-    if cfg.backend == "unsloth":
-        log.warning("train.backend: unsloth is not wired in yet; using transformers + peft")
-    return "peft"
-
-
-def _liger_available(cfg: TrainConfig) -> bool:
-    if not cfg.use_liger:
-        return False
-    import torch
-
-    if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
-        return True
-    # INFO, not a warning: use_liger is on by default (the spec's default), so on CPU it says nothing wrong.
-    log.info("train.use_liger: Liger kernels need CUDA and liger-kernel; training without them")
-    return False
 
 
 def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
