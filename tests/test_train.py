@@ -241,7 +241,7 @@ def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_asset
     steps = [int(line.split("train: step ")[1].split("/")[0]) for line in progress]
     assert steps == sorted(set(steps))  # one line per step at most, in order
     assert "train: eval loss " in out.stderr
-    assert "INFO lora_pipeline.stages.train: train.use_liger: Liger kernels need CUDA" in out.stderr
+    assert "INFO lora_pipeline.backends: train.use_liger: Liger kernels need CUDA" in out.stderr
 
 
 def test_progress_line_format() -> None:

@@ -109,19 +109,36 @@ class StepSampler:
 
 class StepCollator:
     """Collates one optimizer step's rows into micro-batches within the token budget: padding-free (rows end to
-    end, see `packing`) when `padding_free`, else padded to each micro-batch's longest row."""
+    end, see `packing`) when `padding_free`, else padded to each micro-batch's longest row.
 
-    def __init__(self, pad_token_id: int, max_tokens: int, max_rows: int = 0, padding_free: bool = False) -> None:
+    `targets_only` (padding-free only): the micro-batch also says which positions predict a target token, and
+    the trainer computes the output layer's logits at those positions only. The prompt's positions need no
+    logits; with a large vocabulary (150k for Qwen) the logits are a large share of the time and memory.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        max_tokens: int,
+        max_rows: int = 0,
+        padding_free: bool = False,
+        targets_only: bool = False,
+    ) -> None:
         self.pad = PadCollator(pad_token_id)
         self.max_tokens = max_tokens
         self.max_rows = max_rows
         self.padding_free = padding_free
+        self.targets_only = targets_only and padding_free
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         lengths = [len(r["input_ids"]) for r in rows]
         if self.padding_free:
             parts = split_by_tokens(lengths, self.max_tokens, self.max_rows)
-            return {"micro_batches": [concat_rows([rows[i] for i in part]) for part in parts]}
+            batches = [concat_rows([rows[i] for i in part]) for part in parts]
+            if self.targets_only:
+                for mb in batches:  # position p predicts token p + 1
+                    mb["target_positions"] = (mb["labels"][0, 1:] != IGNORE_INDEX).nonzero().flatten()
+            return {"micro_batches": batches}
         parts = split_by_budget(lengths, self.max_tokens, self.max_rows)
         return {"micro_batches": [self.pad([rows[i] for i in part]) for part in parts]}
 
@@ -213,6 +230,22 @@ def make_trainer_class() -> type:
                 with sync:
                     loss = loss + super().training_step(model, mb, total)
             return loss
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            positions = inputs.get("target_positions")
+            if positions is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # Logits at the positions that predict a target token only (see StepCollator's targets_only).
+            targets = inputs["labels"][0, positions + 1]
+            inputs = {k: v for k, v in inputs.items() if k not in ("labels", "target_positions")}
+            outputs = model(**inputs, logits_to_keep=positions)
+            loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets, reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(1, len(targets)))
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as the Trainer's compute_loss does: DDP averages
+            return (loss, outputs) if return_outputs else loss
 
         def floating_point_ops(self, inputs: dict[str, Any]) -> int:
             if "micro_batches" in inputs:

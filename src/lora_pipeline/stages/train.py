@@ -172,7 +172,11 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         data_collator=PadCollator(tokenizer.pad_token_id),  # evaluation's batches
         step_sampler=StepSampler([len(r["input_ids"]) for r in step_items], step_rows, cfg.seed),
         step_collator=StepCollator(
-            tokenizer.pad_token_id, pass_tokens, cfg.micro_batch_size, padding_free=padding_free["applied"]
+            tokenizer.pad_token_id,
+            pass_tokens,
+            cfg.micro_batch_size,
+            padding_free=padding_free["applied"],
+            targets_only=not use_liger,  # Liger's fused loss never materialises the logits at all
         ),
     )
     epoch_dir = work / "epoch_checkpoints"
