@@ -118,6 +118,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         model, _ = load_unsloth_model(model_ref, cfg, quant)
         # unsloth runs attention its own way: rows are padded per micro-batch there
         padding_free = {"applied": False, "reason": "unsloth runs its own attention"}
+        fused = 0
     else:
         model = load_base_model(model_ref, quant, cfg.trust_remote_code)
         if quant:
@@ -127,6 +128,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         padding_free = _padding_free(model, cfg)
         model = _wrap_lora(model, cfg)
+        from lora_pipeline.fused_lora import fuse_lora_linears
+
+        fused = fuse_lora_linears(model)
     use_liger = liger_available(cfg)
 
     step_rows = micro * accum  # rows per optimizer step in this process
@@ -238,6 +242,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "tokens": {"total": total_tokens, "target": target_tokens},
                 "batching": {"max_tokens_per_pass": pass_tokens, **trainer.batch_stats.as_dict()},
                 "padding_free": padding_free,
+                "fused_lora_layers": fused,  # LoRA linears on the fused forward (see fused_lora)
                 "sample_packing": packing,
                 "threads": {"torch": threads_used, "from": threads_from},
                 "train_seconds": round(seconds, 3),

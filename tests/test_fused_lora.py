@@ -1,0 +1,72 @@
+"""The fused LoRA forward gives peft's outputs and gradients, and steps aside wherever it does not apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from lora_pipeline.fused_lora import fuse_lora_linears
+
+
+def lora_model(demo_assets, **lora):
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.float32)
+    # init_lora_weights=False: B is random too, so the adapter's product is not zero and the test can fail
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **lora)
+    return get_peft_model(base, config)
+
+
+def outputs_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True}])
+def test_fused_forward_matches_peft(demo_assets, lora) -> None:
+    model = lora_model(demo_assets, **lora)
+    ids = torch.randint(5, 700, (2, 33))
+    logits, grads = outputs_and_grads(model, ids)
+    fused = copy.deepcopy(model)
+    assert fuse_lora_linears(fused) == 14  # 7 linear layers x 2 blocks
+    fused_logits, fused_grads = outputs_and_grads(fused, ids)
+    assert torch.allclose(logits, fused_logits, atol=1e-4, rtol=1e-4)  # the same sum, added in another order
+    assert grads.keys() == fused_grads.keys()
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(grad, fused_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize(
+    "lora", [{"lora_dropout": 0.2}, {"use_dora": True}], ids=["dropout draws a mask per module", "dora"]
+)
+def test_cases_it_does_not_cover_go_through_peft(demo_assets, lora) -> None:
+    model = lora_model(demo_assets, **lora)
+    ids = torch.randint(5, 700, (1, 20))
+    fused = copy.deepcopy(model)
+    fuse_lora_linears(fused)
+    torch.manual_seed(1)
+    logits, grads = outputs_and_grads(model, ids)
+    torch.manual_seed(1)  # the same dropout masks: peft's forward ran in both
+    fused_logits, fused_grads = outputs_and_grads(fused, ids)
+    assert torch.equal(logits, fused_logits)
+    assert all(torch.equal(grads[n], fused_grads[n]) for n in grads)
+
+
+def test_disabled_adapter_gives_the_base(demo_assets) -> None:
+    model = lora_model(demo_assets)
+    fuse_lora_linears(model)
+    ids = torch.randint(5, 700, (1, 12))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        plain = model.get_base_model()
+    assert not torch.allclose(tuned, base, atol=1e-3)
+    assert plain is not None
