@@ -121,17 +121,12 @@ def varlen_sdpa_attention(
         )
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+    # split, not one slice per row: a slice's backward writes a zero-filled tensor of the whole sequence per row,
+    # split's backward is one concatenation
     parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            dropout_p=p,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+        F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
     ]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
