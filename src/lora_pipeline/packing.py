@@ -128,8 +128,8 @@ def varlen_sdpa_attention(
         F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
         for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
     ]
-    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-    return out.transpose(1, 2).contiguous(), None
+    # (1, tokens, heads, dim), as transformers expects it back: one copy for the concatenation and the transpose
+    return torch.cat([part.transpose(1, 2) for part in parts], dim=1), None
 
 
 def _row_bounds(kwargs: dict[str, Any], batch: int, attention_mask: Any) -> list[int] | None:
