@@ -9,7 +9,8 @@ number of optimizer steps, effective batch, learning rate and schedule, in fp32 
                     gradient checkpointing on); bf16 off, as CPU training here is fp32
   trl_padding_free  TRL with padding_free=True (rows concatenated, position ids restart per row; transformers
                     builds the block-diagonal mask from them) and gradient checkpointing off
-  ours              lora_pipeline's train stage (token-budget micro-batches of rows grouped by length)
+  ours              lora_pipeline's train stage with its defaults (token-budget steps of rows grouped by
+                    length, padding-free passes with row-by-row attention, fused LoRA forward)
 
 Each variant runs in a process of its own (peak RSS is per process), interleaved (A, B, C, A, B, C, ...)
 so that a slower or busier stretch of the machine does not land on one variant. Real tokens/s is the data's
@@ -18,7 +19,9 @@ saving excluded; nothing evaluates). Reported per variant: the median over repea
 
 Run it on an otherwise idle machine: torch's OpenMP threads spin while they wait, so when other busy processes
 share the cores every variant slows down many-fold, and unevenly (seen here: 5 s became 69 s).
-"final loss" is the last step's loss, on different rows for ours (steps group rows by length) than for TRL.
+"final loss" is the last step's loss, on different rows for ours (steps group rows by length) than for TRL;
+"data loss" is comparable: the trained model's mean loss over every target token of the training data, labelled
+the same way for all (computed after training, outside the timing; peak RSS includes it).
 
     .venv/bin/python bench/train_throughput.py                     # about 3 minutes on 2 idle cores
     .venv/bin/python bench/train_throughput.py --steps 16 --repeats 3 --models large
@@ -125,9 +128,14 @@ def run_ours(model: Path, data: Path, batch: int, out: Path) -> dict:
     )
     metrics = json.loads((train_adapter(cfg, data, out) / "metrics.json").read_text())
     batching = metrics["batching"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), out / "adapter")
     return {
         "seconds": metrics["train_seconds"],
         "final_loss": metrics["final_loss"],
+        "data_loss": data_loss(tuned, model, data),
         "steps": metrics["steps"],
         "padding_share": batching["padding_share"],
         "micro_batches_per_step": batching["micro_batches_per_step"],
@@ -195,10 +203,36 @@ def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool) 
     return {
         "seconds": round(seconds, 3),
         "final_loss": losses[-1] if losses else None,
+        "data_loss": data_loss(trainer.model, model, data),
         "steps": trainer.state.global_step,
         "padding_share": round(1 - counting.real / counting.padded, 4) if counting.padded else 0.0,
         "micro_batches_per_step": max(1, batch // micro),
     }
+
+
+def data_loss(tuned: object, model: Path, data: Path) -> float:
+    """The trained model's mean loss over every target token of the training rows, labelled the same way for all
+    variants (assistant tokens): comparable where the last step's loss is not (its rows differ)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator, encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    encoded = sorted((encode_chat(tokenizer, r["messages"], MAX_LEN) for r in rows), key=lambda e: len(e["input_ids"]))
+    total, count = 0.0, 0
+    tuned.eval()
+    with torch.no_grad():
+        for i in range(0, len(encoded), 8):
+            batch = PadCollator(tokenizer.pad_token_id)(encoded[i : i + 8])
+            logits = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            total, count = total + float(loss), count + int((labels != IGNORE_INDEX).sum())
+    return round(total / count, 4)
 
 
 def child(variant: str, model: Path, data: Path, batch: int) -> None:
@@ -270,13 +304,16 @@ def main() -> None:
 
 def report(results: dict[str, list[dict]], tokens: int) -> None:
     rate = {v: tokens / statistics.median(r["seconds"] for r in runs) for v, runs in results.items()}
-    print(f"{'variant':<18}{'tok/s':>10}{'seconds':>9}{'steps':>7}{'padding':>9}{'final loss':>12}{'peak RSS':>11}")
+    print(
+        f"{'variant':<18}{'tok/s':>10}{'seconds':>9}{'steps':>7}{'padding':>9}{'final loss':>12}{'data loss':>11}"
+        f"{'peak RSS':>11}"
+    )
     for variant, runs in results.items():
         last = runs[-1]
         seconds = statistics.median(r["seconds"] for r in runs)
         print(
             f"{variant:<18}{rate[variant]:>10,.0f}{seconds:>9.2f}{last['steps']:>7}{100 * last['padding_share']:>8.1f}%"
-            f"{last['final_loss']:>12.4f}{max(r['peak_rss_mib'] for r in runs):>8.0f} MiB"
+            f"{last['final_loss']:>12.4f}{last['data_loss']:>11.4f}{max(r['peak_rss_mib'] for r in runs):>8.0f} MiB"
         )
     if "ours" not in rate:
         return

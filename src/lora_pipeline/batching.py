@@ -13,8 +13,10 @@ step's target-token count (over all processes: each process trains its own whole
 gathered), so the micro-batches' gradients add up to the gradient of the whole step taken at once. The
 learning-rate schedule counts optimizer steps, so it does not see the split either.
 
-Rows of similar length share a step, so little is padded: the epoch's rows are shuffled, cut into mega-batches
-of `MEGA_STEPS` steps, each mega-batch is sorted by length and cut into steps, and the steps are shuffled.
+With padded passes, rows of similar length share a step, so little is padded: the epoch's rows are shuffled, cut
+into mega-batches of `MEGA_STEPS` steps, each mega-batch is sorted by length and cut into steps, and the steps
+are shuffled. Padding-free passes pad nothing, so there a step's rows are simply the next ones of the shuffled
+epoch (mega-batches of one step): grouping by length would only skew how many tokens each step weighs.
 Everything is drawn from `random.Random` seeded by (seed, epoch) alone, never from the torch RNG, so a run
 resumed from a checkpoint sees the same steps in the same order and the Trainer's skip of the steps already
 trained lands on the right ones.

@@ -84,7 +84,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import torch
     import transformers
 
-    from lora_pipeline.batching import StepCollator, StepSampler, make_trainer_class
+    from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
     from lora_pipeline.progress import make_progress_callback
     from lora_pipeline.tokenization import PadCollator, ensure_chat_template
 
@@ -175,7 +175,14 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         train_dataset=step_items,
         eval_dataset=eval_rows or None,
         data_collator=PadCollator(tokenizer.pad_token_id),  # evaluation's batches
-        step_sampler=StepSampler([len(r["input_ids"]) for r in step_items], step_rows, cfg.seed),
+        step_sampler=StepSampler(
+            [len(r["input_ids"]) for r in step_items],
+            step_rows,
+            cfg.seed,
+            # Grouping rows by length only saves padding: padding-free steps take rows as shuffled (measured: as
+            # fast or faster, and the loss per token matches TRL's random batches where grouped steps did not)
+            mega_steps=1 if padding_free["applied"] else MEGA_STEPS,
+        ),
         step_collator=StepCollator(
             tokenizer.pad_token_id,
             pass_tokens,
