@@ -6,10 +6,12 @@ tokenizer), `metrics.json` and `loss_chart.html`. Loss is on the assistant's tok
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -61,9 +63,11 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     threads_before = torch.get_num_threads()
+    restore_heap = _keep_freed_memory(not torch.cuda.is_available())
     try:
         return _train(cfg, dataset_dir, out)
     finally:
+        restore_heap()
         torch.set_num_threads(threads_before)
         for name, value in saved.items():
             if value is None:
@@ -275,6 +279,34 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         "train: loss %.4f after %d steps in %.1fs -> %s", train_loss or 0.0, trainer.state.global_step, seconds, out
     )
     return out
+
+
+def _keep_freed_memory(enable: bool) -> Any:
+    """While training on CPU, keep freed activation memory in glibc's heap instead of returning it to the OS.
+
+    glibc hands blocks above its mmap threshold (128 KiB to 32 MiB) back to the OS when freed, so each pass's
+    activations land on fresh pages that the kernel must fault in and zero again. With the threshold at its
+    maximum and no trimming they are reused: half the page faults and about 5% faster on the benchmark's larger
+    model. Returns a function that restores glibc's defaults. A no-op off glibc (macOS, musl) or on GPU.
+    """
+    libc = None
+    if enable and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt  # noqa: B018 - musl's libc has no mallopt
+        except (OSError, AttributeError):
+            libc = None
+    m_trim_threshold, m_mmap_threshold, default = -1, -3, 128 * 1024
+    if libc is not None:
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+
+    def restore() -> None:
+        if libc is not None:
+            libc.mallopt(m_mmap_threshold, default)
+            libc.mallopt(m_trim_threshold, default)
+
+    return restore
 
 
 def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch: int) -> list[str]:
