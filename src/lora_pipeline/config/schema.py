@@ -266,6 +266,11 @@ class TrainConfig:
         component="training_lora_sample_packing",
         component_optional=True,
     )
+    merge: bool = param(
+        False,
+        "Also write merged/: the adapter merged onto the base loaded without quantization (even after 4-bit/8-bit "
+        "training), safetensors + tokenizer, for servers without LoRA support; adapter/ is always written",
+    )
     fsdp_sharding_strategy: str | None = param(
         None,
         "FSDP sharding strategy for multi-GPU training (FULL_SHARD, HYBRID_SHARD, NO_SHARD)",

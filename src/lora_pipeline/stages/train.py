@@ -225,6 +225,10 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
+        if cfg.merge:
+            from lora_pipeline.export import export_merged
+
+            export_merged(model_ref, tmp / "adapter", tmp / "merged", cfg.trust_remote_code)
         move_epoch_checkpoints(epoch_dir, tmp / "checkpoints")
         if not cfg.data_output_dir:
             save_encoded(tmp / "data", data_key, train_rows, eval_rows)
@@ -261,6 +265,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 # tokens this process trained on, over its time outside the per-epoch evaluation
                 "tokens_per_second": round(tokens_here / max(1e-9, seconds - eval_seconds), 1),
                 "backend": backend,
+                "merged": cfg.merge,
                 "liger": use_liger,
                 "quantization": quant,
                 "trust_remote_code": cfg.trust_remote_code,
