@@ -205,8 +205,20 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     if resume:
         log.info("train: resuming from step %d of %d", resumed_at, steps_per_epoch * cfg.epochs)
     threads_used = torch.get_num_threads()  # what torch runs with, read back
+    from lora_pipeline.estimate import PeakMemory, describe, estimate_memory, make_eta_callback
+
+    target_share = sum(sum(t != -100 for t in r["labels"]) for r in train_rows) / max(1, tokens_in(train_rows))
+    logit_tokens = int(pass_tokens * target_share) if padding_free["applied"] and not use_liger else None
+    memory_estimate = estimate_memory(model, pass_tokens, logit_tokens)
+    log.info("train: %s", describe(memory_estimate, pass_tokens))
+    eta = make_eta_callback(steps_per_epoch * cfg.epochs, log)
+    trainer.add_callback(eta)
+    peak = PeakMemory()
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        memory_peak = peak.stop()
     seconds = time.perf_counter() - started
     if _rank() != 0:  # under torchrun every rank trains; one writes
         return out
@@ -262,6 +274,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "sample_packing": packing,
                 "threads": {"torch": threads_used, "from": threads_from},
                 "train_seconds": round(seconds, 3),
+                "memory": {"estimate": memory_estimate, "peak": memory_peak},
+                # predicted from the first steps (no evaluation in them) vs the seconds this run trained
+                "time": {"estimate": eta.as_dict(), "train_seconds": round(seconds, 3)},
                 # tokens this process trained on, over its time outside the per-epoch evaluation
                 "tokens_per_second": round(tokens_here / max(1e-9, seconds - eval_seconds), 1),
                 "backend": backend,
@@ -284,6 +299,10 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         "train: loss %.4f after %d steps in %.1fs -> %s", train_loss or 0.0, trainer.state.global_step, seconds, out
     )
     return out
+
+
+def tokens_in(rows: list[dict]) -> int:
+    return sum(len(r["input_ids"]) for r in rows)
 
 
 def _keep_freed_memory(enable: bool) -> Any:

@@ -1,0 +1,153 @@
+"""Before training: the expected peak memory; after a few steps: the expected time. During: the real peaks.
+
+The memory estimate adds up what training holds at its peak, from the model as loaded and wrapped:
+  weights      every parameter and buffer at its stored size (4-bit weights count their packed bytes)
+  lora         the trainable parameters, their gradients, and AdamW's two states per parameter (fp32)
+  activations  what one forward pass keeps for its backward, at the token budget of a pass:
+               tokens x layers x 5 x (hidden + intermediate) elements, plus the logits (tokens x vocab, fp32,
+               twice: the logits and their log-softmax). The 5 is measured: the tensors autograd saves for
+               a 2048-token pass (counted by storage with saved-tensor hooks) were 4.5 x (hidden + intermediate)
+               per token and layer for the demo's Qwen2 (128/384) and 4.95 x for a 256/768 one. The backward
+               holds gradients and temporaries beside them: x 1.75 (the peak RSS of training that 256/768
+               model grew by 1.74 x the saved tensors' size between 1k- and 4k-token passes).
+It does not count the process itself (Python, torch's libraries: a few hundred MB on CPU) or allocator slack.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import threading
+import time
+from typing import Any
+
+ACTIVATION_ELEMENTS_PER_UNIT = 5.0  # per token, per layer, per (hidden_size + intermediate_size); see above
+BACKWARD_WORKING_SET = 1.75  # peak activation memory / what autograd saves; see above
+
+
+def estimate_memory(model: Any, pass_tokens: int, target_tokens: int | None = None) -> dict[str, int]:
+    """Bytes by part (see the module docstring) for a pass of `pass_tokens` tokens, of which `target_tokens`
+    (default: all) get logits."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    lora = sum(p.numel() * p.element_size() for p in trainable)
+    config = model.config
+    hidden = getattr(config, "hidden_size", 0)
+    inner = getattr(config, "intermediate_size", 0) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", 0)
+    element = _activation_bytes(trainable)
+    per_token = ACTIVATION_ELEMENTS_PER_UNIT * (hidden + inner) * layers * element
+    logits = (pass_tokens if target_tokens is None else target_tokens) * getattr(config, "vocab_size", 0) * 4 * 2
+    parts = {
+        "weights": frozen + buffers,
+        "lora": lora,
+        "gradients": lora,
+        "optimizer": 2 * sum(p.numel() for p in trainable) * 4,
+        "activations": int((pass_tokens * per_token + logits) * BACKWARD_WORKING_SET),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _activation_bytes(trainable: list[Any]) -> int:
+    import torch
+
+    # activations follow the compute dtype: the LoRA weights' dtype on CPU (fp32); bf16/fp16 on GPU
+    dtype = trainable[0].dtype if trainable else torch.float32
+    return 2 if torch.cuda.is_available() and dtype != torch.float32 else torch.finfo(dtype).bits // 8
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def describe(estimate: dict[str, int], pass_tokens: int) -> str:
+    trainable = estimate["lora"] + estimate["gradients"] + estimate["optimizer"]
+    return (
+        f"expected peak memory ~{format_bytes(estimate['total'])} (weights {format_bytes(estimate['weights'])}, "
+        f"LoRA + gradients + optimizer {format_bytes(trainable)}, activations {format_bytes(estimate['activations'])}"
+        f" at {pass_tokens} tokens/pass)"
+    )
+
+
+class PeakMemory:
+    """The process's peak resident memory while training (sampled every `interval` s by a daemon thread, as a
+    peak between two optimizer steps would be missed by a per-step reading), and CUDA's max allocated."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import psutil
+        import torch
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.rss_start = self.rss_peak = self._process.memory_info().rss
+        self._cuda = torch.cuda.is_available()
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.rss_peak = max(self.rss_peak, self._process.memory_info().rss)
+
+    def stop(self) -> dict[str, int | None]:
+        self._stop.set()
+        self._thread.join()
+        self.rss_peak = max(self.rss_peak, self._process.memory_info().rss)
+        return self.as_dict()
+
+    def as_dict(self) -> dict[str, int | None]:
+        import torch
+
+        # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's lifetime peak
+        scale = 1 if sys.platform == "darwin" else 1024
+        return {
+            "rss_start_bytes": self.rss_start,
+            "rss_peak_bytes": self.rss_peak,
+            "rss_peak_increase_bytes": self.rss_peak - self.rss_start,
+            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if self._cuda else None,
+        }
+
+
+def make_eta_callback(total_steps: int, log: logging.Logger, after_steps: int = 5) -> Any:
+    """A TrainerCallback that, `after_steps` optimizer steps into the run (a resumed run counts from where it
+    starts), logs the expected time to finish and keeps the prediction for metrics.json (`as_dict`)."""
+    from transformers import TrainerCallback
+
+    from lora_pipeline.progress import format_eta
+
+    class EtaCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = 0.0
+            self.first_step = 0
+            self.predicted: float | None = None
+            self.measured_steps = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started, self.first_step = time.perf_counter(), state.global_step
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            done = state.global_step - self.first_step
+            # a few steps, or the whole run when it is shorter: the first steps carry one-off warm-up costs
+            if self.predicted is not None or done < min(after_steps, total_steps - self.first_step):
+                return
+            elapsed = time.perf_counter() - self.started
+            remaining = (total_steps - state.global_step) * elapsed / done
+            self.predicted, self.measured_steps = elapsed + remaining, done
+            if state.is_world_process_zero:
+                log.info("train: expected time to finish: ~%s (from the first %d steps)", format_eta(remaining), done)
+
+        def as_dict(self) -> dict[str, Any]:
+            seconds = round(self.predicted, 3) if self.predicted is not None else None
+            return {"after_steps": self.measured_steps, "predicted_seconds": seconds}
+
+    return EtaCallback()
