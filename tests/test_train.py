@@ -17,7 +17,7 @@ from lora_pipeline.errors import StageError
 from lora_pipeline.files import read_json
 from lora_pipeline.progress import format_eta, progress_line
 from lora_pipeline.stages.dataset import prepare_dataset
-from lora_pipeline.stages.train import batch_geometry, cpu_threads, train_adapter
+from lora_pipeline.stages.train import cpu_threads, train_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,8 @@ def test_outputs(trained: Path) -> None:
     assert list((trained / "checkpoints").glob("checkpoint-*")), "save_epoch keeps a checkpoint per epoch"
     metrics = read_json(trained / "metrics.json")
     assert metrics["steps"] == 9  # 72 train rows / effective batch 8, one epoch
-    assert (metrics["micro_batch_size"], metrics["gradient_accumulation_steps"]) == (4, 2)
+    assert metrics["effective_batch_size"] == 8 and metrics["world_size"] == 1
+    assert "gradient_accumulation_steps" not in metrics  # passes per step vary: "batching" says how many
     assert metrics["eval_loss"] is not None
     losses = [h["loss"] for h in metrics["history"] if "loss" in h]
     assert len(losses) == 9 and all(loss > 0 for loss in losses)
@@ -141,21 +142,6 @@ def test_threads_default_to_omp_num_threads_then_the_cores_this_process_may_use(
     assert cpu_threads(0) == (2, "OMP_NUM_THREADS")
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert cpu_threads(0) == (len(os.sched_getaffinity(0)), "cpu affinity")
-
-
-@pytest.mark.parametrize(
-    ("effective", "micro", "tokens", "longest", "world", "expected"),
-    [
-        (128, 0, 32000, 1000, 1, (32, 4)),  # token budget: 32 rows of 1000 tokens per micro-batch
-        (128, 8, 32000, 1000, 1, (8, 16)),
-        (16, 0, 32000, 100, 1, (16, 1)),  # budget allows more than the batch: no accumulation
-        (128, 0, 32000, 1000, 2, (32, 2)),  # two ranks share the effective batch
-        (10, 4, 32000, 10, 1, (4, 3)),  # not divisible: rounded up to 12 samples per step
-    ],
-)
-def test_batch_geometry(effective, micro, tokens, longest, world, expected) -> None:
-    cfg = TrainConfig(effective_batch_size=effective, micro_batch_size=micro, max_tokens_per_gpu=tokens)
-    assert batch_geometry(cfg, longest, world) == expected
 
 
 def test_spec_defaults_4bit_two_epochs_with_eval_split_train_on_cpu(demo_assets, demo_dataset, tmp_path) -> None:

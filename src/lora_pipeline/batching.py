@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -79,18 +80,27 @@ class StepSampler:
     Deterministic from `seed` and the epoch set by `set_epoch` (the Trainer calls it before each epoch).
     """
 
-    def __init__(self, lengths: Sequence[int], step_rows: int, seed: int, mega_steps: int = MEGA_STEPS) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        step_rows: int,
+        seed: int,
+        mega_steps: int = MEGA_STEPS,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.lengths = list(lengths)
         self.step_rows = max(1, step_rows)
         self.seed = seed
         self.mega_steps = max(1, mega_steps)
+        self.rank, self.world = rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.step_rows)
+        return len(self.steps(self.epoch))
 
     def steps(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:{epoch}")  # a str seed hashes the same in every process (no PYTHONHASHSEED)
@@ -101,12 +111,19 @@ class StepSampler:
         for start in range(0, len(order), mega):
             chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
             steps += [chunk[i : i + self.step_rows] for i in range(0, len(chunk), self.step_rows)]
-        # The last step may be short (rows not divisible by the step): it stays a step, wherever it lands.
+        # The last step may be short (rows not divisible by the step): it stays a step, wherever it lands, unless
+        # it has fewer rows than there are processes (each needs one): then it joins the step before.
+        if len(steps) > 1 and len(steps[-1]) < self.world:
+            last = steps.pop()
+            steps[-1] = steps[-1] + last
         rng.shuffle(steps)
         return steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.steps(self.epoch)
+        # Every process walks the same global steps and takes every world-th row of each (rows of a step are
+        # sorted by length, so the shares are about even): together they train the step a single process would.
+        for step in self.steps(self.epoch):
+            yield step[self.rank :: self.world]
 
 
 class StepCollator:
@@ -178,12 +195,17 @@ class BatchStats:
             self.real += int(mask.sum()) if mask is not None else mb["input_ids"].numel()
             self.padded += mb["input_ids"].numel()
 
-    def as_dict(self) -> dict[str, Any]:
+    def counts(self) -> list[int]:
+        return [self.real, self.padded, self.micro_batches]
+
+    def as_dict(self, counts: list[int] | None = None) -> dict[str, Any]:
+        """The statistics; `counts` (from `counts()`, summed over processes) replaces this process's own."""
+        real, padded, micro_batches = counts or self.counts()
         return {
-            "real_tokens": self.real,
-            "padded_tokens": self.padded,  # real tokens plus padding: what the forward passes computed on
-            "padding_share": round(1 - self.real / self.padded, 4) if self.padded else 0.0,
-            "micro_batches_per_step": round(self.micro_batches / self.steps, 2) if self.steps else 0.0,
+            "real_tokens": real,
+            "padded_tokens": padded,  # real tokens plus padding: what the forward passes computed on
+            "padding_share": round(1 - real / padded, 4) if padded else 0.0,
+            "micro_batches_per_step": round(micro_batches / self.steps, 2) if self.steps else 0.0,
             "max_micro_batches_per_step": self.max_micro_batches,
         }
 
@@ -193,6 +215,10 @@ def make_trainer_class() -> type:
     import torch
     import transformers
     from torch.utils.data import DataLoader
+
+    class StepLoader(DataLoader):
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls it before each epoch
+            self.batch_sampler.set_epoch(epoch)
 
     class TokenBudgetTrainer(transformers.Trainer):
         """A Trainer whose batches are whole optimizer steps (see the module docstring)."""
@@ -206,14 +232,11 @@ def make_trainer_class() -> type:
                 self.compute_loss_func = summed_token_loss
 
         def get_train_dataloader(self) -> DataLoader:
-            loader = DataLoader(
-                self.train_dataset,
-                batch_sampler=self.step_sampler,
-                collate_fn=self.step_collator,
-                num_workers=0,
+            # Not handed to accelerate, which would give each process whole steps of its own: the sampler gives
+            # each its share of every step. The Trainer moves the tensors to the device.
+            return StepLoader(
+                self.train_dataset, batch_sampler=self.step_sampler, collate_fn=self.step_collator, num_workers=0
             )
-            # Several processes: accelerate hands each its own steps (every world_size-th one).
-            return self.accelerator.prepare(loader)
 
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
             micro_batches = inputs["micro_batches"]
@@ -248,6 +271,38 @@ def make_trainer_class() -> type:
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as the Trainer's compute_loss does: DDP averages
             return (loss, outputs) if return_outputs else loss
+
+        def evaluate(
+            self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+        ) -> dict[str, float]:
+            """The eval loss as the training loss is defined: the mean over every target token of the eval rows.
+            The Trainer's own averages per-batch means, which moves with the batching and with how the rows are
+            split among processes; this is the same number however they are batched or split."""
+            rows = self.eval_dataset if eval_dataset is None else eval_dataset
+            started = time.perf_counter()
+            model = self.model
+            was_training = model.training
+            model.eval()
+            rank, world = self.args.process_index, self.args.world_size
+            mine = sorted(range(rank, len(rows), world), key=lambda i: len(rows[i]["input_ids"]))
+            size = self.args.per_device_eval_batch_size
+            totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+            with torch.no_grad():
+                for start in range(0, len(mine), size):
+                    batch = self._prepare_inputs(self.data_collator([rows[i] for i in mine[start : start + size]]))
+                    outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+                    totals[0] += summed_token_loss(outputs, batch["labels"], num_items_in_batch=1).double()
+                    totals[1] += target_tokens(batch)
+            if world > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            model.train(was_training)
+            metrics = {
+                f"{metric_key_prefix}_loss": float(totals[0] / totals[1].clamp(min=1)),
+                f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4),
+            }
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
 
         def floating_point_ops(self, inputs: dict[str, Any]) -> int:
             if "micro_batches" in inputs:

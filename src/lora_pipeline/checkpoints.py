@@ -98,6 +98,10 @@ def make_checkpoint_callback(
             minutes = cfg.checkpoint_minutes
             if minutes and clock() - self.last_save >= minutes * 60:
                 control.should_save = True
+            if minutes and getattr(args, "world_size", 1) > 1:
+                # Each process has its own clock, and a save is a joint act (the Trainer waits for all of them):
+                # rank 0's decision holds for every process.
+                control.should_save = _rank0_decides(control.should_save)
             if control.should_save and state.global_step % steps_per_epoch == 0:
                 # An epoch's last step: the Trainer would save before the epoch's evaluation, and a run resumed
                 # from that checkpoint would skip it; save after it instead (on_epoch_end). After the very last
@@ -127,6 +131,16 @@ def make_checkpoint_callback(
             return control
 
     return CheckpointCallback()
+
+
+def _rank0_decides(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def move_epoch_checkpoints(epoch_dir: Path, dest: Path) -> None:

@@ -7,6 +7,7 @@ so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -207,7 +208,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     import logging
 
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -248,7 +249,7 @@ def _silence_library_noise() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    _setup_logging()
+    setup_logging()
     if args.command == "models":
         from lora_pipeline.registry import local_path
         from lora_pipeline.registry.commands import list_models, show_model
@@ -273,6 +274,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if stage and getattr(args, "out", None):
         return _run_one_stage(args, stage, resolve_config(args, base))
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would write run.json and take the run directory's lock
+        raise ConfigError(
+            "a run directory is not run under torchrun: use `--train.num_procs N` (it launches the processes), "
+            "or torchrun around `lora-pipeline train --input dataset=DIR --out DIR`",
+            field="WORLD_SIZE",
+        )
     from lora_pipeline import pipeline
 
     run_dir = Path(args.run_dir) if args.run_dir else pipeline.default_run_dir(demo)
@@ -313,9 +321,13 @@ def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> in
         raise ConfigError(f"missing {', '.join(f'{m}=DIR' for m in missing)}", field="--input")
     out = Path(args.out)
     preflight(config, (stage.name,), out, "--out")
-    with exclusive_lock(out.with_name(f".{out.name}.lock"), what=str(out)):
+    # Under torchrun every process runs this command; rank 0 holds the output's lock and reports.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    lock = exclusive_lock(out.with_name(f".{out.name}.lock"), what=str(out)) if rank0 else contextlib.nullcontext()
+    with lock:
         stage.call(getattr(config, stage.section), inputs, out)
-    print(f"{stage.name}: {out}")
+    if rank0:
+        print(f"{stage.name}: {out}")
     return 0
 
 

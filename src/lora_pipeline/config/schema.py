@@ -302,10 +302,10 @@ class TrainConfig:
     )
     num_procs: str = param(
         "auto",
-        "Processes per worker ('auto' = one per GPU)",
+        "Processes per worker ('auto' = one per GPU, 1 without one). A local run with N > 1 launches N training "
+        "processes with torchrun (gloo on CPU, NCCL on GPU); on Kubernetes, processes per TrainJob node",
         kfp="phase_02_train_opt_num_procs",
         component="training_resource_num_procs_per_worker",
-        applies="kubernetes",
     )
     cpu: str = param(
         "4",

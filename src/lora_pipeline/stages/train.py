@@ -20,6 +20,7 @@ from typing import Any
 from lora_pipeline.backends import choose_backend, liger_available, load_unsloth_model
 from lora_pipeline.checkpoints import (
     checkpoint_step,
+    last_complete_checkpoint,
     make_checkpoint_callback,
     move_epoch_checkpoints,
     prepare_work_dir,
@@ -55,6 +56,11 @@ VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bi
 def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     """Train the adapter with `train.env_vars` set in this process's environment and torch's CPU threads set
     (see `cpu_threads`); both restored afterwards."""
+    from lora_pipeline.launch import maybe_launch
+
+    launched = maybe_launch(cfg, Path(dataset_dir), Path(out))
+    if launched is not None:
+        return launched
     import torch
 
     env = parse_key_values(cfg.env_vars)
@@ -118,7 +124,6 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     if not train_rows:
         raise StageError("no training row has an assistant token within max_seq_len", field="train.max_seq_len")
 
-    micro, accum = batch_geometry(cfg, max(len(r["input_ids"]) for r in train_rows), world_size())
     if backend == "unsloth":
         model, _ = load_unsloth_model(model_ref, cfg, quant)
         # unsloth runs attention its own way: rows are padded per micro-batch there
@@ -138,21 +143,24 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         fused = fuse_lora_linears(model)
     use_liger = liger_available(cfg)
 
-    step_rows = micro * accum  # rows per optimizer step in this process
+    step_rows = cfg.effective_batch_size  # per optimizer step, over all processes (each takes its share)
     packing, step_items = _sample_packing(cfg, train_rows, padding_free["applied"])
-    steps_per_epoch = math.ceil(len(step_items) / (step_rows * world_size()))
-    if cfg.fsdp_sharding_strategy and world_size() == 1:
+    steps_per_epoch = math.ceil(len(step_items) / step_rows)
+    world, rank = world_size(), _rank()
+    if cfg.fsdp_sharding_strategy and world == 1:
         log.warning("train.fsdp_sharding_strategy applies when several GPU processes train; this run has one")
-    notes = _small_dataset_warnings(len(train_rows), micro * accum * world_size(), cfg.epochs, steps_per_epoch)
+    notes = _small_dataset_warnings(len(train_rows), step_rows, cfg.epochs, steps_per_epoch)
     work = out.with_name(f".{out.name}.work")  # checkpoints survive kill -9 and Ctrl-C, for resume
-    resume = prepare_work_dir(work, training_key(cfg, dataset_dir))
     cuda = torch.cuda.is_available()
+    resume = _prepare_work_dir_once(work, training_key(cfg, dataset_dir), world, rank, cuda)
     pass_tokens = cfg.max_tokens_per_gpu if cuda else min(cfg.max_tokens_per_gpu, CPU_PASS_TOKENS)
+    longest = max(len(r["input_ids"]) for r in (eval_rows or train_rows))
+    eval_batch = min(cfg.micro_batch_size or 64, max(1, pass_tokens // longest))  # padded: the budget counts padding
     tty = os.isatty(2)
     args = transformers.TrainingArguments(
         output_dir=str(work / "checkpoints"),
         per_device_train_batch_size=step_rows,  # not used for training: the StepSampler makes the batches
-        per_device_eval_batch_size=micro,
+        per_device_eval_batch_size=eval_batch,
         gradient_accumulation_steps=1,  # one batch is one optimizer step; its micro-batches run in training_step
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
@@ -186,6 +194,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
             # Grouping rows by length only saves padding: padding-free steps take rows as shuffled (measured: as
             # fast or faster, and the loss per token matches TRL's random batches where grouped steps did not)
             mega_steps=1 if padding_free["applied"] else MEGA_STEPS,
+            rank=rank,
+            world=world,
         ),
         step_collator=StepCollator(
             tokenizer.pad_token_id,
@@ -220,7 +230,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     finally:
         memory_peak = peak.stop()
     seconds = time.perf_counter() - started
-    if _rank() != 0:  # under torchrun every rank trains; one writes
+    batch_stats = trainer.batch_stats.as_dict(_sum_over_processes(trainer.batch_stats.counts(), world))
+    if rank != 0:  # under torchrun every rank trains; one writes
         return out
 
     from lora_pipeline.report import write_loss_chart
@@ -261,14 +272,12 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "epochs": cfg.epochs,
                 "train_rows": len(train_rows),
                 "eval_rows": len(eval_rows),
-                # The geometry the longest row allows; each step's micro-batches are cut by the token budget
-                # (see "batching": how many it took on average).
-                "micro_batch_size": micro,
-                "gradient_accumulation_steps": accum,
-                "world_size": world_size(),
-                "effective_batch_size": step_rows * world_size(),
+                "world_size": world,
+                # rows (packed sequences with sample packing) per optimizer step over all processes; each step is
+                # cut into passes by the token budget ("batching": how many per step, all processes together)
+                "effective_batch_size": step_rows,
                 "tokens": {"total": total_tokens, "target": target_tokens},
-                "batching": {"max_tokens_per_pass": pass_tokens, **trainer.batch_stats.as_dict()},
+                "batching": {"max_tokens_per_pass": pass_tokens, **batch_stats},
                 "padding_free": padding_free,
                 "fused_lora_layers": fused,  # LoRA linears on the fused forward (see fused_lora)
                 "sample_packing": packing,
@@ -277,7 +286,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "memory": {"estimate": memory_estimate, "peak": memory_peak},
                 # predicted from the first steps (no evaluation in them) vs the seconds this run trained
                 "time": {"estimate": eta.as_dict(), "train_seconds": round(seconds, 3)},
-                # tokens this process trained on, over its time outside the per-epoch evaluation
+                # tokens trained (all processes), over the time outside the per-epoch evaluation
                 "tokens_per_second": round(tokens_here / max(1e-9, seconds - eval_seconds), 1),
                 "backend": backend,
                 "merged": cfg.merge,
@@ -299,6 +308,36 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         "train: loss %.4f after %d steps in %.1fs -> %s", train_loss or 0.0, trainer.state.global_step, seconds, out
     )
     return out
+
+
+def _prepare_work_dir_once(work: Path, key: str, world: int, rank: int, cuda: bool) -> Path | None:
+    """The checkpoint to resume from. With several processes, rank 0 alone clears or keeps the work directory
+    (they would race) while the others wait at a barrier, then read the same checkpoint."""
+    if world == 1:
+        return prepare_work_dir(work, key)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # accelerate would start it later; the barrier is needed now
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    resume = prepare_work_dir(work, key) if rank == 0 else None
+    dist.barrier()
+    return resume if rank == 0 else last_complete_checkpoint(work / "checkpoints")
+
+
+def _sum_over_processes(counts: list[int], world: int) -> list[int]:
+    if world == 1:
+        return counts
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return [int(x) for x in total.tolist()]
 
 
 def tokens_in(rows: list[dict]) -> int:
@@ -353,18 +392,6 @@ def _rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def batch_geometry(cfg: TrainConfig, longest: int, world: int = 1) -> tuple[int, int]:
-    """(micro-batch, gradient accumulation) so that micro x accum x world ~= effective_batch_size.
-
-    With micro_batch_size 0 the micro-batch is as large as max_tokens_per_gpu allows for the longest row.
-    """
-    per_rank = max(1, math.ceil(cfg.effective_batch_size / world))
-    micro = cfg.micro_batch_size or max(1, cfg.max_tokens_per_gpu // max(1, longest))
-    micro = min(micro, per_rank)
-    accum = math.ceil(per_rank / micro)
-    return math.ceil(per_rank / accum), accum
 
 
 def cpu_threads(option: int) -> tuple[int, str]:
