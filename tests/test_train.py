@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from lora_pipeline.config import DatasetConfig, TrainConfig
+from lora_pipeline.cpu import cpu_threads
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import read_json
 from lora_pipeline.progress import format_eta, progress_line
 from lora_pipeline.stages.dataset import prepare_dataset
-from lora_pipeline.stages.train import cpu_threads, train_adapter
+from lora_pipeline.stages.train import train_adapter
 
 pytestmark = pytest.mark.integration
 

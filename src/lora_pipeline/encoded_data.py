@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
+from lora_pipeline.config import TrainConfig
 from lora_pipeline.files import atomic_dir, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -48,3 +49,19 @@ def save_encoded(root: Path, key: str, train_rows: list[dict[str, Any]], eval_ro
         write_jsonl(train_rows, tmp / "train.jsonl")
         write_jsonl(eval_rows, tmp / "eval.jsonl")
     return Path(root) / key
+
+
+def encode_rows(rows: list[dict], tokenizer: Any, cfg: TrainConfig) -> list[dict]:
+    """Chat rows: loss on the assistant's tokens; plain-text rows ({"text": ...}): loss on every token."""
+    from lora_pipeline.tokenization import encode_chat, encode_text
+
+    encoded = [
+        encode_text(tokenizer, r["text"], cfg.max_seq_len)
+        if "text" in r
+        else encode_chat(tokenizer, r["messages"], cfg.max_seq_len)
+        for r in rows
+    ]
+    dropped = sum(e is None for e in encoded)
+    if dropped:
+        log.warning("train: %d rows have no assistant token within max_seq_len=%d, skipped", dropped, cfg.max_seq_len)
+    return [e for e in encoded if e is not None]

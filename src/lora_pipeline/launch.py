@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lora_pipeline.checkpoints import last_complete_checkpoint, prepare_work_dir
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.errors import StageError
 
@@ -50,7 +51,7 @@ def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path | None:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "OMP_NUM_THREADS" not in env and not cfg.threads:
         # torchrun would set 1 thread per process; share the cores this process may use among them instead
-        from lora_pipeline.stages.train import cpu_threads
+        from lora_pipeline.cpu import cpu_threads
 
         env["OMP_NUM_THREADS"] = str(max(1, cpu_threads(0)[0] // procs))
     backend = "NCCL" if _cuda() else "gloo"
@@ -81,6 +82,44 @@ def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path | None:
     if code != 0:
         raise StageError(f"{procs} training processes failed (exit {code}); their error is above", field="train")
     return out
+
+
+def process_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prepare_work_dir_once(work: Path, key: str, world: int, rank: int, cuda: bool) -> Path | None:
+    """The checkpoint to resume from. With several processes, rank 0 alone clears or keeps the work directory
+    (they would race) while the others wait at a barrier, then read the same checkpoint."""
+    if world == 1:
+        return prepare_work_dir(work, key)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # accelerate would start it later; the barrier is needed now
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    resume = prepare_work_dir(work, key) if rank == 0 else None
+    dist.barrier()
+    return resume if rank == 0 else last_complete_checkpoint(work / "checkpoints")
+
+
+def sum_over_processes(counts: list[int], world: int) -> list[int]:
+    if world == 1:
+        return counts
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return [int(x) for x in total.tolist()]
 
 
 def _stop_with_parent() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,25 @@ def load_tokenizer(model_ref: str, trust_remote_code: bool = False, field: str =
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def wrap_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or "all-linear"
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_rslora=cfg.lora_use_rslora,
+        use_dora=cfg.lora_use_dora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with warnings.catch_warnings():
+            # peft asks the model for transformers' deprecated `is_gradient_checkpointing`: not the user's doing.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, lora)
+    except ValueError as exc:  # peft names the modules it could not find
+        raise StageError(first_line(exc), field="train.lora_target_modules") from None

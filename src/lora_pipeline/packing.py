@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lora_pipeline.config import TrainConfig
 from lora_pipeline.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -222,3 +224,37 @@ def pack_rows(rows: Sequence[dict[str, Any]], seq_tokens: int) -> list[dict[str,
             }
         )
     return packed
+
+
+def choose_padding_free(model: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Padding-free micro-batches wherever they are exact for the model (see `packing`); why not elsewhere."""
+    # looked up at call time, so that a test can switch it
+    exact, why_not = sys.modules[__name__].padding_free_support(model.config, cfg.trust_remote_code)
+    if not exact:
+        log.info("train: micro-batches are padded: padding-free batches are %s", why_not)
+        return {"applied": False, "reason": why_not}
+    return {"applied": True, "attention": enable_padding_free(model)}
+
+
+def sample_packing(cfg: TrainConfig, rows: list[dict], padding_free: bool) -> tuple[dict[str, Any], list[dict]]:
+    """With lora_sample_packing, the rows packed into sequences of up to min(max_seq_len, max_tokens_per_gpu)
+    tokens, which then count as the samples of `effective_batch_size`; else the rows themselves."""
+    if not cfg.lora_sample_packing:
+        return {"requested": False, "applied": False}, rows
+    if not padding_free:
+        # Packing without row bounds in attention would let rows attend to each other: refuse to do that.
+        reason = "rows can be packed only where padding-free batches are exact for the model (see padding_free)"
+        log.warning("train.lora_sample_packing: not applied: %s", reason)
+        return {"requested": True, "applied": False, "reason": reason}, rows
+    seq_tokens = min(cfg.max_seq_len, cfg.max_tokens_per_gpu)
+    packed = pack_rows(rows, seq_tokens)
+    fill = sum(len(r["input_ids"]) for r in rows) / (len(packed) * seq_tokens)
+    log.info(
+        "train.lora_sample_packing: %d rows packed into %d sequences of up to %d tokens (%.0f%% full)",
+        len(rows),
+        len(packed),
+        seq_tokens,
+        100 * fill,
+    )
+    info = {"requested": True, "applied": True, "sequence_tokens": seq_tokens, "sequences": len(packed)}
+    return info | {"rows_per_sequence": round(len(rows) / len(packed), 2), "fill": round(fill, 4)}, packed

@@ -6,40 +6,37 @@ tokenizer), `metrics.json` and `loss_chart.html`. Loss is on the assistant's tok
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import shutil
-import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 from lora_pipeline.backends import choose_backend, liger_available, load_unsloth_model
 from lora_pipeline.checkpoints import (
     checkpoint_step,
-    last_complete_checkpoint,
     make_checkpoint_callback,
     move_epoch_checkpoints,
-    prepare_work_dir,
     training_key,
 )
 from lora_pipeline.config import TrainConfig, parse_key_values
-from lora_pipeline.encoded_data import encoded_key, load_encoded, save_encoded
+from lora_pipeline.cpu import cpu_threads, keep_freed_memory
+from lora_pipeline.encoded_data import encode_rows, encoded_key, load_encoded, save_encoded
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
+from lora_pipeline.launch import prepare_work_dir_once, process_rank, sum_over_processes, world_size
 from lora_pipeline.library_notices import drop_library_notices
 from lora_pipeline.models import (
     check_quantization_available,
-    first_line,
     keep_cpu_4bit_weights_trainable,
     load_base_model,
     load_tokenizer,
     quantization_settings,
     resolve_model,
+    wrap_lora,
 )
+from lora_pipeline.packing import choose_padding_free, sample_packing
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +66,7 @@ def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     threads_before = torch.get_num_threads()
-    restore_heap = _keep_freed_memory(not torch.cuda.is_available())
+    restore_heap = keep_freed_memory(not torch.cuda.is_available())
     try:
         return _train(cfg, dataset_dir, out)
     finally:
@@ -116,9 +113,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     if cached:
         train_rows, eval_rows = cached
     else:
-        train_rows = _encode(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg)
+        train_rows = encode_rows(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg)
         eval_path = dataset_dir / "eval.jsonl"
-        eval_rows = _encode(read_jsonl(eval_path), tokenizer, cfg) if eval_path.exists() else []
+        eval_rows = encode_rows(read_jsonl(eval_path), tokenizer, cfg) if eval_path.exists() else []
         if cfg.data_output_dir and train_rows:
             save_encoded(data_root, data_key, train_rows, eval_rows)
     if not train_rows:
@@ -136,23 +133,23 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        padding_free = _padding_free(model, cfg)
-        model = _wrap_lora(model, cfg)
+        padding_free = choose_padding_free(model, cfg)
+        model = wrap_lora(model, cfg)
         from lora_pipeline.fused_lora import fuse_lora_linears
 
         fused = fuse_lora_linears(model)
     use_liger = liger_available(cfg)
 
     step_rows = cfg.effective_batch_size  # per optimizer step, over all processes (each takes its share)
-    packing, step_items = _sample_packing(cfg, train_rows, padding_free["applied"])
+    packing, step_items = sample_packing(cfg, train_rows, padding_free["applied"])
     steps_per_epoch = math.ceil(len(step_items) / step_rows)
-    world, rank = world_size(), _rank()
+    world, rank = world_size(), process_rank()
     if cfg.fsdp_sharding_strategy and world == 1:
         log.warning("train.fsdp_sharding_strategy applies when several GPU processes train; this run has one")
     notes = _small_dataset_warnings(len(train_rows), step_rows, cfg.epochs, steps_per_epoch)
     work = out.with_name(f".{out.name}.work")  # checkpoints survive kill -9 and Ctrl-C, for resume
     cuda = torch.cuda.is_available()
-    resume = _prepare_work_dir_once(work, training_key(cfg, dataset_dir), world, rank, cuda)
+    resume = prepare_work_dir_once(work, training_key(cfg, dataset_dir), world, rank, cuda)
     pass_tokens = cfg.max_tokens_per_gpu if cuda else min(cfg.max_tokens_per_gpu, CPU_PASS_TOKENS)
     longest = max(len(r["input_ids"]) for r in (eval_rows or train_rows))
     eval_batch = min(cfg.micro_batch_size or 64, max(1, pass_tokens // longest))  # padded: the budget counts padding
@@ -230,7 +227,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     finally:
         memory_peak = peak.stop()
     seconds = time.perf_counter() - started
-    batch_stats = trainer.batch_stats.as_dict(_sum_over_processes(trainer.batch_stats.counts(), world))
+    batch_stats = trainer.batch_stats.as_dict(sum_over_processes(trainer.batch_stats.counts(), world))
     if rank != 0:  # under torchrun every rank trains; one writes
         return out
 
@@ -310,66 +307,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     return out
 
 
-def _prepare_work_dir_once(work: Path, key: str, world: int, rank: int, cuda: bool) -> Path | None:
-    """The checkpoint to resume from. With several processes, rank 0 alone clears or keeps the work directory
-    (they would race) while the others wait at a barrier, then read the same checkpoint."""
-    if world == 1:
-        return prepare_work_dir(work, key)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # accelerate would start it later; the barrier is needed now
-        if cuda:
-            import torch
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    resume = prepare_work_dir(work, key) if rank == 0 else None
-    dist.barrier()
-    return resume if rank == 0 else last_complete_checkpoint(work / "checkpoints")
-
-
-def _sum_over_processes(counts: list[int], world: int) -> list[int]:
-    if world == 1:
-        return counts
-    import torch
-    import torch.distributed as dist
-
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    total = torch.tensor(counts, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return [int(x) for x in total.tolist()]
-
-
 def tokens_in(rows: list[dict]) -> int:
     return sum(len(r["input_ids"]) for r in rows)
-
-
-def _keep_freed_memory(enable: bool) -> Any:
-    """While training on CPU, keep freed activation memory in glibc's heap instead of returning it to the OS.
-
-    glibc hands blocks above its mmap threshold (128 KiB to 32 MiB) back to the OS when freed, so each pass's
-    activations land on fresh pages that the kernel must fault in and zero again. With the threshold at its
-    maximum and no trimming they are reused: half the page faults and about 5% faster on the benchmark's larger
-    model. Returns a function that restores glibc's defaults. A no-op off glibc (macOS, musl) or on GPU.
-    """
-    libc = None
-    if enable and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt  # noqa: B018 - musl's libc has no mallopt
-        except (OSError, AttributeError):
-            libc = None
-    m_trim_threshold, m_mmap_threshold, default = -1, -3, 128 * 1024
-    if libc is not None:
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-
-    def restore() -> None:
-        if libc is not None:
-            libc.mallopt(m_mmap_threshold, default)
-            libc.mallopt(m_trim_threshold, default)
-
-    return restore
 
 
 def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch: int) -> list[str]:
@@ -384,101 +323,3 @@ def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch:
     )
     log.warning("train: %s", message)
     return [message]
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def cpu_threads(option: int) -> tuple[int, str]:
-    """Threads for torch's CPU ops, and where the number came from: `train.threads` when set, else
-    OMP_NUM_THREADS, else the cores this process may run on (its affinity, which a container's cpuset or
-    `taskset` narrows; os.cpu_count() would count the whole machine)."""
-    if option > 0:
-        return option, "train.threads"
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env), "OMP_NUM_THREADS"
-    try:
-        return max(1, len(os.sched_getaffinity(0))), "cpu affinity"
-    except AttributeError:  # no sched_getaffinity (macOS)
-        return max(1, os.cpu_count() or 1), "cpu count"
-
-
-def _padding_free(model: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Padding-free micro-batches wherever they are exact for the model (see `packing`); why not elsewhere."""
-    from lora_pipeline.packing import enable_padding_free, padding_free_support
-
-    exact, why_not = padding_free_support(model.config, cfg.trust_remote_code)
-    if not exact:
-        log.info("train: micro-batches are padded: padding-free batches are %s", why_not)
-        return {"applied": False, "reason": why_not}
-    return {"applied": True, "attention": enable_padding_free(model)}
-
-
-def _sample_packing(cfg: TrainConfig, rows: list[dict], padding_free: bool) -> tuple[dict[str, Any], list[dict]]:
-    """With lora_sample_packing, the rows packed into sequences of up to min(max_seq_len, max_tokens_per_gpu)
-    tokens, which then count as the samples of `effective_batch_size`; else the rows themselves."""
-    if not cfg.lora_sample_packing:
-        return {"requested": False, "applied": False}, rows
-    if not padding_free:
-        # Packing without row bounds in attention would let rows attend to each other: refuse to do that.
-        reason = "rows can be packed only where padding-free batches are exact for the model (see padding_free)"
-        log.warning("train.lora_sample_packing: not applied: %s", reason)
-        return {"requested": True, "applied": False, "reason": reason}, rows
-    from lora_pipeline.packing import pack_rows
-
-    seq_tokens = min(cfg.max_seq_len, cfg.max_tokens_per_gpu)
-    packed = pack_rows(rows, seq_tokens)
-    fill = sum(len(r["input_ids"]) for r in rows) / (len(packed) * seq_tokens)
-    log.info(
-        "train.lora_sample_packing: %d rows packed into %d sequences of up to %d tokens (%.0f%% full)",
-        len(rows),
-        len(packed),
-        seq_tokens,
-        100 * fill,
-    )
-    info = {"requested": True, "applied": True, "sequence_tokens": seq_tokens, "sequences": len(packed)}
-    return info | {"rows_per_sequence": round(len(rows) / len(packed), 2), "fill": round(fill, 4)}, packed
-
-
-def _wrap_lora(model: Any, cfg: TrainConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or "all-linear"
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        use_rslora=cfg.lora_use_rslora,
-        use_dora=cfg.lora_use_dora,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        with warnings.catch_warnings():
-            # peft asks the model for transformers' deprecated `is_gradient_checkpointing`: not the user's doing.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            return get_peft_model(model, lora)
-    except ValueError as exc:  # peft names the modules it could not find
-        raise StageError(first_line(exc), field="train.lora_target_modules") from None
-
-
-def _encode(rows: list[dict], tokenizer: Any, cfg: TrainConfig) -> list[dict]:
-    """Chat rows: loss on the assistant's tokens; plain-text rows ({"text": ...}): loss on every token."""
-    from lora_pipeline.tokenization import encode_chat, encode_text
-
-    encoded = [
-        encode_text(tokenizer, r["text"], cfg.max_seq_len)
-        if "text" in r
-        else encode_chat(tokenizer, r["messages"], cfg.max_seq_len)
-        for r in rows
-    ]
-    dropped = sum(e is None for e in encoded)
-    if dropped:
-        log.warning("train: %d rows have no assistant token within max_seq_len=%d, skipped", dropped, cfg.max_seq_len)
-    return [e for e in encoded if e is not None]
