@@ -89,8 +89,8 @@ class TrainConfig:
     )
     micro_batch_size: int = param(
         0,
-        "Most samples per forward pass (0 = as many as max_tokens_per_gpu allows, counting padding); "
-        "each optimizer step's samples are cut into as many forward passes as the token budget needs",
+        "Most samples per forward pass (0 = as many as max_tokens_per_gpu allows; padding counts where passes "
+        "are padded); each optimizer step's samples are cut into as many forward passes as the budget needs",
         min=0,
     )
     epochs: int = param(
