@@ -38,6 +38,8 @@ def full_run(root: Path) -> Path:
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
     metrics["history"] = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-4} for s in range(1, 21)]
     metrics["history"].append({"step": 20, "eval_loss": 0.61})
+    metrics.update(world_size=2, batching={"padding_share": 0.0123})
+    metrics["memory"] = {"estimate": {"total": 300 * 2**20}, "peak": {"rss_peak_bytes": 1234 * 2**20}}
     (run_dir / "train" / "metrics.json").write_text(json.dumps(metrics))
     samples = run_dir / "eval" / "samples"
     samples.mkdir()
@@ -73,6 +75,9 @@ def test_report_shows_the_whole_run(tmp_path: Path) -> None:
         "✗ fruit",  # base prediction wrong
         "topic <b>1.2.3</b>",
         "/data/registry.db",
+        "1.2%",  # padding share
+        "1,234 MiB",  # peak memory
+        "300 MiB",  # expected memory
     ):
         assert text in page, text
     assert "<redacted>" not in page and "&lt;redacted&gt;" in page  # shown escaped, never as markup

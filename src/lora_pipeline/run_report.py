@@ -144,12 +144,24 @@ def _training(metrics: dict[str, Any] | None) -> str:
         ("tokens/s", _n(metrics.get("tokens_per_second"))),
         ("train time", f"{seconds:.0f}s" if isinstance(seconds, (int, float)) else "—"),
         ("device", _e(metrics.get("device", "—"))),
+        ("processes", _n(metrics.get("world_size"))),
+        ("padding", _share((metrics.get("batching") or {}).get("padding_share"))),
+        ("peak memory", _mib(((metrics.get("memory") or {}).get("peak") or {}).get("rss_peak_bytes"))),
+        ("expected memory", _mib(((metrics.get("memory") or {}).get("estimate") or {}).get("total"))),
     ]
     warnings = "".join(f'<p class="bad">{_e(w)}</p>' for w in metrics.get("warnings") or [])
     # The train stage's chart page, minus its own page frame: cards, loss + learning-rate panels, data table.
     chart = render_loss_chart(metrics.get("history") or [], title="loss")
     body = chart[chart.index("<main>") + len("<main>") : chart.rindex("</main>")]
     return _cards(cards) + warnings + f'<div class="chart">{body}</div>'
+
+
+def _share(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "—"
+
+
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:,.0f} MiB" if isinstance(value, (int, float)) else "—"
 
 
 def _evaluation(eval_dir: Path) -> str:
