@@ -80,7 +80,10 @@ def test_training_records_estimates_and_peaks(demo_assets, tmp_path: Path, caplo
     peak = memory["peak"]
     assert peak["rss_peak_bytes"] >= peak["rss_start_bytes"] > 0 and peak["ru_maxrss_bytes"] > 0
     assert peak["cuda_max_allocated_bytes"] is None  # CPU
-    assert timing["estimate"]["after_steps"] == 5 and timing["estimate"]["predicted_seconds"] > 0
+    assert (
+        timing["estimate"]["after_steps"] == min(10, metrics["steps"] - 1)
+        and timing["estimate"]["predicted_seconds"] > 0
+    )
     assert timing["train_seconds"] == metrics["train_seconds"]
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("train: expected peak memory ~") for m in messages)

@@ -118,9 +118,10 @@ class PeakMemory:
         }
 
 
-def make_eta_callback(total_steps: int, log: logging.Logger, after_steps: int = 5) -> Any:
-    """A TrainerCallback that, `after_steps` optimizer steps into the run (a resumed run counts from where it
-    starts), logs the expected time to finish and keeps the prediction for metrics.json (`as_dict`)."""
+def make_eta_callback(total_steps: int, log: logging.Logger, after_steps: int = 10) -> Any:
+    """A TrainerCallback that times `after_steps` optimizer steps after the run's first one (a resumed run
+    counts from where it starts), then logs the expected time to finish and keeps the prediction for
+    metrics.json (`as_dict`). Per-epoch evaluations are not in the steps it times."""
     from transformers import TrainerCallback
 
     from lora_pipeline.progress import format_eta
@@ -129,6 +130,7 @@ def make_eta_callback(total_steps: int, log: logging.Logger, after_steps: int = 
         def __init__(self) -> None:
             self.started = 0.0
             self.first_step = 0
+            self.mark: tuple[float, int] | None = None  # (time, step) at the end of the run's first step
             self.predicted: float | None = None
             self.measured_steps = 0
 
@@ -136,15 +138,18 @@ def make_eta_callback(total_steps: int, log: logging.Logger, after_steps: int = 
             self.started, self.first_step = time.perf_counter(), state.global_step
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            done = state.global_step - self.first_step
-            # a few steps, or the whole run when it is shorter: the first steps carry one-off warm-up costs
-            if self.predicted is not None or done < min(after_steps, total_steps - self.first_step):
+            now = time.perf_counter()
+            if self.mark is None:
+                # The first step carries one-off costs (allocations, lazy setup): the rate is timed after it.
+                self.mark = (now, state.global_step)
                 return
-            elapsed = time.perf_counter() - self.started
-            remaining = (total_steps - state.global_step) * elapsed / done
-            self.predicted, self.measured_steps = elapsed + remaining, done
+            done = state.global_step - self.mark[1]
+            if self.predicted is not None or done < min(after_steps, total_steps - self.mark[1]):
+                return
+            remaining = (total_steps - state.global_step) * (now - self.mark[0]) / done
+            self.predicted, self.measured_steps = now - self.started + remaining, done
             if state.is_world_process_zero:
-                log.info("train: expected time to finish: ~%s (from the first %d steps)", format_eta(remaining), done)
+                log.info("train: expected time to finish: ~%s (from %d steps)", format_eta(remaining), done)
 
         def as_dict(self) -> dict[str, Any]:
             seconds = round(self.predicted, 3) if self.predicted is not None else None

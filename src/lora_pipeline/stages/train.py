@@ -215,9 +215,12 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     from lora_pipeline.estimate import PeakMemory, describe, estimate_memory, make_eta_callback
 
     target_share = sum(sum(t != -100 for t in r["labels"]) for r in train_rows) / max(1, tokens_in(train_rows))
-    logit_tokens = int(pass_tokens * target_share) if padding_free["applied"] and not use_liger else None
-    memory_estimate = estimate_memory(model, pass_tokens, logit_tokens)
-    log.info("train: %s", describe(memory_estimate, pass_tokens))
+    # the largest pass: the budget, or a whole step of the longest rows when that is less
+    widest = sorted((len(r["input_ids"]) for r in step_items), reverse=True)[: -(-step_rows // world)]
+    peak_pass = min(pass_tokens, max(sum(widest), widest[0]))
+    logit_tokens = int(peak_pass * target_share) if padding_free["applied"] and not use_liger else None
+    memory_estimate = estimate_memory(model, peak_pass, logit_tokens)
+    log.info("train: %s", describe(memory_estimate, peak_pass))
     eta = make_eta_callback(steps_per_epoch * cfg.epochs, log)
     trainer.add_callback(eta)
     peak = PeakMemory()
