@@ -12,7 +12,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from helpers import train_config
+from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
@@ -27,17 +28,7 @@ def dataset_dir(demo_assets, tmp_path_factory) -> Path:
 
 
 def train(demo_assets, dataset_dir: Path, out: Path, **overrides) -> Path:
-    values = dict(
-        model=str(demo_assets.model_dir),
-        effective_batch_size=8,
-        epochs=1,
-        learning_rate=5e-3,
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-        threads=1,
-    )
-    return train_adapter(TrainConfig(**(values | overrides)), dataset_dir, out)
+    return train_adapter(train_config(demo_assets.model_dir, **overrides), dataset_dir, out)
 
 
 def adapter_logits(demo_assets, trained: Path, ids: torch.Tensor) -> torch.Tensor:

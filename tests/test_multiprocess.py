@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import train_config
 from lora_pipeline.batching import StepSampler
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.launch import resolve_num_procs
 from lora_pipeline.stages.dataset import prepare_dataset
@@ -48,25 +49,11 @@ def dataset_dir(demo_assets, tmp_path_factory) -> Path:
     return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=80, data_split=0.9), out)
 
 
-def config(demo_assets, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(demo_assets.model_dir),
-        effective_batch_size=8,
-        epochs=1,
-        learning_rate=5e-3,
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-        threads=1,
-    )
-    return TrainConfig(**(values | overrides))
-
-
 @pytest.mark.integration
 def test_two_processes_match_one_process_step_by_step(demo_assets, dataset_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # loopback only
-    one = read_json(train_adapter(config(demo_assets), dataset_dir, tmp_path / "one") / "metrics.json")
-    out = train_adapter(config(demo_assets, num_procs="2"), dataset_dir, tmp_path / "two")
+    one = read_json(train_adapter(train_config(demo_assets.model_dir), dataset_dir, tmp_path / "one") / "metrics.json")
+    out = train_adapter(train_config(demo_assets.model_dir, num_procs="2"), dataset_dir, tmp_path / "two")
     two = read_json(out / "metrics.json")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["effective_batch_size"] == one["effective_batch_size"] == 8 and two["steps"] == one["steps"] == 9
@@ -128,16 +115,20 @@ def test_two_processes_killed_resume_and_end_as_one_process_does(demo_assets, da
 
     import psutil
 
-    cfg = config(demo_assets, num_procs="2", checkpoint_steps=3, checkpoint_minutes=0.0)
-    straight = read_json(train_adapter(config(demo_assets), dataset_dir, tmp_path / "one") / "metrics.json")
+    cfg = train_config(demo_assets.model_dir, num_procs="2", checkpoint_steps=3, checkpoint_minutes=0.0)
+    straight = read_json(
+        train_adapter(train_config(demo_assets.model_dir), dataset_dir, tmp_path / "one") / "metrics.json"
+    )
     out = tmp_path / "two"
     checkpoints = tmp_path / ".two.work" / "checkpoints"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", TRAIN, json.dumps(dataclasses.asdict(cfg)), str(dataset_dir), str(out)]
-    parent = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - the process writes it while the test polls
+    parent = subprocess.Popen(command, env=env, stderr=log)
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        assert parent.poll() is None and time.monotonic() < deadline
+        assert parent.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     children = psutil.Process(parent.pid).children(recursive=True)
     parent.send_signal(signal.SIGKILL)

@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers
 
+from helpers import train_config
 from lora_pipeline import batching, packing
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.packing import (
     concat_rows,
@@ -152,20 +153,6 @@ def test_support_is_limited_to_exact_cases(demo_model) -> None:
 def dataset_dir(demo_assets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packds") / "dataset"
     return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), out)
-
-
-def train_config(model_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model_dir),
-        effective_batch_size=8,
-        epochs=1,
-        learning_rate=5e-3,
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-        threads=1,
-    )
-    return TrainConfig(**(values | overrides))
 
 
 @pytest.mark.integration

@@ -80,23 +80,13 @@ def load_unsloth_model(model_ref: str, cfg: TrainConfig, quant: dict[str, Any] |
         load_in_8bit=bool(quant and quant.get("bits") == 8),
         trust_remote_code=cfg.trust_remote_code,
     )
-    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
+    from lora_pipeline.models import lora_settings, lora_targets
+
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = FastLanguageModel.get_peft_model(
         model,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        use_rslora=cfg.lora_use_rslora,
-        use_dora=cfg.lora_use_dora,
+        **lora_settings(cfg),
+        target_modules=lora_targets(cfg) or every_linear,
         random_state=cfg.seed,
         use_gradient_checkpointing="unsloth",
     )

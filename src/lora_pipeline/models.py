@@ -121,19 +121,27 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def lora_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The LoRA options, as peft's LoraConfig and unsloth's get_peft_model both name them."""
+    return {
+        "r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "use_rslora": cfg.lora_use_rslora,
+        "use_dora": cfg.lora_use_dora,
+    }
+
+
+def lora_targets(cfg: TrainConfig) -> list[str]:
+    """`lora_target_modules` as a list; empty means every linear layer but the output layer."""
+    return [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+
+
 def wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or "all-linear"
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        use_rslora=cfg.lora_use_rslora,
-        use_dora=cfg.lora_use_dora,
-        task_type="CAUSAL_LM",
-    )
+    settings = lora_settings(cfg)
+    lora = LoraConfig(**settings, target_modules=lora_targets(cfg) or "all-linear", task_type="CAUSAL_LM")
     try:
         with warnings.catch_warnings():
             # peft asks the model for transformers' deprecated `is_gradient_checkpointing`: not the user's doing.
