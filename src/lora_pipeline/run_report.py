@@ -146,8 +146,8 @@ def _training(metrics: dict[str, Any] | None) -> str:
         ("device", _e(metrics.get("device", "—"))),
         ("processes", _n(metrics.get("world_size"))),
         ("padding", _share((metrics.get("batching") or {}).get("padding_share"))),
-        ("peak memory", _mib(((metrics.get("memory") or {}).get("peak") or {}).get("rss_peak_bytes"))),
-        ("expected memory", _mib(((metrics.get("memory") or {}).get("estimate") or {}).get("total"))),
+        ("peak RSS (process)", _mib(((metrics.get("memory") or {}).get("peak") or {}).get("rss_peak_bytes"))),
+        ("expected for training", _mib(((metrics.get("memory") or {}).get("estimate") or {}).get("total"))),
     ]
     warnings = "".join(f'<p class="bad">{_e(w)}</p>' for w in metrics.get("warnings") or [])
     # The train stage's chart page, minus its own page frame: cards, loss + learning-rate panels, data table.
