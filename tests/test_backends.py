@@ -55,3 +55,15 @@ def test_cuda_backends_train_and_say_what_ran(backend, demo_assets, tmp_path: Pa
     metrics = read_json(train_adapter(cfg, ds, tmp_path / "train") / "metrics.json")
     assert metrics["backend"] == backend and metrics["device"] == "cuda"
     assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_fsdp_strategy_is_named_as_not_applied(demo_assets, tmp_path: Path, caplog) -> None:
+    from helpers import train_config
+
+    ds = prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=40), tmp_path / "ds")
+    cfg = train_config(demo_assets.model_dir, fsdp_sharding_strategy="FULL_SHARD")
+    with caplog.at_level("WARNING", logger="lora_pipeline"):
+        train_adapter(cfg, ds, tmp_path / "train")
+    warned = [r.getMessage() for r in caplog.records if "fsdp_sharding_strategy" in r.getMessage()]
+    assert warned == ["train.fsdp_sharding_strategy FULL_SHARD: not applied; this run has one process"]

@@ -273,7 +273,8 @@ class TrainConfig:
     )
     fsdp_sharding_strategy: str | None = param(
         None,
-        "FSDP sharding strategy for multi-GPU training (FULL_SHARD, HYBRID_SHARD, NO_SHARD)",
+        "FSDP sharding strategy for multi-GPU training (FULL_SHARD, HYBRID_SHARD, NO_SHARD). Not applied yet: "
+        "processes train with DDP (each holds the whole model), and a set value is named in a warning",
         component="training_fsdp_sharding_strategy",
         component_optional=True,
         choices=FSDP_STRATEGIES,

@@ -144,8 +144,14 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     packing, step_items = sample_packing(cfg, train_rows, padding_free["applied"])
     steps_per_epoch = math.ceil(len(step_items) / step_rows)
     world, rank = world_size(), process_rank()
-    if cfg.fsdp_sharding_strategy and world == 1:
-        log.warning("train.fsdp_sharding_strategy applies when several GPU processes train; this run has one")
+    if cfg.fsdp_sharding_strategy:
+        # A LoRA's trainable state is small: each process holds the whole (frozen, possibly 4-bit) base, and DDP
+        # all-reduces only the adapter's gradients. Sharding is not implemented; say so rather than ignore it.
+        log.warning(
+            "train.fsdp_sharding_strategy %s: not applied; %s",
+            cfg.fsdp_sharding_strategy,
+            "processes train with DDP, each holding the whole model" if world > 1 else "this run has one process",
+        )
     notes = _small_dataset_warnings(len(train_rows), step_rows, cfg.epochs, steps_per_epoch)
     work = out.with_name(f".{out.name}.work")  # checkpoints survive kill -9 and Ctrl-C, for resume
     cuda = torch.cuda.is_available()
