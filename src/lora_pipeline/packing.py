@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -228,8 +227,7 @@ def pack_rows(rows: Sequence[dict[str, Any]], seq_tokens: int) -> list[dict[str,
 
 def choose_padding_free(model: Any, cfg: TrainConfig) -> dict[str, Any]:
     """Padding-free micro-batches wherever they are exact for the model (see `packing`); why not elsewhere."""
-    # looked up at call time, so that a test can switch it
-    exact, why_not = sys.modules[__name__].padding_free_support(model.config, cfg.trust_remote_code)
+    exact, why_not = padding_free_support(model.config, cfg.trust_remote_code)
     if not exact:
         log.info("train: micro-batches are padded: padding-free batches are %s", why_not)
         return {"applied": False, "reason": why_not}
