@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -245,7 +244,10 @@ def child(variant: str, model: Path, data: Path, batch: int) -> None:
             result = run_ours(model, data, batch, out)
         else:
             result = run_trl(model, data, batch, out, padding_free=variant == "trl_padding_free")
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    from lora_pipeline.estimate import kernel_peak_rss
+
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (here, the model building's)
+    result["peak_rss_mib"] = round((kernel_peak_rss() or 0) / 2**20, 1)
     print("RESULT " + json.dumps(result))
 
 

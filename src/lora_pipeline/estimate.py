@@ -16,8 +16,6 @@ It does not count the process itself (Python, torch's libraries: a few hundred M
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import threading
 import time
 from typing import Any
@@ -77,45 +75,75 @@ def describe(estimate: dict[str, int], pass_tokens: int) -> str:
 
 
 class PeakMemory:
-    """The process's peak resident memory while training (sampled every `interval` s by a daemon thread, as a
-    peak between two optimizer steps would be missed by a per-step reading), and CUDA's max allocated."""
+    """The process's peak resident memory while training, and CUDA's max allocated.
+
+    On Linux the kernel keeps the peak itself (VmHWM); it is reset at the start (/proc/self/clear_refs), so the
+    peak is exact and costs nothing while training runs. Elsewhere a daemon thread samples the RSS every
+    `interval` s (a peak between two optimizer steps would be missed by a per-step reading)."""
 
     def __init__(self, interval: float = 0.05) -> None:
-        import psutil
         import torch
 
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.rss_start = self.rss_peak = self._process.memory_info().rss
         self._cuda = torch.cuda.is_available()
         if self._cuda:
             torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
-        self._thread.start()
+        self.rss_start = self.rss_peak = current_rss()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not _reset_kernel_peak():
+            self._thread = threading.Thread(target=self._sample, args=(interval,), name="peak-memory", daemon=True)
+            self._thread.start()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.rss_peak = max(self.rss_peak, self._process.memory_info().rss)
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.rss_peak = max(self.rss_peak, current_rss())
 
     def stop(self) -> dict[str, int | None]:
-        self._stop.set()
-        self._thread.join()
-        self.rss_peak = max(self.rss_peak, self._process.memory_info().rss)
+        if self._thread is None:
+            self.rss_peak = max(self.rss_peak, kernel_peak_rss() or 0)
+        else:
+            self._stop.set()
+            self._thread.join()
+        self.rss_peak = max(self.rss_peak, current_rss())
         return self.as_dict()
 
     def as_dict(self) -> dict[str, int | None]:
         import torch
 
-        # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's lifetime peak
-        scale = 1 if sys.platform == "darwin" else 1024
         return {
             "rss_start_bytes": self.rss_start,
             "rss_peak_bytes": self.rss_peak,
             "rss_peak_increase_bytes": self.rss_peak - self.rss_start,
-            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if self._cuda else None,
         }
+
+
+def current_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def kernel_peak_rss() -> int | None:
+    """This process's peak RSS since it started or since the last reset (Linux's VmHWM), in bytes; None
+    elsewhere. Unlike ru_maxrss it is not inherited from the parent of an exec'd child."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_kernel_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        return False
+    return kernel_peak_rss() is not None
 
 
 def make_eta_callback(total_steps: int, log: logging.Logger, after_steps: int = 10) -> Any:
