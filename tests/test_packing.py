@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -86,6 +87,57 @@ def test_packed_rows_get_the_losses_and_logits_they_get_alone(demo_model, attent
     with torch.no_grad():
         crossed = demo_model(input_ids=batch["input_ids"], use_cache=False).logits
     assert not torch.allclose(packed_row_losses(crossed, batch), reference, atol=1e-4)
+
+
+def reference_varlen_attn(
+    q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+):
+    """torch.nn.attention.varlen.varlen_attn's contract (torch > 2.10), computed row by row on the CPU."""
+    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+    bounds = cu_seq_q.tolist()
+    assert max_q == max(e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True))
+    rows = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, tokens, dim)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa
+        )
+        rows.append(attended.transpose(0, 1))
+    return torch.cat(rows)
+
+
+def torch_2_10_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    """torch 2.10's older signature: no window, GQA or scale arguments (kv heads must match query heads)."""
+    assert is_causal and q.shape[1] == k.shape[1]
+    return reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0))
+
+
+@pytest.mark.parametrize("kernel", [reference_varlen_attn, torch_2_10_varlen_attn])
+def test_varlen_kernel_path_gives_the_padded_losses(demo_model, kernel, monkeypatch) -> None:
+    """On CUDA a padding-free batch goes through torch's varlen flash-attention, one call per layer. Here a CPU
+    stand-in with that kernel's contract checks the layout, GQA and causality around it."""
+    calls = []
+
+    @functools.wraps(kernel)  # the path reads the kernel's signature to know which arguments it takes
+    def counting(*args, **kwargs):
+        calls.append(args[3].tolist())
+        return kernel(*args, **kwargs)
+
+    def on_padding_free_batches(query, attention_mask, dropout, kwargs):
+        return counting if attention_mask is None and kwargs.get("cu_seq_lens_q") is not None else None
+
+    monkeypatch.setattr(packing, "_varlen_kernel", on_padding_free_batches)
+    demo_model.set_attn_implementation("sdpa")
+    rows = random_rows(7, seed=3)
+    with torch.no_grad():
+        padded = PadCollator(0)(rows)
+        reference = per_row_losses(demo_model(**padded).logits, padded["labels"])
+        enable_padding_free(demo_model)
+        batch = concat_rows(rows)
+        through_kernel = packed_row_losses(demo_model(**batch).logits, batch)
+    assert len(calls) == demo_model.config.num_hidden_layers and calls[0] == batch["cu_seq_lens_q"].tolist()
+    assert demo_model.config.num_key_value_heads < demo_model.config.num_attention_heads  # GQA is exercised
+    assert torch.allclose(through_kernel, reference, atol=1e-4), (through_kernel, reference)
 
 
 def test_padding_free_gradients_match_padded(demo_assets) -> None:

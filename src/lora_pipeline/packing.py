@@ -3,10 +3,14 @@
 Padding-free: a micro-batch is its rows laid end to end in one sequence (batch size 1), with position ids that
 restart at each row and attention that never crosses from one row into another. Nothing is padded, and each
 row's logits are the ones it gets on its own, so the loss is the same as with padded batches (a test shows
-per-row losses equal within 1e-4); only the time differs. Attention runs row by row (`varlen_sdpa_attention`,
-torch's SDPA on each row's slice, on CPU and CUDA alike) or, when the model was loaded with flash-attention 2,
-through flash-attention's varlen kernel, which transformers drives from the same position ids. The labels of
-each row's first token are ignored, so the last token of one row is never trained to predict the next row.
+per-row losses equal within 1e-4); only the time differs. Attention (`varlen_sdpa_attention`) runs:
+  - on CUDA in bf16/fp16, through torch's own varlen flash-attention (`torch.nn.attention.varlen`, torch >= 2.10):
+    one kernel per layer over all rows, no host sync;
+  - through the flash-attn package's varlen kernel instead, when it is installed (transformers drives it);
+  - elsewhere (CPU, older torch), row by row: torch's SDPA on each row's slice.
+On an H200 the row-by-row path left the GPU nearly idle (about 1.3 ms of host time per SDPA call, one call per
+row and layer): it is the CPU path, not the GPU one. The labels of each row's first token are ignored, so the
+last token of one row is never trained to predict the next row.
 
 It is used wherever it is exact: decoder-only architectures whose layers all attend to the full causal context
 (`EXACT_MODEL_TYPES`, no sliding window) and code that ships with transformers (not `trust_remote_code`).
@@ -115,6 +119,10 @@ def varlen_sdpa_attention(
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    kernel = _varlen_kernel(query, attention_mask, dropout if module.training else 0.0, kwargs)
+    out = _varlen_kernel_attention(kernel, query, key, value, scaling, kwargs) if kernel else None
+    if out is not None:
+        return out, None
     bounds = _row_bounds(kwargs, query.shape[0], attention_mask)
     if bounds is None:
         return sdpa_attention_forward(
@@ -131,6 +139,55 @@ def varlen_sdpa_attention(
     ]
     # (1, tokens, heads, dim), as transformers expects it back: one copy for the concatenation and the transpose
     return torch.cat([part.transpose(1, 2) for part in parts], dim=1), None
+
+
+def _varlen_kernel(query: Any, attention_mask: Any, dropout: float, kwargs: dict[str, Any]) -> Any:
+    """torch's own varlen flash-attention (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10), where it
+    applies: a padding-free batch in half precision on CUDA, no attention dropout. One kernel per layer, and
+    no host sync (row-by-row SDPA reads the row bounds back from the GPU in every layer)."""
+    if not (
+        query.is_cuda
+        and query.shape[0] == 1
+        and attention_mask is None
+        and not dropout
+        and kwargs.get("cu_seq_lens_q") is not None
+        and isinstance(kwargs.get("max_length_q"), int)
+    ):
+        return None
+    import torch
+
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen_kernel_attention(kernel: Any, query: Any, key: Any, value: Any, scaling: Any, kwargs: dict) -> Any:
+    """`kernel` (varlen_attn's contract: (tokens, heads, dim) tensors and cumulative row bounds) over a padding-
+    free batch; returns (1, tokens, heads, dim) as transformers expects attention's output, or None where the
+    kernel cannot take the model's attention scale."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(kernel).parameters
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
+    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and "enable_gqa" in params:
+        options["enable_gqa"] = True
+    elif groups > 1:  # older torch: one kv head per query head (a copy; no sync)
+        k, v = (t[:, :, None].expand(-1, -1, groups, -1).reshape(t.shape[0], -1, t.shape[2]) for t in (k, v))
+    if "scale" in params:
+        options["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-9:
+        return None
+    cu = kwargs["cu_seq_lens_q"].to(device=q.device, dtype=torch.int32)
+    longest = kwargs["max_length_q"]
+    return kernel(q, k, v, cu, cu, longest, longest, **options).unsqueeze(0)
 
 
 def _row_bounds(kwargs: dict[str, Any], batch: int, attention_mask: Any) -> list[int] | None:
