@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import LORA, LR, MAX_LEN, make_rows  # noqa: E402 - the same data as the CPU benchmark
+from train_throughput import add_child_arguments, bench_config, make_rows  # noqa: E402 - the same data and settings as the CPU benchmark
 
 VARIANTS = {
     "peft": {"backend": "peft", "use_liger": False, "lora_load_in_4bit": False},
@@ -88,22 +88,10 @@ def matmul_parameters(model: Path) -> int:
 def child(variant: str, model: Path, data: Path, batch: int) -> None:
     import logging
 
-    from lora_pipeline.config import TrainConfig
     from lora_pipeline.stages.train import train_adapter
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    cfg = TrainConfig(
-        model=str(model),
-        effective_batch_size=batch,
-        epochs=1,
-        learning_rate=LR,
-        max_seq_len=MAX_LEN,
-        lora_r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        checkpoint_steps=0,
-        checkpoint_minutes=0.0,
-        **VARIANTS[variant],
-    )
+    cfg = bench_config(model, batch, **VARIANTS[variant])
     with tempfile.TemporaryDirectory() as tmp:
         metrics = json.loads((train_adapter(cfg, data, Path(tmp) / "out") / "metrics.json").read_text())
     peak, estimate = metrics["memory"]["peak"], metrics["memory"]["estimate"]
@@ -144,9 +132,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved (default 1)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (989)")
     parser.add_argument("--logs", type=Path, default=None, help="a folder for each run's output")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.model, args.data, args.batch)

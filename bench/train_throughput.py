@@ -11,9 +11,12 @@ number of optimizer steps, effective batch, learning rate and schedule, in fp32 
                     builds the block-diagonal mask from them) and gradient checkpointing off
   ours              lora_pipeline's train stage with its defaults (token-budget steps of rows grouped by
                     length, padding-free passes with row-by-row attention, fused LoRA forward)
+  ours_4bit         (only when named in --variants) ours on a 4-bit base (bitsandbytes NF4), the spec's
+                    default; its weights and training peak RSS are printed beside ours'
 
-Each variant runs in a process of its own (peak RSS is per process), interleaved (A, B, C, A, B, C, ...)
-so that a slower or busier stretch of the machine does not land on one variant. Real tokens/s is the data's
+Each variant runs in a process of its own (peak RSS is per process: VmHWM, not inherited from this one),
+interleaved (A, B, C, A, B, C, ...) so that a slower or busier stretch of the machine does not land on one
+variant. Real tokens/s is the data's
 token count (the same for all) over the seconds spent in `Trainer.train` (model loading, tokenization and
 saving excluded; nothing evaluates). Reported per variant: the median over repeats.
 
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 
 VARIANTS = ("trl_default", "trl_padding_free", "ours")
+EXTRA_VARIANTS = ("ours_4bit",)  # with --variants: ours with the spec's default 4-bit base (bitsandbytes NF4)
 MODELS = ("demo", "large")
 LARGE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8}
 MAX_LEN = 1024
@@ -108,11 +112,11 @@ def _messages(question: str, answer: str) -> list[dict]:
 # ---- one training run (child process) ----
 
 
-def run_ours(model: Path, data: Path, batch: int, out: Path) -> dict:
+def bench_config(model: Path, batch: int, **options: object) -> object:
+    """The train stage's config for one benchmark run: one epoch, the shared LoRA and schedule, no checkpoints."""
     from lora_pipeline.config import TrainConfig
-    from lora_pipeline.stages.train import train_adapter
 
-    cfg = TrainConfig(
+    return TrainConfig(
         model=str(model),
         effective_batch_size=batch,
         epochs=1,
@@ -120,11 +124,16 @@ def run_ours(model: Path, data: Path, batch: int, out: Path) -> dict:
         max_seq_len=MAX_LEN,
         lora_r=LORA["r"],
         lora_alpha=LORA["alpha"],
-        lora_load_in_4bit=False,
-        use_liger=False,
         checkpoint_steps=0,
         checkpoint_minutes=0.0,
+        **options,
     )
+
+
+def run_ours(model: Path, data: Path, batch: int, out: Path, four_bit: bool = False) -> dict:
+    from lora_pipeline.stages.train import train_adapter
+
+    cfg = bench_config(model, batch, lora_load_in_4bit=four_bit, use_liger=False)
     metrics = json.loads((train_adapter(cfg, data, out) / "metrics.json").read_text())
     batching = metrics["batching"]
     from peft import PeftModel
@@ -138,6 +147,8 @@ def run_ours(model: Path, data: Path, batch: int, out: Path) -> dict:
         "steps": metrics["steps"],
         "padding_share": batching["padding_share"],
         "micro_batches_per_step": batching["micro_batches_per_step"],
+        "train_peak_rss_mib": round(metrics["memory"]["peak"]["rss_peak_bytes"] / 2**20, 1),
+        "weights_mib": round(metrics["memory"]["estimate"]["weights"] / 2**20, 1),
     }
 
 
@@ -240,8 +251,8 @@ def child(variant: str, model: Path, data: Path, batch: int) -> None:
     logging.basicConfig(level=logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        if variant == "ours":
-            result = run_ours(model, data, batch, out)
+        if variant.startswith("ours"):
+            result = run_ours(model, data, batch, out, four_bit=variant == "ours_4bit")
         else:
             result = run_trl(model, data, batch, out, padding_free=variant == "trl_padding_free")
     from lora_pipeline.estimate import kernel_peak_rss
@@ -263,17 +274,23 @@ def run_child(variant: str, model: Path, data: Path, batch: int) -> dict:
 # ---- the benchmark ----
 
 
+def add_child_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden options with which the benchmark runs itself as one variant's child process."""
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
     parser.add_argument("--batch", type=int, default=16, help="effective batch: rows per optimizer step (16)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved (default 2)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: demo, large")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    every = ", ".join(VARIANTS + EXTRA_VARIANTS)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {every}")
     parser.add_argument("--work", type=Path, default=None, help="where models and data go (default: a temp dir)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.model, args.data, args.batch)
@@ -317,9 +334,15 @@ def report(results: dict[str, list[dict]], tokens: int) -> None:
             f"{variant:<18}{rate[variant]:>10,.0f}{seconds:>9.2f}{last['steps']:>7}{100 * last['padding_share']:>8.1f}%"
             f"{last['final_loss']:>12.4f}{last['data_loss']:>11.4f}{max(r['peak_rss_mib'] for r in runs):>8.0f} MiB"
         )
+    for variant, runs in results.items():
+        if variant.startswith("ours"):
+            print(
+                f"{variant}: weights {runs[-1]['weights_mib']:,.1f} MiB, peak RSS while training "
+                f"{max(r['train_peak_rss_mib'] for r in runs):,.0f} MiB"
+            )
     if "ours" not in rate:
         return
-    trl = {v: r for v, r in rate.items() if v != "ours"}
+    trl = {v: r for v, r in rate.items() if v.startswith("trl")}
     if "trl_default" in trl:
         print(f"ratio vs TRL defaults: {rate['ours'] / trl['trl_default']:.2f}")
     if trl:

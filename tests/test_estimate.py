@@ -34,6 +34,16 @@ def test_parts_add_up_and_grow_with_the_pass(demo_assets) -> None:
     assert format_bytes(3 * 1024**3) == "3.0 GiB" and format_bytes(512) == "512 B"
 
 
+def test_activations_are_half_precision_on_cuda(demo_assets, monkeypatch) -> None:
+    """peft keeps LoRA weights in fp32, but on CUDA training runs under bf16/fp16 autocast: 2-byte activations."""
+    model = lora_model(demo_assets)
+    assert next(p for p in model.parameters() if p.requires_grad).dtype == torch.float32
+    on_cpu = estimate_memory(model, 1024, target_tokens=0)["activations"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_cuda = estimate_memory(model, 1024, target_tokens=0)["activations"]
+    assert abs(on_cpu - 2 * on_cuda) <= 1
+
+
 def test_4bit_weights_count_their_packed_size(demo_assets) -> None:
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     full, packed = estimate_memory(lora_model(demo_assets), 1024), estimate_memory(lora_model(demo_assets, bnb), 1024)

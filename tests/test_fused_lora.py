@@ -40,7 +40,8 @@ def test_fused_forward_matches_peft(demo_assets, lora) -> None:
     assert grads.keys() == fused_grads.keys()
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
-        assert torch.allclose(grad, fused_grads[name], atol=1e-5, rtol=1e-4), name
+        # float32 sums in another order: equal to a few 1e-6 of the gradient's scale (a wrong term is O(1))
+        assert (grad - fused_grads[name]).abs().max() <= 2e-5 * grad.abs().max(), name
 
 
 @pytest.mark.parametrize(

@@ -52,9 +52,12 @@ def estimate_memory(model: Any, pass_tokens: int, target_tokens: int | None = No
 def _activation_bytes(trainable: list[Any]) -> int:
     import torch
 
-    # activations follow the compute dtype: the LoRA weights' dtype on CPU (fp32); bf16/fp16 on GPU
+    # Activations follow the compute dtype: on CUDA the base is bf16/fp16 and training runs under autocast, so
+    # they are 2 bytes even though peft keeps the LoRA weights in fp32; on CPU, the LoRA weights' dtype.
+    if torch.cuda.is_available():
+        return 2
     dtype = trainable[0].dtype if trainable else torch.float32
-    return 2 if torch.cuda.is_available() and dtype != torch.float32 else torch.finfo(dtype).bits // 8
+    return torch.finfo(dtype).bits // 8
 
 
 def format_bytes(n: float) -> str:

@@ -12,6 +12,9 @@ LIBRARY_NOTICES: dict[str, tuple[str, ...]] = {
     # peft imports bitsandbytes even when nothing is quantized, and on a CPU with AVX512-BF16 bitsandbytes then
     # warns that the optional `kernels` package is missing.
     "bitsandbytes.backends.cpu.ops": ("kernels-community",),
+    # ... and, asking the Hub for that kernel while offline, `kernels` (0.19) says it skips the publisher trust
+    # check; bitsandbytes then declines the unverified kernel and uses its own (nothing untrusted is loaded).
+    "kernels._internals.hf_hub": ("Skipping publisher trust check",),
     # The Trainer orders checkpoints by mtime, and says so when two saves come less than a second apart.
     "transformers.trainer_utils": ("mtime may not be reliable",),
     # The eval stage hands lm-eval a model it loaded itself (quantized as trained); lm-eval warns about that.
