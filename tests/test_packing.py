@@ -140,6 +140,16 @@ def test_varlen_kernel_path_gives_the_padded_losses(demo_model, kernel, monkeypa
     assert torch.allclose(through_kernel, reference, atol=1e-4), (through_kernel, reference)
 
 
+def test_metrics_name_the_attention_kernel_that_will_run(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    bf16 = SimpleNamespace(dtype=torch.bfloat16)
+    assert packing._expected_kernel(bf16) == "row-by-row SDPA"  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert packing._expected_kernel(bf16) == "torch varlen flash-attention, one call per layer"
+    assert packing._expected_kernel(SimpleNamespace(dtype=torch.float32)) == "row-by-row SDPA"
+
+
 def test_padding_free_gradients_match_padded(demo_assets) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -217,7 +227,7 @@ def test_training_padding_free_matches_padded_step_by_step(demo_assets, dataset_
     padded = read_json(
         train_adapter(train_config(demo_assets.model_dir), dataset_dir, tmp_path / "pad") / "metrics.json"
     )
-    assert free["padding_free"] == {"applied": True, "attention": packing.ATTENTION}
+    assert free["padding_free"] == {"applied": True, "attention": packing.ATTENTION, "kernel": "row-by-row SDPA"}
     assert padded["padding_free"] == {"applied": False, "reason": "switched off by the test"}
     assert free["batching"]["padding_share"] == 0.0 < padded["batching"]["padding_share"]
     assert free["batching"]["real_tokens"] == padded["batching"]["real_tokens"]

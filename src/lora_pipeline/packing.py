@@ -288,7 +288,21 @@ def choose_padding_free(model: Any, cfg: TrainConfig) -> dict[str, Any]:
     if not exact:
         log.info("train: micro-batches are padded: padding-free batches are %s", why_not)
         return {"applied": False, "reason": why_not}
-    return {"applied": True, "attention": enable_padding_free(model)}
+    attention = enable_padding_free(model)
+    info = {"applied": True, "attention": attention}
+    return info | ({"kernel": _expected_kernel(model)} if attention == ATTENTION else {})
+
+
+def _expected_kernel(model: Any) -> str:
+    """Which way `varlen_sdpa_attention` will run for this model's training passes (for metrics.json)."""
+    import importlib.util
+
+    import torch
+
+    half = getattr(model, "dtype", None) in (torch.float16, torch.bfloat16)
+    if torch.cuda.is_available() and half and importlib.util.find_spec("torch.nn.attention.varlen"):
+        return "torch varlen flash-attention, one call per layer"
+    return "row-by-row SDPA"
 
 
 def sample_packing(cfg: TrainConfig, rows: list[dict], padding_free: bool) -> tuple[dict[str, Any], list[dict]]:
