@@ -12,6 +12,8 @@ process of its own (peak memory is per process), interleaved over repeats:
   peft_4bit         peft with train.lora_load_in_4bit (bitsandbytes NF4), Liger off
   peft_4bit_liger   the spec's defaults on CUDA with peft: 4-bit and Liger
   unsloth_4bit      unsloth with 4-bit weights
+  trl_default       TRL SFTTrainer + PEFT in bf16 with its defaults (micro-batch 8, padded), for reference
+  trl_padding_free  the same with padding_free=True (TRL's best without flash-attn installed)
 
 Reported per variant (the median over repeats): real tokens/s from metrics.json (tokens trained over the
 seconds in the training loop; nothing evaluates), the ratio against `peft`, CUDA max allocated (weights
@@ -36,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import add_child_arguments, bench_config, make_rows  # noqa: E402 - the same data and settings as the CPU benchmark
+from train_throughput import add_child_arguments, bench_config, make_rows, run_trl  # noqa: E402 - the same data and settings as the CPU benchmark
 
 VARIANTS = {
     "peft": {"backend": "peft", "use_liger": False, "lora_load_in_4bit": False},
@@ -45,6 +47,8 @@ VARIANTS = {
     "peft_4bit": {"backend": "peft", "use_liger": False, "lora_load_in_4bit": True},
     "peft_4bit_liger": {"backend": "peft", "use_liger": True, "lora_load_in_4bit": True},
     "unsloth_4bit": {"backend": "unsloth", "use_liger": False, "lora_load_in_4bit": True},
+    "trl_default": {},
+    "trl_padding_free": {},
 }
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32}
 
@@ -91,6 +95,8 @@ def child(variant: str, model: Path, data: Path, batch: int) -> None:
     from lora_pipeline.stages.train import train_adapter
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if variant.startswith("trl"):
+        return trl_child(variant, model, data, batch)
     cfg = bench_config(model, batch, **VARIANTS[variant])
     with tempfile.TemporaryDirectory() as tmp:
         metrics = json.loads((train_adapter(cfg, data, Path(tmp) / "out") / "metrics.json").read_text())
@@ -107,6 +113,28 @@ def child(variant: str, model: Path, data: Path, batch: int) -> None:
         "cuda_max_allocated_gib": (peak["cuda_max_allocated_bytes"] or 0) / 2**30,
         "estimate_gib": estimate["total"] / 2**30,
         "peak_rss_gib": peak["rss_peak_bytes"] / 2**30,  # while training (VmHWM, reset at the start)
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def trl_child(variant: str, model: Path, data: Path, batch: int) -> None:
+    import torch
+
+    from lora_pipeline.estimate import kernel_peak_rss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_trl(model, data, batch, Path(tmp) / "out", padding_free=variant == "trl_padding_free", cuda=True)
+    result = {
+        "backend": "trl",
+        "liger": False,
+        "padding_free": variant == "trl_padding_free",
+        "seconds": run["seconds"],  # tokens/s is computed by the parent, which counted the data's tokens
+        "train_loss": run["train_loss"],
+        "steps": run["steps"],
+        "padding_share": run["padding_share"],
+        "cuda_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "estimate_gib": float("nan"),
+        "peak_rss_gib": (kernel_peak_rss() or 0) / 2**30,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -161,6 +189,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for variant in variants:
                 result = run_child(variant, model, data, args.batch, args.logs)
+                if result and "tokens_per_second" not in result:
+                    result["tokens_per_second"] = round(sum(lengths) / result["seconds"], 1)
                 if result:
                     results[variant].append(result)
                     print(f"{variant}: {json.dumps(result)}", flush=True)

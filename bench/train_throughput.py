@@ -166,7 +166,8 @@ class CountingCollator:
         return batch
 
 
-def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool) -> dict:
+def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool, cuda: bool = False) -> dict:
+    """TRL's SFTTrainer + PEFT on the same rows: fp32 on the CPU, or bf16 on CUDA (cuda_backends.py)."""
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,8 +186,8 @@ def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool) 
         num_train_epochs=1,
         learning_rate=LR,
         lr_scheduler_type="cosine",
-        bf16=False,
-        use_cpu=True,
+        bf16=cuda,
+        use_cpu=not cuda,
         report_to=[],
         logging_steps=1,
         save_strategy="no",
@@ -198,7 +199,7 @@ def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool) 
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model),
+        model=AutoModelForCausalLM.from_pretrained(model, **({"dtype": "bfloat16"} if cuda else {})),
         args=args,
         train_dataset=ds,
         processing_class=AutoTokenizer.from_pretrained(model),
@@ -213,6 +214,7 @@ def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool) 
     return {
         "seconds": round(seconds, 3),
         "final_loss": losses[-1] if losses else None,
+        "train_loss": sum(losses) / len(losses) if losses else None,
         "data_loss": data_loss(trainer.model, model, data),
         "steps": trainer.state.global_step,
         "padding_share": round(1 - counting.real / counting.padded, 4) if counting.padded else 0.0,
@@ -236,6 +238,7 @@ def data_loss(tuned: object, model: Path, data: Path) -> float:
     with torch.no_grad():
         for i in range(0, len(encoded), 8):
             batch = PadCollator(tokenizer.pad_token_id)(encoded[i : i + 8])
+            batch = {k: v.to(tuned.device) for k, v in batch.items()}
             logits = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
