@@ -25,6 +25,7 @@ changes which rows share a step, and so the number of optimizer steps, not what 
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -169,11 +170,9 @@ def _varlen_kernel_attention(kernel: Any, query: Any, key: Any, value: Any, scal
     """`kernel` (varlen_attn's contract: (tokens, heads, dim) tensors and cumulative row bounds) over a padding-
     free batch; returns (1, tokens, heads, dim) as transformers expects attention's output, or None where the
     kernel cannot take the model's attention scale."""
-    import inspect
-
     import torch
 
-    params = inspect.signature(kernel).parameters
+    params = _parameters(kernel)
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
     options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     groups = q.shape[1] // k.shape[1]
@@ -188,6 +187,14 @@ def _varlen_kernel_attention(kernel: Any, query: Any, key: Any, value: Any, scal
     cu = kwargs["cu_seq_lens_q"].to(device=q.device, dtype=torch.int32)
     longest = kwargs["max_length_q"]
     return kernel(q, k, v, cu, cu, longest, longest, **options).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=4)
+def _parameters(function: Any) -> frozenset[str]:
+    """The argument names a function takes (read once: attention runs in every layer of every pass)."""
+    import inspect
+
+    return frozenset(inspect.signature(function).parameters)
 
 
 def _row_bounds(kwargs: dict[str, Any], batch: int, attention_mask: Any) -> list[int] | None:
