@@ -44,9 +44,41 @@ def test_fused_forward_matches_peft(demo_assets, lora) -> None:
         assert (grad - fused_grads[name]).abs().max() <= 2e-5 * grad.abs().max(), name
 
 
-@pytest.mark.parametrize(
-    "lora", [{"lora_dropout": 0.2}, {"use_dora": True}], ids=["dropout draws a mask per module", "dora"]
-)
+def test_dropout_has_peft_dropouts_distribution() -> None:
+    """Each fused call draws its own mask: over many calls the output has peft's mean (the no-dropout output:
+    the 1/(1-p) scale is right) and peft's spread (the same share of features dropped)."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"], init_lora_weights=False)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 48)), config)
+    layer, x, n = model.base_model.model[0], torch.randn(64, 32), 400
+    with torch.no_grad():
+        by_peft = torch.stack([layer(x) for _ in range(n)])
+        assert fuse_lora_linears(model) == 1
+        fused = torch.stack([layer(x) for _ in range(n)])
+        model.eval()
+        undropped = layer(x)
+        assert torch.equal(layer(x), undropped)  # eval: no dropout, nothing random
+    z = (fused.mean(0) - undropped) / (fused.var(0) / n).sqrt()
+    assert z.abs().mean() < 1.2 and z.abs().max() < 6  # E|z| is 0.8 for an unbiased mean
+    spread = fused.var(0).mean() / by_peft.var(0).mean()
+    assert fused.var(0).mean() > 0 and 0.9 < spread < 1.1, spread
+
+
+def test_dropout_is_reproducible_and_trains(demo_assets) -> None:
+    model = lora_model(demo_assets, lora_dropout=0.1)
+    assert fuse_lora_linears(model) == 14
+    ids = torch.randint(5, 700, (1, 20))
+    torch.manual_seed(1)
+    first = outputs_and_grads(model, ids)
+    torch.manual_seed(1)
+    again = outputs_and_grads(model, ids)
+    torch.manual_seed(2)
+    other = outputs_and_grads(model, ids)
+    assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+    assert all(g.abs().max() > 0 for g in first[1].values())
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}], ids=["dora"])
 def test_cases_it_does_not_cover_go_through_peft(demo_assets, lora) -> None:
     model = lora_model(demo_assets, **lora)
     ids = torch.randint(5, 700, (1, 20))
@@ -54,7 +86,7 @@ def test_cases_it_does_not_cover_go_through_peft(demo_assets, lora) -> None:
     fuse_lora_linears(fused)
     torch.manual_seed(1)
     logits, grads = outputs_and_grads(model, ids)
-    torch.manual_seed(1)  # the same dropout masks: peft's forward ran in both
+    torch.manual_seed(1)
     fused_logits, fused_grads = outputs_and_grads(fused, ids)
     assert torch.equal(logits, fused_logits)
     assert all(torch.equal(grads[n], fused_grads[n]) for n in grads)
