@@ -115,3 +115,19 @@ def test_stage_commands_take_explicit_inputs_and_output(tmp_path: Path, chat_fil
     assert out.returncode == 0, out.stderr[-2000:]
     assert (train / "adapter" / "adapter_config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "data", "train"]  # no lock or work left
+
+
+def test_console_command_keeps_exit_code_output_and_exit_handlers(tmp_path: Path) -> None:
+    """`run` skips the interpreter's teardown, but not the exit code, buffered output or atexit handlers."""
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, sys, torch; from lora_pipeline import cli; "
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes')); "
+        "print('buffered before exit', end=''); "
+        "sys.argv = ['lora-pipeline', 'run', '--train.epochs', '0']; cli.run()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == "buffered before exit"
+    assert out.stderr.count("\n") == 1 and "train.epochs" in out.stderr
+    assert marker.read_text() == "yes"

@@ -204,6 +204,25 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
 
+def run() -> None:
+    """The console command (`lora-pipeline`, `python -m lora_pipeline.cli`): `main`, then a quick exit.
+
+    Once torch's compiler stack has been imported (bitsandbytes and peft import it), the interpreter's own
+    teardown of modules takes 1-2 s after everything is done. Every output is written (atomically) and closed
+    by then, so the atexit handlers (logging, multiprocessing, temporary directories) run and the process
+    ends without the teardown. In-process callers (tests, the Kubeflow components) call `main` instead."""
+    import atexit
+    import threading
+
+    code = main()
+    if any(not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        sys.exit(code)  # a normal exit joins non-daemon threads: keep that
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -338,4 +357,4 @@ def _invocation(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
