@@ -150,6 +150,20 @@ def test_metrics_name_the_attention_kernel_that_will_run(monkeypatch) -> None:
     assert packing._expected_kernel(SimpleNamespace(dtype=torch.float32)) == "row-by-row SDPA"
 
 
+def test_row_by_row_attention_on_a_gpu_is_named_as_slow(demo_assets, monkeypatch, caplog) -> None:
+    from lora_pipeline.config import TrainConfig
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="lora_pipeline"):
+        on_cpu = packing.choose_padding_free(model, TrainConfig())
+        assert on_cpu["kernel"] == "row-by-row SDPA" and not caplog.records  # the CPU path: nothing to say
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU where no varlen kernel applies
+        on_gpu = packing.choose_padding_free(model, TrainConfig())
+    assert on_gpu["kernel"] == "row-by-row SDPA"
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("train: padding-free attention runs row by row on this GPU") and "2.10" in warning
+
+
 def test_padding_free_gradients_match_padded(demo_assets) -> None:
     from peft import LoraConfig, get_peft_model
 

@@ -296,8 +296,17 @@ def choose_padding_free(model: Any, cfg: TrainConfig) -> dict[str, Any]:
         log.info("train: micro-batches are padded: padding-free batches are %s", why_not)
         return {"applied": False, "reason": why_not}
     attention = enable_padding_free(model)
-    info = {"applied": True, "attention": attention}
-    return info | ({"kernel": _expected_kernel(model)} if attention == ATTENTION else {})
+    if attention != ATTENTION:
+        return {"applied": True, "attention": attention}
+    kernel = _expected_kernel(model)
+    import torch
+
+    if torch.cuda.is_available() and kernel == "row-by-row SDPA":
+        log.warning(
+            "train: padding-free attention runs row by row on this GPU (one SDPA call per row and layer, slow): "
+            "torch >= 2.10 or the flash-attn package gives one varlen kernel per layer"
+        )
+    return {"applied": True, "attention": attention, "kernel": kernel}
 
 
 def _expected_kernel(model: Any) -> str:
