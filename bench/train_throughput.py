@@ -73,6 +73,9 @@ def build_models(work: Path) -> dict[str, Path]:
             tie_word_embeddings=False,
             **LARGE,
         )
+        import torch
+
+        torch.manual_seed(0)  # the same random model in every run of the benchmark, so that runs compare
         Qwen2ForCausalLM(config).save_pretrained(large)  # random init, like the demo's
         tokenizer.save_pretrained(large)
     return {"demo": Path(demo), "large": large}

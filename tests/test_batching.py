@@ -101,12 +101,11 @@ def lora_model(demo_assets):
         return get_peft_model(base, lora)
 
 
-def step_loss_and_grads(model, rows: list[dict], max_tokens: int, tmp_path: Path) -> tuple[float, dict, int]:
-    """One optimizer step's loss and gradients through TokenBudgetTrainer.training_step, and its micro-batches."""
+def budget_trainer(model, rows: list[dict], max_tokens: int, tmp_path: Path):
     import transformers
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True)
-    trainer = make_trainer_class()(
+    return make_trainer_class()(
         model=model,
         args=args,
         train_dataset=rows,
@@ -114,6 +113,11 @@ def step_loss_and_grads(model, rows: list[dict], max_tokens: int, tmp_path: Path
         step_sampler=StepSampler([len(r["input_ids"]) for r in rows], len(rows), seed=0),
         step_collator=StepCollator(0, max_tokens),
     )
+
+
+def step_loss_and_grads(model, rows: list[dict], max_tokens: int, tmp_path: Path) -> tuple[float, dict, int]:
+    """One optimizer step's loss and gradients through TokenBudgetTrainer.training_step, and its micro-batches."""
+    trainer = budget_trainer(model, rows, max_tokens, tmp_path)
     # PEFT-wrapped Qwen2 takes `num_items_in_batch`: the model itself divides its summed token loss by it.
     assert trainer.model_accepts_loss_kwargs and trainer.compute_loss_func is None
     model.zero_grad()
@@ -122,6 +126,23 @@ def step_loss_and_grads(model, rows: list[dict], max_tokens: int, tmp_path: Path
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     return loss, grads, len(batch["micro_batches"])
+
+
+def test_a_steps_flops_are_the_trainers_estimate_with_the_parameters_counted_once(
+    lora_model, tmp_path: Path, monkeypatch
+) -> None:
+    import transformers
+
+    rows = rows_of([40, 37, 33, 30, 12, 11, 9, 8], seed=3)
+    trainer = budget_trainer(lora_model, rows, 80, tmp_path)
+    batch = StepCollator(0, 80)(rows)
+    expected = sum(transformers.Trainer.floating_point_ops(trainer, mb) for mb in batch["micro_batches"])
+    assert len(batch["micro_batches"]) == 3 and expected > 0
+    counted = []
+    count = lora_model.num_parameters
+    monkeypatch.setattr(lora_model, "num_parameters", lambda **kw: counted.append(kw) or count(**kw))
+    assert [trainer.floating_point_ops(batch) for _ in range(3)] == [expected] * 3
+    assert len(counted) == 1  # not a walk over every module in every step
 
 
 def test_one_micro_batch_and_several_give_the_same_loss_and_gradients(lora_model, tmp_path: Path) -> None:

@@ -227,6 +227,7 @@ def make_trainer_class() -> type:
             super().__init__(*args, **kwargs)
             self.step_sampler, self.step_collator = step_sampler, step_collator
             self.batch_stats = BatchStats()
+            self._flop_parameters: int | None = None
             if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
                 # The model would return a per-micro-batch mean: compute the summed token loss here instead.
                 self.compute_loss_func = summed_token_loss
@@ -305,8 +306,14 @@ def make_trainer_class() -> type:
             return metrics
 
         def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-            if "micro_batches" in inputs:
-                return sum(super(TokenBudgetTrainer, self).floating_point_ops(mb) for mb in inputs["micro_batches"])
-            return super().floating_point_ops(inputs)
+            """The Trainer's estimate (6 x tokens x non-embedding parameters), summed over the step's micro-batches.
+            The Trainer's own counts the parameters by walking every module of the model, on every step (1.5 ms of
+            a 29 ms demo step); they are counted once here."""
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if self._flop_parameters is None:
+                counts = hasattr(self.model, "num_parameters")
+                self._flop_parameters = self.model.num_parameters(exclude_embeddings=True) if counts else 0
+            batches = inputs.get("micro_batches") or [inputs]
+            return sum(6 * mb[main].numel() * self._flop_parameters for mb in batches if main in mb)
 
     return TokenBudgetTrainer
