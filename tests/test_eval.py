@@ -111,9 +111,22 @@ def write_task(directory: Path, name: str, data_file: str) -> Path:
 
 
 @integration
-def test_base_and_tuned_side_by_side(demo_assets, train_dir: Path, tmp_path: Path) -> None:
+def test_base_and_tuned_side_by_side(demo_assets, train_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import torch.utils.collect_env
+
+    from lora_pipeline.evaluation import scoring
+
+    collected = []
+    report = torch.utils.collect_env.get_pretty_env_info
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: collected.append(1) or report())
+    monkeypatch.setattr(scoring, "ENV_INFO", scoring.EnvironmentInfo())
     out = evaluate_adapter(eval_config(demo_assets), train_dir, tmp_path / "eval")
     results = read_json(out / "eval_results.json")
+    # lm-eval's environment fields are in both models' results, collected once (torch's report runs ~20 processes)
+    assert len(collected) == 1
+    for field in ("pretty_env_info", "transformers_version", "lm_eval_version"):
+        assert results["tuned"][field] == results["base"][field] and results["base"][field]
+    assert "PyTorch version" in results["base"]["pretty_env_info"]
     task = demo_assets.task_name
     assert results["tuned"]["results"][task]["acc,none"] >= 0
     assert results["base"]["results"][task]["acc,none"] >= 0
@@ -247,6 +260,20 @@ def test_full_precision_adds_the_full_precision_pair(
     assert loglikelihoods(full_samples)[: len(manual_fp32)] == pytest.approx(manual_fp32, abs=1e-4)
     table = format_table(rows)
     assert "precision" in table.splitlines()[0] and "4-bit nf4" in table and " full " in table
+
+
+def test_environment_fields_that_fail_to_collect_do_not_fail_the_eval(monkeypatch) -> None:
+    import lm_eval.loggers.utils
+
+    from lora_pipeline.evaluation.scoring import EnvironmentInfo
+
+    def broken(info: dict) -> None:
+        raise RuntimeError("no pip here")
+
+    monkeypatch.setattr(lm_eval.loggers.utils, "add_env_info", broken)
+    info = EnvironmentInfo()
+    assert info.get() == {"pretty_env_info": "not collected: no pip here"}
+    assert info.get() == info.get()  # collected once; each caller gets its own copy
 
 
 def test_precision_labels() -> None:

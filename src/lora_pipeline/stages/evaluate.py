@@ -28,7 +28,7 @@ from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import split_task
 from lora_pipeline.evaluation.checks import SPLIT_TASK, build_tasks, check_eval_options, checked_options, lm_eval_tasks
 from lora_pipeline.evaluation.results import compare, jsonable, precision_label
-from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank
+from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start_env_info
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
 from lora_pipeline.models import load_tokenizer
 
@@ -77,6 +77,8 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     chat = cfg.apply_chat_template and bool(getattr(tokenizer, "chat_template", None))
     device = "cuda" if cuda else "cpu"
     scorer = Scorer(cfg, task_manager, tasks, split_rows, tokenizer, chat, batch_size, device, backend)
+    if tasks:
+        start_env_info()
     log.info("eval: %s backend", backend)
 
     results: dict[str, Any] = {}
