@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import add_child_arguments, bench_config, make_rows, run_trl  # noqa: E402 - the same data and settings as the CPU benchmark
+from train_throughput import add_child_arguments, bench_config, make_rows, run_trl, save_random_model  # noqa: E402 - the same data and settings as the CPU benchmark
 
 VARIANTS = {
     "peft": {"backend": "peft", "use_liger": False, "lora_load_in_4bit": False},
@@ -54,28 +54,11 @@ SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22
 
 
 def build_model(work: Path, layers: int) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from lora_pipeline.demo import build_demo
 
     demo = build_demo(work / "home").model_dir
-    path = work / "llama"
-    tokenizer = AutoTokenizer.from_pretrained(demo)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        **{**SHAPE, "num_hidden_layers": layers},
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # random init
-    tokenizer.save_pretrained(path)
-    return path
+    shape = {**SHAPE, "num_hidden_layers": layers, "max_position_embeddings": 4096}
+    return save_random_model(work / "llama", "Llama", demo, dtype="bfloat16", **shape)
 
 
 def matmul_parameters(model: Path) -> int:

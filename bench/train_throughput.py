@@ -55,30 +55,39 @@ LR = 2e-4
 
 
 def build_models(work: Path) -> dict[str, Path]:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     from lora_pipeline.demo import build_demo
 
     demo = build_demo(work / "home").model_dir
     large = work / "large"
     if not (large / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(demo)
-        base = Qwen2Config.from_pretrained(demo)
-        config = Qwen2Config(
-            vocab_size=base.vocab_size,
-            eos_token_id=base.eos_token_id,
-            pad_token_id=base.pad_token_id,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-            **LARGE,
-        )
-        import torch
-
-        torch.manual_seed(0)  # the same random model in every run of the benchmark, so that runs compare
-        Qwen2ForCausalLM(config).save_pretrained(large)  # random init, like the demo's
-        tokenizer.save_pretrained(large)
+        save_random_model(large, "Qwen2", demo, max_position_embeddings=2048, **LARGE)  # random init, like the demo's
     return {"demo": Path(demo), "large": large}
+
+
+def save_random_model(
+    path: Path, architecture: str, tokenizer_dir: Path, dtype: str | None = None, **shape: object
+) -> Path:
+    """A random-init `architecture` ("Qwen2", "Llama") of `shape` with the demo's tokenizer, saved to `path`.
+    Seeded: every run of a benchmark builds the same model, so that runs compare."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = getattr(transformers, f"{architecture}Config")(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        **shape,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{architecture}ForCausalLM")(config)
+    (model.to(getattr(torch, dtype)) if dtype else model).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def make_rows(tokenizer_dir: Path, n: int, seed: int) -> tuple[list[dict], list[int]]:
