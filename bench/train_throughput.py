@@ -142,10 +142,10 @@ def bench_config(model: Path, batch: int, **options: object) -> object:
     )
 
 
-def run_ours(model: Path, data: Path, batch: int, out: Path, four_bit: bool = False) -> dict:
+def run_ours(model: Path, data: Path, batch: int, out: Path, four_bit: bool = False, dropout: float = 0.0) -> dict:
     from lora_pipeline.stages.train import train_adapter
 
-    cfg = bench_config(model, batch, lora_load_in_4bit=four_bit, use_liger=False)
+    cfg = bench_config(model, batch, lora_load_in_4bit=four_bit, use_liger=False, lora_dropout=dropout)
     metrics = json.loads((train_adapter(cfg, data, out) / "metrics.json").read_text())
     batching = metrics["batching"]
     from peft import PeftModel
@@ -178,7 +178,9 @@ class CountingCollator:
         return batch
 
 
-def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool, cuda: bool = False) -> dict:
+def run_trl(
+    model: Path, data: Path, batch: int, out: Path, padding_free: bool, cuda: bool = False, dropout: float = 0.0
+) -> dict:
     """TRL's SFTTrainer + PEFT on the same rows: fp32 on the CPU, or bf16 on CUDA (cuda_backends.py)."""
     import datasets
     from peft import LoraConfig
@@ -208,7 +210,7 @@ def run_trl(model: Path, data: Path, batch: int, out: Path, padding_free: bool, 
         **{"max_length": MAX_LEN, **extra},
     )
     peft_config = LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model, **({"dtype": "bfloat16"} if cuda else {})),
@@ -260,16 +262,16 @@ def data_loss(tuned: object, model: Path, data: Path) -> float:
     return round(total / count, 4)
 
 
-def child(variant: str, model: Path, data: Path, batch: int) -> None:
+def child(variant: str, model: Path, data: Path, batch: int, dropout: float) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         if variant.startswith("ours"):
-            result = run_ours(model, data, batch, out, four_bit=variant == "ours_4bit")
+            result = run_ours(model, data, batch, out, four_bit=variant == "ours_4bit", dropout=dropout)
         else:
-            result = run_trl(model, data, batch, out, padding_free=variant == "trl_padding_free")
+            result = run_trl(model, data, batch, out, padding_free=variant == "trl_padding_free", dropout=dropout)
     from lora_pipeline.estimate import kernel_peak_rss
 
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (here, the model building's)
@@ -277,9 +279,9 @@ def child(variant: str, model: Path, data: Path, batch: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_child(variant: str, model: Path, data: Path, batch: int) -> dict:
+def run_child(variant: str, model: Path, data: Path, batch: int, dropout: float) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data)]
-    proc = subprocess.run([*cmd, "--batch", str(batch)], capture_output=True, text=True)
+    proc = subprocess.run([*cmd, "--batch", str(batch), "--dropout", str(dropout)], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
@@ -305,10 +307,13 @@ def main() -> None:
     every = ", ".join(VARIANTS + EXTRA_VARIANTS)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {every}")
     parser.add_argument("--work", type=Path, default=None, help="where models and data go (default: a temp dir)")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="LoRA dropout for every variant (default 0.0, the spec's)"
+    )
     add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.model, args.data, args.batch)
+        return child(args.child, args.model, args.data, args.batch, args.dropout)
 
     import torch
 
@@ -317,7 +322,8 @@ def main() -> None:
         models = build_models(work)
         variants = args.variants.split(",")
         print(
-            f"torch threads {torch.get_num_threads()}, {args.steps} steps x {args.batch} rows, {args.repeats} repeats"
+            f"torch threads {torch.get_num_threads()}, {args.steps} steps x {args.batch} rows, {args.repeats} repeats, "
+            f"LoRA dropout {args.dropout}"
         )
         for name in args.models.split(","):
             rows, lengths = make_rows(models[name], args.steps * args.batch, seed=1)
@@ -332,7 +338,7 @@ def main() -> None:
             results: dict[str, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats):
                 for variant in variants:
-                    results[variant].append(run_child(variant, models[name], data, args.batch))
+                    results[variant].append(run_child(variant, models[name], data, args.batch, args.dropout))
             report(results, tokens)
 
 

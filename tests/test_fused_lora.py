@@ -9,7 +9,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from lora_pipeline.fused_lora import fuse_lora_linears
+from lora_pipeline.fused_lora import _keep_mask, _kept_share, fuse_lora_linears
 
 
 def lora_model(demo_assets, **lora):
@@ -62,6 +62,23 @@ def test_dropout_has_peft_dropouts_distribution() -> None:
     assert z.abs().mean() < 1.2 and z.abs().max() < 6  # E|z| is 0.8 for an unbiased mean
     spread = fused.var(0).mean() / by_peft.var(0).mean()
     assert fused.var(0).mean() > 0 and 0.9 < spread < 1.1, spread
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_cpu_dropout_mask_keeps_every_element_at_1_minus_p_independently(p) -> None:
+    """The CPU mask is cut from 64-bit draws, four elements per draw, the word's top bit never set: each of the
+    four positions must be kept at the same rate 1-p, and two elements of one draw independently."""
+    torch.manual_seed(0)
+    keep = _kept_share(torch.nn.Dropout(p))
+    assert keep == 1 - round(p * 32768) / 32768 and abs(keep - (1 - p)) < 2e-5
+    mask = _keep_mask(torch.ones(1000, 4000), keep)
+    assert mask.shape == (1000, 4000) and mask.dtype == torch.bool
+    by_position = mask.view(-1, 4).double().mean(0)  # 1M draws each: binomial sd <= 5e-4
+    assert (by_position - keep).abs().max() < 2.5e-3, by_position
+    pairs = mask.view(-1, 4)
+    both = (pairs[:, 0] & pairs[:, 3]).double().mean().item()  # lowest and highest 16 bits of one word
+    assert abs(both - keep * keep) < 2.5e-3, both
+    assert not torch.equal(mask, _keep_mask(torch.ones(1000, 4000), keep))  # a new draw on every call
 
 
 def test_dropout_is_reproducible_and_trains(demo_assets) -> None:
