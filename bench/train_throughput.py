@@ -142,10 +142,12 @@ def bench_config(model: Path, batch: int, **options: object) -> object:
     )
 
 
-def run_ours(model: Path, data: Path, batch: int, out: Path, four_bit: bool = False, dropout: float = 0.0) -> dict:
+def run_ours(
+    model: Path, data: Path, batch: int, out: Path, four_bit: bool = False, dropout: float = 0.0, seed: int = 42
+) -> dict:
     from lora_pipeline.stages.train import train_adapter
 
-    cfg = bench_config(model, batch, lora_load_in_4bit=four_bit, use_liger=False, lora_dropout=dropout)
+    cfg = bench_config(model, batch, lora_load_in_4bit=four_bit, use_liger=False, lora_dropout=dropout, seed=seed)
     metrics = json.loads((train_adapter(cfg, data, out) / "metrics.json").read_text())
     batching = metrics["batching"]
     from peft import PeftModel
@@ -179,7 +181,14 @@ class CountingCollator:
 
 
 def run_trl(
-    model: Path, data: Path, batch: int, out: Path, padding_free: bool, cuda: bool = False, dropout: float = 0.0
+    model: Path,
+    data: Path,
+    batch: int,
+    out: Path,
+    padding_free: bool,
+    cuda: bool = False,
+    dropout: float = 0.0,
+    seed: int = 42,
 ) -> dict:
     """TRL's SFTTrainer + PEFT on the same rows: fp32 on the CPU, or bf16 on CUDA (cuda_backends.py)."""
     import datasets
@@ -206,7 +215,7 @@ def run_trl(
         logging_steps=1,
         save_strategy="no",
         disable_tqdm=True,
-        seed=42,
+        seed=seed,
         **{"max_length": MAX_LEN, **extra},
     )
     peft_config = LoraConfig(
@@ -262,16 +271,17 @@ def data_loss(tuned: object, model: Path, data: Path) -> float:
     return round(total / count, 4)
 
 
-def child(variant: str, model: Path, data: Path, batch: int, dropout: float) -> None:
+def child(variant: str, model: Path, data: Path, batch: int, dropout: float, seed: int) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         if variant.startswith("ours"):
-            result = run_ours(model, data, batch, out, four_bit=variant == "ours_4bit", dropout=dropout)
+            result = run_ours(model, data, batch, out, four_bit=variant == "ours_4bit", dropout=dropout, seed=seed)
         else:
-            result = run_trl(model, data, batch, out, padding_free=variant == "trl_padding_free", dropout=dropout)
+            padding_free = variant == "trl_padding_free"
+            result = run_trl(model, data, batch, out, padding_free=padding_free, dropout=dropout, seed=seed)
     from lora_pipeline.estimate import kernel_peak_rss
 
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (here, the model building's)
@@ -279,9 +289,10 @@ def child(variant: str, model: Path, data: Path, batch: int, dropout: float) -> 
     print("RESULT " + json.dumps(result))
 
 
-def run_child(variant: str, model: Path, data: Path, batch: int, dropout: float) -> dict:
+def run_child(variant: str, model: Path, data: Path, batch: int, dropout: float, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data)]
-    proc = subprocess.run([*cmd, "--batch", str(batch), "--dropout", str(dropout)], capture_output=True, text=True)
+    cmd += ["--batch", str(batch), "--dropout", str(dropout), "--seed", str(seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
@@ -310,10 +321,11 @@ def main() -> None:
     parser.add_argument(
         "--dropout", type=float, default=0.0, help="LoRA dropout for every variant (default 0.0, the spec's)"
     )
+    parser.add_argument("--seed", type=int, default=42, help="training seed for every variant (default 42)")
     add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.model, args.data, args.batch, args.dropout)
+        return child(args.child, args.model, args.data, args.batch, args.dropout, args.seed)
 
     import torch
 
@@ -323,7 +335,7 @@ def main() -> None:
         variants = args.variants.split(",")
         print(
             f"torch threads {torch.get_num_threads()}, {args.steps} steps x {args.batch} rows, {args.repeats} repeats, "
-            f"LoRA dropout {args.dropout}"
+            f"LoRA dropout {args.dropout}, seed {args.seed}"
         )
         for name in args.models.split(","):
             rows, lengths = make_rows(models[name], args.steps * args.batch, seed=1)
@@ -338,7 +350,7 @@ def main() -> None:
             results: dict[str, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats):
                 for variant in variants:
-                    results[variant].append(run_child(variant, models[name], data, args.batch, args.dropout))
+                    results[variant].append(run_child(variant, models[name], data, args.batch, args.dropout, args.seed))
             report(results, tokens)
 
 
