@@ -12,10 +12,10 @@ kept with probability 1-p, independently per module and call, as in peft; the ma
 and the 1/(1-p) goes into the addmm's alpha. p is applied in steps of 1/32768 (0.1 drops 3277/32768), and the
 scale is the exact kept share, so the adapter's expected input is unchanged.
 On CPU the mask is 15 random bits per element cut from 64-bit draws: torch's CPU generator (a serial Mersenne
-twister) makes a 64-bit word in about the time of one float, so this draws a quarter as often as `rand_like`
-and made the whole masked input about 2x cheaper. Elsewhere it is `rand_like(x) >= p`. Both use torch's
-generator, so a run is reproducible from its seed (and resumes with the Trainer's saved RNG state), but the
-masks are not mask-for-mask the same as peft's.
+twister) makes a 64-bit word in about the time of one float, so this draws a quarter as often as `rand_like`:
+mask and multiply were 1.9-2.8x cheaper on the demo model's shapes. Elsewhere it is `rand_like(x) >= p`.
+Both use torch's generator, so a run is reproducible from its seed (and resumes with the Trainer's saved RNG
+state), but the masks are not mask-for-mask the same as peft's.
 
 Only the plain case is replaced, checked on every call: one active adapter, no DoRA or other variant, not
 merged, matching dtypes. Anything else goes through peft's own forward unchanged.
