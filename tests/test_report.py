@@ -163,6 +163,36 @@ def test_tick_labels_are_round_numbers_spanning_the_data() -> None:
     assert all(x == int(x) for x in xticks)  # training steps are whole numbers
 
 
+def test_a_loss_spanning_decades_gets_a_log_axis_with_power_of_ten_ticks() -> None:
+    """A run from a random init (loss 18 -> 2e-4) on a linear axis is one spike, then a flat line at zero: its
+    loss axis is logarithmic, labelled by powers of ten, and equal loss ratios are equal distances."""
+    losses = [18.0, 4.0, 0.9, 0.3, 0.05, 0.0002]
+    history = [{"loss": v, "step": 10 * i} for i, v in enumerate(losses, start=1)]
+    page = render_loss_chart([*history, {"eval_loss": 0.5, "step": 40}])
+    loss_svg = _svgs(page)[0]
+    ticks = [(t.text, float(t.get("y"))) for t in loss_svg.iter("text") if t.get("class") == "ytick"]
+    assert [label for label, _ in ticks] == ["1e-4", "0.001", "0.01", "0.1", "1", "10", "100"]
+    gaps = [a[1] - b[1] for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert all(gap == pytest.approx(gaps[0], abs=0.2) and gap > 0 for gap in gaps)  # each decade as tall
+    assert "loss (log scale)" in page
+    pts = _points(page, "train") + _points(page, "eval")
+    assert [v for _, v, _ in pts] == [*losses, 0.5]
+    (_, l0, y0), (_, l1, y1) = pts[0], pts[-2]  # 18 and 0.0002
+    for _, loss, cy in pts:
+        expected = y0 + (math.log10(loss / l0)) * (y1 - y0) / math.log10(l1 / l0)
+        assert cy == pytest.approx(expected, abs=0.1), loss
+
+
+@pytest.mark.parametrize("losses", [[2.4, 1.1, 0.5, 0.03], [5.0, 0.0, 1e-3]], ids=["under-100x", "a-zero"])
+def test_losses_within_two_decades_or_with_a_zero_keep_a_linear_axis(losses: list[float]) -> None:
+    page = render_loss_chart([{"loss": v, "step": i} for i, v in enumerate(losses, start=1)])
+    assert "log scale" not in page
+    labels = [t.text for t in _svgs(page)[0].iter("text") if t.get("class") == "ytick"]
+    ticks = [float(label) for label in labels]
+    assert ticks[0] <= min(losses) and ticks[-1] >= max(losses)
+    assert all(b - a == pytest.approx(ticks[1] - ticks[0]) for a, b in zip(ticks, ticks[1:], strict=False))
+
+
 def test_page_is_self_contained() -> None:
     page = render_loss_chart(_history())
     lowered = page.lower()

@@ -79,27 +79,59 @@ def _fmt(value: float, step: float) -> str:
     return f"{value:.{decimals}f}"
 
 
-def _panel(series: list[Series], xticks: list[float], height: int, y_title: str, y_target: int) -> str:
-    """One SVG chart: gridlines, tick labels, axis titles, legend above the plot, then each series."""
+def _spans_decades(values: list[float]) -> bool:
+    """Whether a loss axis should be logarithmic: all values positive and the largest at least 100x the
+    smallest. A run from a random init (loss 18 -> 0.001) is otherwise a spike and a flat line at zero."""
+    return bool(values) and min(values) > 0 and max(values) >= 100 * min(values)
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten covering [lo, hi], with 2x and 5x between them when the data spans three decades or less,
+    and only every second (third, ...) power when it spans more than ten."""
+    first, last = math.floor(math.log10(lo) + 1e-9), math.ceil(math.log10(hi) - 1e-9)
+    if last - first > 10:  # a label every few decades: at most about ten on the axis
+        every = math.ceil((last - first) / 10)
+        first, last = first - first % every, last + (-last) % every
+        return [10.0**k for k in range(first, last + 1, every)]
+    steps = (1, 2, 5) if last - first <= 3 else (1,)
+    ticks = [m * 10.0**k for k in range(first, last) for m in steps] + [10.0**last]
+    low = max(i for i, t in enumerate(ticks) if t <= lo * (1 + 1e-9))  # the axis spans lo..hi, no more
+    high = min(i for i, t in enumerate(ticks) if t >= hi * (1 - 1e-9))
+    return ticks[low : high + 1]
+
+
+def _fmt_log(value: float) -> str:
+    """A log-axis label: 0.001 .. 1000 as decimals, beyond that 1e-4, 2e-5, 1e4."""
+    if 1e-3 <= value < 1e4:
+        return f"{value:.4g}"
+    exp = math.floor(math.log10(value) + 1e-9)
+    return f"{round(value / 10**exp):g}e{exp}"
+
+
+def _panel(
+    series: list[Series], xticks: list[float], height: int, y_title: str, y_target: int, log: bool = False
+) -> str:
+    """One SVG chart: gridlines, tick labels, axis titles, legend above the plot, then each series.
+    `log`: a logarithmic y axis (every value must be positive)."""
     values = [v for *_, pts in series for _, v in pts]
-    yticks = _ticks(min(values), max(values), y_target)
-    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+    scale = math.log10 if log else float
+    yticks = _log_ticks(min(values), max(values)) if log else _ticks(min(values), max(values), y_target)
+    x0, x1, y0, y1 = xticks[0], xticks[-1], scale(yticks[0]), scale(yticks[-1])
     pw, ph = WIDTH - LEFT - RIGHT, height - TOP - BOTTOM
 
     def sx(x: float) -> float:
         return LEFT + (x - x0) / (x1 - x0) * pw
 
     def sy(y: float) -> float:  # SVG y grows downwards, so a lower loss is drawn lower on the page
-        return TOP + (y1 - y) / (y1 - y0) * ph
+        return TOP + (y1 - scale(y)) / (y1 - y0) * ph
 
     out = [f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="{y_title} by step">']
     ystep, xstep = yticks[1] - yticks[0], xticks[1] - xticks[0]
     for t in yticks:
         y = sy(t)
+        label = _fmt_log(t) if log else _fmt(t, ystep)
         out.append(f'<line x1="{LEFT}" x2="{LEFT + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e2e8f0"/>')
-        out.append(
-            f'<text class="ytick" x="{LEFT - 8}" y="{y:.1f}" text-anchor="end" dy="0.32em">{_fmt(t, ystep)}</text>'
-        )
+        out.append(f'<text class="ytick" x="{LEFT - 8}" y="{y:.1f}" text-anchor="end" dy="0.32em">{label}</text>')
     for t in xticks:
         x = sx(t)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{TOP + ph}" stroke="#f1f5f9"/>')
@@ -193,7 +225,8 @@ def render_loss_chart(history: list[dict], title: str = "Training loss") -> str:
         xticks = _ticks(min(steps), max(steps), 8, integer=True)
         loss = [("train", "train loss", TRAIN_COLOUR, train)] if train else []
         loss += [("eval", "eval loss", EVAL_COLOUR, evals)] if evals else []
-        parts.append(f"<figure>{_panel(loss, xticks, 380, 'loss', 6)}</figure>")
+        log = _spans_decades([v for *_, pts in loss for _, v in pts])
+        parts.append(f"<figure>{_panel(loss, xticks, 380, 'loss (log scale)' if log else 'loss', 6, log)}</figure>")
         if lr:
             parts.append(f"<figure>{_panel([('lr', 'learning rate', LR_COLOUR, lr)], xticks, 200, 'lr', 3)}</figure>")
     else:
