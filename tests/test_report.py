@@ -193,6 +193,30 @@ def test_losses_within_two_decades_or_with_a_zero_keep_a_linear_axis(losses: lis
     assert all(b - a == pytest.approx(ticks[1] - ticks[0]) for a, b in zip(ticks, ticks[1:], strict=False))
 
 
+def test_many_train_points_get_a_smoothed_trend_line_under_them() -> None:
+    """Hundreds of noisy train losses: a smoothed line (no markers of its own) is drawn over the faded raw
+    points. It starts at the first loss, stays within the losses' range, and wiggles far less."""
+    losses = [2.0 - i / 200 + (0.3 if i % 2 else -0.3) for i in range(120)]
+    page = render_loss_chart([{"loss": v, "step": i + 1} for i, v in enumerate(losses)])
+    raw, trend = _polyline(page, "train"), _polyline(page, "trend")
+    assert raw is not None and trend is not None and len(trend) == len(raw) == 120
+    assert [x for x, _ in trend] == [x for x, _ in raw]
+    assert trend[0][1] == pytest.approx(raw[0][1], abs=0.05)
+    assert min(y for _, y in raw) <= min(y for _, y in trend) and max(y for _, y in trend) <= max(y for _, y in raw)
+
+    def wiggle(line: list[tuple[float, float]]) -> float:
+        return sum(abs(b[1] - a[1]) for a, b in zip(line, line[1:], strict=False))
+
+    assert wiggle(trend) < 0.3 * wiggle(raw)
+    assert _points(page, "trend") == [] and len(_points(page, "train")) == 120  # tooltips stay on the raw points
+    assert "train, smoothed" in page
+
+
+def test_few_train_points_get_no_trend_line() -> None:
+    page = render_loss_chart([{"loss": 2.0 - i / 100, "step": i} for i in range(1, 51)])
+    assert _polyline(page, "trend") is None and "smoothed" not in page
+
+
 def test_page_is_self_contained() -> None:
     page = render_loss_chart(_history())
     lowered = page.lower()

@@ -16,7 +16,8 @@ from lora_pipeline.files import write_text_atomic
 Point = tuple[float, float]  # (step, value)
 Series = tuple[str, str, str, list[Point]]  # (css class, legend label, colour, points)
 
-TRAIN_COLOUR, EVAL_COLOUR, LR_COLOUR = "#2563eb", "#ea580c", "#059669"
+TRAIN_COLOUR, TREND_COLOUR, EVAL_COLOUR, LR_COLOUR = "#2563eb", "#1e3a8a", "#ea580c", "#059669"
+TREND_MIN_POINTS = 50  # fewer train points are read one by one; more get a smoothed trend line over them
 WIDTH = 880
 LEFT, RIGHT, TOP, BOTTOM = 76, 24, 40, 52  # plot margins: room for tick labels, legend and axis titles
 
@@ -146,24 +147,43 @@ def _panel(
     legend, x = [], LEFT + pw
     for css, label, colour, _ in reversed(series):
         x -= 7 * len(label) + 34
-        marker = _marker(css, x + 11, TOP - 20, colour, 4.5)
+        marker = "" if css == "trend" else _marker(css, x + 11, TOP - 20, colour, 4.5)
         legend.append(
             f'<line x1="{x}" x2="{x + 22}" y1="{TOP - 20}" y2="{TOP - 20}" stroke="{colour}" '
             f'stroke-width="2"{_dash(css)}/>{marker}<text x="{x + 28}" y="{TOP - 20}" dy="0.32em">{label}</text>'
         )
     out.append(f'<g class="legend">{"".join(legend)}</g>')
+    has_trend = any(css == "trend" for css, *_ in series)
     for css, label, colour, pts in series:
         dense = css != "eval" and len(pts) > 80  # hundreds of points: thinner line, smaller dots stay legible
+        faded = ' opacity="0.4"' if css == "train" and has_trend else ""  # the trend line is what you read
         coords = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in pts)
+        width = 2.5 if css == "trend" else 1.5 if dense else 2
         out.append(
             f'<polyline class="series {css}" points="{coords}" fill="none" stroke="{colour}" '
-            f'stroke-width="{1.5 if dense else 2}" stroke-linejoin="round"{_dash(css)}/>'
+            f'stroke-width="{width}" stroke-linejoin="round"{_dash(css)}{faded}/>'
         )
+        if css == "trend":  # derived values: the raw points carry the tooltips and data
+            continue
         radius = 3.5 if css == "eval" else (2 if len(pts) <= 250 else 1) if dense else 3
         for s, v in pts:
             tip = f"<title>step {s:g}: {label} {v:.6g}</title>"
-            out.append(_marker(css, sx(s), sy(v), colour, radius, f' data-step="{s:g}" data-value="{v!r}"', tip))
+            attrs = f' data-step="{s:g}" data-value="{v!r}"{faded}'
+            out.append(_marker(css, sx(s), sy(v), colour, radius, attrs, tip))
     return "".join(out) + "</svg>"
+
+
+def _trend(points: list[Point], log: bool) -> list[Point]:
+    """An exponential moving average over about a twentieth of the points, bias-corrected (as TensorBoard's
+    smoothing) so that it starts at the first value; on a log axis it averages log-losses."""
+    span = max(5, len(points) // 20)
+    keep = 1 - 2 / (span + 1)
+    to, back = (math.log, math.exp) if log else (float, float)
+    avg, out = 0.0, []
+    for i, (step, value) in enumerate(points, start=1):
+        avg = keep * avg + (1 - keep) * to(value)
+        out.append((step, back(avg / (1 - keep**i))))
+    return out
 
 
 def _dash(css: str) -> str:
@@ -226,6 +246,8 @@ def render_loss_chart(history: list[dict], title: str = "Training loss") -> str:
         loss = [("train", "train loss", TRAIN_COLOUR, train)] if train else []
         loss += [("eval", "eval loss", EVAL_COLOUR, evals)] if evals else []
         log = _spans_decades([v for *_, pts in loss for _, v in pts])
+        if len(train) > TREND_MIN_POINTS:
+            loss.insert(1, ("trend", "train, smoothed", TREND_COLOUR, _trend(train, log)))
         parts.append(f"<figure>{_panel(loss, xticks, 380, 'loss (log scale)' if log else 'loss', 6, log)}</figure>")
         if lr:
             parts.append(f"<figure>{_panel([('lr', 'learning rate', LR_COLOUR, lr)], xticks, 200, 'lr', 3)}</figure>")
