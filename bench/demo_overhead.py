@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def demo_run(cli: Path, work: Path, env: dict[str, str]) -> dict[str, float]:
     run_dir = work / "run"
-    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     wall = timed([str(cli), "demo", "-o", str(run_dir)], {**env, "LORA_PIPELINE_REGISTRY": str(work / "r.db")})
     stages = {name: s["seconds"] for name, s in json.loads((run_dir / "run.json").read_text())["stages"].items()}
     loop = json.loads((run_dir / "train" / "metrics.json").read_text())["train_seconds"]
