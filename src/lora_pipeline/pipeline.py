@@ -109,6 +109,45 @@ def _recorded_key(run_dir: Path, stage: str) -> str | None:
     return read_json(record)["key"] if record.exists() else None
 
 
+# --- output manifests -----------------------------------------------------------------------------------
+
+HASHED_BYTES = 1 << 20  # files up to this size are recorded by sha256 too; larger ones by size (fast to check)
+
+
+def output_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """Every file a stage wrote (relative path -> size, and sha256 for small files), recorded in stage.json."""
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(q for q in Path(out).rglob("*") if q.is_file() and q.name != "stage.json"):
+        size = p.stat().st_size
+        files[p.relative_to(out).as_posix()] = {"size": size} | (
+            {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()} if size <= HASHED_BYTES else {}
+        )
+    return files
+
+
+def _changed_outputs(run_dir: Path, stage: Stage) -> str | None:
+    """Why a stage whose key matches cannot be reused: one of its or its upstream stages' recorded outputs
+    is missing or changed (None when all are as recorded, or when the record predates output manifests)."""
+    for name in (*stage.upstream, stage.name):
+        out = Path(run_dir) / name
+        if not (out / "stage.json").is_file():
+            return f"{name} has no completed output"
+        try:
+            recorded = read_json(out / "stage.json").get("outputs")
+        except (OSError, ValueError, AttributeError):
+            return f"{name}/stage.json is unreadable"
+        for rel, info in (recorded or {}).items() if isinstance(recorded, dict) else ():
+            path = out / rel
+            if not path.is_file():
+                return f"{name}/{rel} is missing"
+            expected = info if isinstance(info, dict) else {}
+            if path.stat().st_size != expected.get("size") or (
+                "sha256" in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected["sha256"]
+            ):
+                return f"{name}/{rel} changed since the stage ran"
+    return None
+
+
 # --- the run ------------------------------------------------------------------------------------------
 
 
@@ -162,7 +201,10 @@ def _run_locked(
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
         key = stage_key(config, stage, run_dir, source_fingerprint)
-        if not force and _recorded_key(run_dir, stage.name) == key:
+        changed = _changed_outputs(run_dir, stage) if _recorded_key(run_dir, stage.name) == key else None
+        if changed:
+            log.info("%s: rerunning: %s", stage.name, changed)
+        elif not force and _recorded_key(run_dir, stage.name) == key:
             log.info("%s: cached (key %s), skipping", stage.name, key)
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
@@ -181,7 +223,7 @@ def _run_locked(
             _write_report(run_dir)
             raise
         seconds = round(time.perf_counter() - started, 2)
-        write_json_atomic({"key": key, "seconds": seconds}, out / "stage.json")
+        write_json_atomic({"key": key, "seconds": seconds, "outputs": output_manifest(out)}, out / "stage.json")
         manifest["stages"][stage.name] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
         _write_manifest(manifest, manifest_path)
     manifest["status"] = "completed"

@@ -39,6 +39,7 @@ def preflight(
             fingerprint = sources.fingerprint(config.dataset.data_uri)
     if "train" in stages:
         check_model(config.train.model)
+        check_model_fits(config)
     if "register" in stages:
         from lora_pipeline.registry import check_local, token
 
@@ -83,6 +84,25 @@ def check_model(ref: str, field: str = "train.model") -> None:
         _check_local_model(path, field)
     else:
         _check_hub_model(ref, field)
+
+
+def check_model_fits(config: Config) -> None:
+    """The base model's parts agree and the train options fit it (see model_checks), for a model whose files
+    are here: a local directory or one in the Hugging Face cache. An s3:// model is checked once fetched."""
+    ref = config.train.model
+    if ref.startswith("s3://"):
+        return
+    path = Path(local_path(ref))
+    if not (is_local_uri(ref) and path.is_dir()):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json") if _HUB_ID.match(ref) else None
+        if not isinstance(cached, str):
+            return  # fetched by the train stage; transformers checks it there
+        path = Path(cached).parent
+    from lora_pipeline.model_checks import check_model_agrees
+
+    check_model_agrees(config.train, path)
 
 
 def _check_local_model(path: Path, field: str) -> None:

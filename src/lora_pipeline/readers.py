@@ -77,7 +77,7 @@ def read_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
     if kind == "json":
         return enumerate(_json_rows(f, name), 1)
     if kind == "csv":
-        return _csv_rows(f)
+        return _csv_rows(f, name)
     return enumerate(_columnar_rows(f, kind, name), 1)
 
 
@@ -117,12 +117,13 @@ def _json_rows(f: Path, name: str) -> list:
     return rows
 
 
-def _csv_rows(f: Path) -> Iterator[tuple[int, object]]:
+def _csv_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
     # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the record that holds them can
     # be dropped by itself (a strict decode would fail the whole file at that point).
     csv.field_size_limit(1 << 30)
     with open(f, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
+        _check_header(reader.fieldnames or [], name)
         line = 1
         for record in reader:
             start, line = line + 1, reader.line_num
@@ -135,6 +136,16 @@ def _csv_rows(f: Path) -> Iterator[tuple[int, object]]:
                 yield start, RowError("more fields than the CSV header")
                 continue
             yield start, record
+
+
+def _check_header(names: list[str], name: str) -> None:
+    """A column named twice would be read as its last occurrence only, silently: refuse the file instead."""
+    seen: set[str] = set()
+    for column in names:
+        if column in seen:
+            shown = column.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
+            raise DataError(f"{name}: the CSV header names column {shown!r} twice", field=FIELD)
+        seen.add(column)
 
 
 def _columnar_rows(f: Path, kind: str, name: str) -> Iterator[dict]:

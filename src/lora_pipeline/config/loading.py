@@ -247,7 +247,8 @@ def _check_field(name: str, value: Any, meta: Any) -> None:
         raise ConfigError(f"must be {op} {meta['min']}, got {value}", field=name)
     if "max" in meta and (value > meta["max"] or (meta.get("max_exclusive") and value == meta["max"])):
         op = "<" if meta.get("max_exclusive") else "<="
-        raise ConfigError(f"must be {op} {meta['max']}, got {value}", field=name)
+        why = f" ({meta['why']})" if "why" in meta else ""
+        raise ConfigError(f"must be {op} {meta['max']}, got {value}{why}", field=name)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -86,6 +86,9 @@ class TrainConfig:
         kfp="phase_02_train_man_train_batch",
         component="training_effective_batch_size",
         min=1,
+        max=1 << 20,
+        why="rows per optimizer step; a step is cut into passes, but more than a million rows a step leaves a "
+        "dataset a handful of steps",
     )
     micro_batch_size: int = param(
         0,
@@ -100,6 +103,8 @@ class TrainConfig:
         component="training_num_epochs",
         component_optional=True,
         min=1,
+        max=1000,
+        why="LoRA converges in a few epochs; more than 1000 passes over the data is a typo",
     )
     max_tokens_per_gpu: int = param(
         32000,
@@ -114,6 +119,8 @@ class TrainConfig:
         kfp="phase_02_train_opt_max_seq_len",
         component="training_max_seq_len",
         min=8,
+        max=1 << 20,
+        why="beyond the context of released models; pre-flight also checks the base model's own context",
     )
     learning_rate: float = param(
         2e-4,
@@ -186,6 +193,8 @@ class TrainConfig:
         kfp="phase_02_train_man_lora_r",
         component="training_lora_r",
         min=1,
+        max=1 << 16,
+        why="wider than the layers of released models; pre-flight checks it against the targeted layers",
     )
     lora_alpha: int = param(
         32,

@@ -46,6 +46,7 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
         tally = _Tally(cfg.subset)
         with _Spool(tmp / ".rows.spool") as spool:
             formats = {name: _read_file(f, name, cfg, spool, tally) for f, name in zip(files, names, strict=True)}
+            _check_mapping(cfg.columns, tally.columns, names)
             _check_counts(cfg, tally, sources.redact(cfg.data_uri))
             order = array("q", range(len(spool)))
             random.Random(cfg.seed).shuffle(order)  # the same permutation as shuffling a list of the rows
@@ -97,6 +98,7 @@ class _Tally:
         self.read = self.valid = 0
         self.dropped: dict[str, int] = {}
         self.first: dict[str, list[str]] = {}
+        self.columns: set[str] = set()  # every column name seen in an object row: O(columns) memory
 
     def drop(self, reason: str, where: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -131,6 +133,8 @@ def _read_file(f: Path, name: str, cfg: DatasetConfig, spool: _Spool, tally: _Ta
     for i, raw in _chain(head, rows):
         tally.read += 1
         meter.update()
+        if isinstance(raw, dict):
+            tally.columns.update(raw)
         try:
             if isinstance(raw, RowError):
                 raise raw
@@ -143,6 +147,17 @@ def _read_file(f: Path, name: str, cfg: DatasetConfig, spool: _Spool, tally: _Ta
             spool.add(row)
     meter.close()
     return fmt
+
+
+def _check_mapping(mapping: dict, columns: set[str], names: list[str]) -> None:
+    """A `dataset.columns` entry whose column no row has would be ignored without a word: a typo, refused."""
+    for field, column in mapping.items():
+        if column not in columns:
+            shown = ", ".join(sorted(columns)[:20]) or "(none)"
+            raise DataError(
+                f"{field}={column}: no column {column!r} in {', '.join(names[:3])} (columns: {shown})",
+                field="dataset.columns",
+            )
 
 
 def _chain(head: list, rest: Iterable) -> Iterable:
