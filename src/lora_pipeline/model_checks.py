@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ VOCAB_FILES = (
 )
 VOCAB_SUFFIXES = (".tiktoken", ".model")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 DEFAULT_MAX_SEQ_LEN = 8192  # the spec's default: clamped to a shorter context, where an explicit value fails
 
 
@@ -126,7 +127,10 @@ def _check_weights(path: Path, model: Any) -> None:
             )
         if expected[key].is_floating_point() and info.get("dtype") not in FLOAT_DTYPES:
             raise ConfigError(f"{path}: weight {name} is stored as {info.get('dtype')}, not a float type", field=FIELD)
-    missing = [k for k in expected if k not in matched and k not in _tied_keys(model)]
+    # Tensors transformers fills in itself when absent (tied output layers, buffers it recomputes).
+    optional = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    tied = _tied_keys(model)
+    missing = [k for k in expected if k not in matched and k not in tied and not any(p.search(k) for p in optional)]
     if missing:
         raise ConfigError(
             f"{path}: the weights lack {len(missing)} of the model's {len(expected)} tensors "
@@ -137,9 +141,11 @@ def _check_weights(path: Path, model: Any) -> None:
 
 def _tied_keys(model: Any) -> set[str]:
     """Tensors shared with another (the output layer tied to the embedding): not stored twice."""
+    declared = set(getattr(model, "_tied_weights_keys", None) or [])  # a dict or a list, by version
     if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        return declared
+    shared = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    names = declared | shared
     output = model.get_output_embeddings()
     return names | {f"{n}.weight" for n, m in model.named_modules() if output is not None and m is output}
 
@@ -184,7 +190,10 @@ def _target_widths(model: Any, targets: list[str]) -> dict[str, int]:
         if getattr(getattr(m, "weight", None), "ndim", 0) == 2 and not isinstance(m, torch.nn.Embedding)
     }
     if not targets:
-        chosen = {n: m for n, m in layers.items() if isinstance(m, torch.nn.Linear) and m is not output}
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, which peft's all-linear includes
+
+        linear = (torch.nn.Linear, Conv1D)
+        chosen = {n: m for n, m in layers.items() if isinstance(m, linear) and m is not output}
     else:
         chosen = {}
         for target in targets:
