@@ -52,10 +52,25 @@ def _run_args(demo_assets, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def _nan_weights(model: Path) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * float("nan")  # valid file, poisoned values
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return ["--train.model", str(model)]
+
+
+def _huge_learning_rate(model: Path) -> list[str]:
+    return ["--train.learning_rate", "1e300"]
+
+
 @pytest.mark.integration
-def test_a_non_finite_loss_stops_training_at_its_step(demo_assets, tmp_path: Path, capsys, private_registry) -> None:
+@pytest.mark.parametrize("cause", [_huge_learning_rate, _nan_weights], ids=["learning-rate-1e300", "nan-weights"])
+def test_a_non_finite_loss_stops_training_at_its_step(demo_assets, tmp_path: Path, capsys, private_registry, cause):
     run_dir = tmp_path / "run"
-    code = main(_run_args(demo_assets, run_dir, "--train.learning_rate", "1e300"))
+    shutil.copytree(demo_assets.model_dir, tmp_path / "model")
+    code = main(_run_args(demo_assets, run_dir, *cause(tmp_path / "model")))
     err = capsys.readouterr().err
     assert code == 2
     line = [ln for ln in err.splitlines() if ln.startswith("lora-pipeline: error:")]
@@ -123,6 +138,9 @@ def test_a_deleted_adapter_reruns_train_and_eval(demo_assets, tmp_path: Path, ca
     run_dir = tmp_path / "run"
     args = _run_args(demo_assets, run_dir, "--registry.address", "none")
     assert main(args) == 0
+    assert main(args) == 0  # intact outputs: every stage is reused
+    statuses = {name: info["status"] for name, info in json.loads((run_dir / "run.json").read_text())["stages"].items()}
+    assert statuses == {"dataset": "cached", "train": "cached", "eval": "cached", "register": "cached"}
     adapter = run_dir / "train" / "adapter"
     shutil.rmtree(adapter)
     capsys.readouterr()
