@@ -125,6 +125,18 @@ def output_manifest(out: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def _reusable(run_dir: Path, stage: Stage, key: str, force: bool) -> bool:
+    """The stage's last completed run had this key and its outputs (and its upstream stages') are as recorded."""
+    if force or _recorded_key(run_dir, stage.name) != key:
+        return False
+    changed = _changed_outputs(run_dir, stage)
+    if changed:
+        log.info("%s: rerunning: %s", stage.name, changed)
+        return False
+    log.info("%s: cached (key %s), skipping", stage.name, key)
+    return True
+
+
 def _changed_outputs(run_dir: Path, stage: Stage) -> str | None:
     """Why a stage whose key matches cannot be reused: one of its or its upstream stages' recorded outputs
     is missing or changed (None when all are as recorded, or when the record predates output manifests)."""
@@ -201,11 +213,7 @@ def _run_locked(
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
         key = stage_key(config, stage, run_dir, source_fingerprint)
-        changed = _changed_outputs(run_dir, stage) if _recorded_key(run_dir, stage.name) == key else None
-        if changed:
-            log.info("%s: rerunning: %s", stage.name, changed)
-        elif not force and _recorded_key(run_dir, stage.name) == key:
-            log.info("%s: cached (key %s), skipping", stage.name, key)
+        if _reusable(run_dir, stage, key, force):
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
         log.info("%s: running", stage.name)
