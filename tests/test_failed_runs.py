@@ -154,3 +154,7 @@ def test_a_deleted_adapter_reruns_train_and_eval(demo_assets, tmp_path: Path, ca
         assert main(["train", "-o", str(run_dir)]) == 0
     assert any(r.getMessage().startswith("train: rerunning: train/adapter/") for r in caplog.records)
     assert (adapter / "adapter_config.json").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lora_pipeline"):
+        assert main(["eval", "-o", str(run_dir)]) == 0  # the retrained adapter is scored again
+    assert "eval: rerunning: train was redone since this stage ran" in [r.getMessage() for r in caplog.records]

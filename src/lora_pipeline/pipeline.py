@@ -111,30 +111,55 @@ def _recorded_key(run_dir: Path, stage: str) -> str | None:
 
 # --- output manifests -----------------------------------------------------------------------------------
 
-HASHED_BYTES = 1 << 20  # files up to this size are recorded by sha256 too; larger ones by size (fast to check)
+# Files up to this size are recorded by sha256 too; larger ones by size, and by mtime for the stages downstream.
+HASHED_BYTES = 1 << 20
 
 
 def output_manifest(out: Path) -> dict[str, dict[str, Any]]:
-    """Every file a stage wrote (relative path -> size, and sha256 for small files), recorded in stage.json."""
+    """Every file a stage wrote (relative path -> size, and sha256 for small files, else the mtime: a retrained
+    adapter has the same size), recorded in stage.json."""
     files: dict[str, dict[str, Any]] = {}
     for p in sorted(q for q in Path(out).rglob("*") if q.is_file() and q.name != "stage.json"):
-        size = p.stat().st_size
-        files[p.relative_to(out).as_posix()] = {"size": size} | (
-            {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()} if size <= HASHED_BYTES else {}
+        st = p.stat()
+        small = st.st_size <= HASHED_BYTES
+        files[p.relative_to(out).as_posix()] = {"size": st.st_size} | (
+            {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()} if small else {"mtime_ns": st.st_mtime_ns}
         )
     return files
 
 
+def _upstream_digests(run_dir: Path, stage: Stage) -> dict[str, str | None]:
+    """A digest of each upstream stage's recorded outputs: what this stage read, to tell when it was redone."""
+    digests: dict[str, str | None] = {}
+    for up in stage.upstream:
+        try:
+            outputs = read_json(Path(run_dir) / up / "stage.json").get("outputs")
+        except (OSError, ValueError, AttributeError):
+            outputs = None
+        digests[up] = hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16] if outputs else None
+    return digests
+
+
 def _reusable(run_dir: Path, stage: Stage, key: str, force: bool) -> bool:
-    """The stage's last completed run had this key and its outputs (and its upstream stages') are as recorded."""
+    """The stage's last completed run had this key and read the upstream outputs there are now, and its outputs
+    (and its upstream stages') are as recorded."""
     if force or _recorded_key(run_dir, stage.name) != key:
         return False
-    changed = _changed_outputs(run_dir, stage)
+    changed = _changed_outputs(run_dir, stage) or _redone_upstream(run_dir, stage)
     if changed:
         log.info("%s: rerunning: %s", stage.name, changed)
         return False
     log.info("%s: cached (key %s), skipping", stage.name, key)
     return True
+
+
+def _redone_upstream(run_dir: Path, stage: Stage) -> str | None:
+    recorded = read_json(Path(run_dir) / stage.name / "stage.json").get("upstream_outputs")
+    if not isinstance(recorded, dict):
+        return None  # recorded before upstream digests were
+    now = _upstream_digests(run_dir, stage)
+    redone = [up for up in stage.upstream if recorded.get(up) != now[up]]
+    return f"{redone[0]} was redone since this stage ran" if redone else None
 
 
 def _changed_outputs(run_dir: Path, stage: Stage) -> str | None:
@@ -231,7 +256,8 @@ def _run_locked(
             _write_report(run_dir)
             raise
         seconds = round(time.perf_counter() - started, 2)
-        write_json_atomic({"key": key, "seconds": seconds, "outputs": output_manifest(out)}, out / "stage.json")
+        record = {"key": key, "seconds": seconds, "outputs": output_manifest(out)}
+        write_json_atomic(record | {"upstream_outputs": _upstream_digests(run_dir, stage)}, out / "stage.json")
         manifest["stages"][stage.name] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
         _write_manifest(manifest, manifest_path)
     manifest["status"] = "completed"
