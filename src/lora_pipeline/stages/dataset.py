@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.errors import DataError
-from lora_pipeline.files import atomic_dir, write_json_atomic
+from lora_pipeline.files import atomic_dir, owned_prefix, remove_stale_temp, write_json_atomic
 from lora_pipeline.formats import RowError, describe_formats, detect, normalise
 from lora_pipeline.progress import Meter
 from lora_pipeline.readers import data_files, read_rows
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5  # first bad rows shown per reason
 DETECT_ROWS = 100  # rows of a file looked at to detect its format before it is called unknown
+FETCH_PREFIX = "lora-pipeline-fetch-"  # downloads in TMPDIR, removed when the stage ends (or by the next run)
 
 
 def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
@@ -39,7 +40,8 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
     if not cfg.data_uri:
         raise DataError("required: a dataset location", field="dataset.data_uri")
     limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes)
-    with tempfile.TemporaryDirectory(prefix="lora-pipeline-fetch-") as download_dir, atomic_dir(out) as tmp:
+    remove_stale_temp(Path(tempfile.gettempdir()), FETCH_PREFIX)  # a killed run's download, never cleaned
+    with tempfile.TemporaryDirectory(prefix=owned_prefix(FETCH_PREFIX)) as download_dir, atomic_dir(out) as tmp:
         path = sources.fetch(cfg.data_uri, Path(download_dir), limits)
         files = data_files(path)
         names = [_label(f, path) for f in files]
