@@ -53,7 +53,19 @@ def _escape(char: str) -> str:
 
 
 # OSErrors that are the user's environment, not a bug: a full disk, a read-only or forbidden path.
-USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR})
+USER_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+    }
+)
 
 
 def describe_os_error(exc: OSError) -> str:

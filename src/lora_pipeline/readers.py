@@ -75,7 +75,9 @@ def _json(path: Path) -> dict:
     except (OSError, ValueError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
         raise DataError(f"{path.name}: not a readable save_to_disk file ({reason})", field=FIELD) from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise DataError(f"{path.name}: not a readable save_to_disk file (expected a JSON object)", field=FIELD)
+    return data
 
 
 def read_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:

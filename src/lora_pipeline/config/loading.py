@@ -270,6 +270,8 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {reason}", field="--config") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start}): {path}", field="--config") from None
+    except ValueError:  # a NUL in the path: no file can have that name
+        raise ConfigError(f"not a file name: {path!r}", field="--config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
