@@ -461,3 +461,15 @@ def test_dataclass_fields_have_int_bounds() -> None:
         for f in dataclasses.fields(cls):
             if type(f.default) is int:
                 assert f.metadata["max"] <= 2**63 - 1, f"{section}.{f.name}"
+
+
+@pytest.mark.parametrize("members", [{"docs/readme.txt": "x"}, {}])
+def test_archive_errors_name_the_archive(members: dict[str, str], tmp_path: Path, capsys) -> None:
+    import zipfile
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, text in members.items():
+            zf.writestr(name, text)
+    line = one_error(capsys, ["dataset", "--dataset.data_uri", str(archive), "--out", str(tmp_path / "o")])
+    assert str(archive) in line and "lora-pipeline-fetch-" not in line
