@@ -473,3 +473,25 @@ def test_archive_errors_name_the_archive(members: dict[str, str], tmp_path: Path
             zf.writestr(name, text)
     line = one_error(capsys, ["dataset", "--dataset.data_uri", str(archive), "--out", str(tmp_path / "o")])
     assert str(archive) in line and "lora-pipeline-fetch-" not in line
+
+
+@pytest.mark.integration
+def test_full_disk_while_checkpointing(demo_assets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """ENOSPC in the middle of a checkpoint: one line, run.json says failed, the partial checkpoint is gone."""
+    from transformers import Trainer
+
+    run_dir = tmp_path / "run"
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS[:16])
+    assert main(["dataset", "-o", str(run_dir), "--dataset.data_uri", str(data)]) == 0
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", _raise(errno.ENOSPC))
+    options = {"model": demo_assets.model_dir, "epochs": 1, "effective_batch_size": 4, "max_seq_len": 128}
+    options |= {"checkpoint_steps": 1, "lora_load_in_4bit": "false", "use_liger": "false"}
+    flags = [item for name, value in options.items() for item in (f"--train.{name}", str(value))]
+    capsys.readouterr()
+    assert main(["train", "-o", str(run_dir), *flags]) == 2
+    err = capsys.readouterr().err  # transformers' weight-loading bar writes to stderr too: the last line is ours
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("lora-pipeline: error:") and "no space left on device" in err
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    assert not list((run_dir / ".train.work" / "checkpoints").glob("checkpoint-*"))
+    assert not (run_dir / "train").exists() and not list(run_dir.glob(".train.tmp-*"))
