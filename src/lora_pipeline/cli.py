@@ -18,7 +18,7 @@ from typing import Any
 
 from lora_pipeline import __version__
 from lora_pipeline.config import SECTIONS, Config, dump_yaml, field_type, fields_of, from_dict, load_yaml, validate
-from lora_pipeline.errors import ConfigError, LoraPipelineError
+from lora_pipeline.errors import USER_ERRNOS, ConfigError, LoraPipelineError, describe_os_error, one_line
 from lora_pipeline.files import exclusive_lock
 from lora_pipeline.preflight import preflight
 from lora_pipeline.redaction import install_log_filter, redact_config, scrub
@@ -194,14 +194,51 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except LoraPipelineError as exc:
-        sys.stderr.write(f"lora-pipeline: error: {scrub(str(exc))}\n")
+        sys.stderr.write(f"lora-pipeline: error: {one_line(scrub(str(exc)))}\n")
+        return 2
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            return _internal_error(exc, args)
+        sys.stderr.write(f"lora-pipeline: error: {one_line(scrub(describe_os_error(exc)))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("lora-pipeline: interrupted; run the same command again to resume\n")
         return 130
+    except Exception as exc:
+        return _internal_error(exc, args)
     finally:
         os.umask(previous_umask)
         signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _internal_error(exc: BaseException, args: argparse.Namespace) -> int:
+    """The last resort: a bug, in one line (exit 1); the traceback goes to a file, not the terminal."""
+    import traceback
+
+    where = _traceback_file(getattr(args, "log_dir", None), scrub("".join(traceback.format_exception(exc))))
+    detail = one_line(scrub(str(exc)), limit=300)
+    sys.stderr.write(f"lora-pipeline: internal error: {type(exc).__name__}: {detail}; traceback in {where}\n")
+    return 1
+
+
+def _traceback_file(run_dir: Path | None, text: str) -> str:
+    """Write `text` into the run directory, else the state directory, else the temp directory: the first that
+    takes it. Never raises: the error being reported matters more than its log."""
+    import tempfile
+    import time
+
+    home = Path(os.environ.get("LORA_PIPELINE_HOME") or Path.home() / ".cache" / "lora-pipeline")
+    name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (run_dir, home / "logs", Path(tempfile.gettempdir())):
+        if folder is None or (folder == run_dir and not folder.is_dir()):
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8", errors="backslashreplace")
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(not written: no writable directory)"
 
 
 def run() -> None:
@@ -303,6 +340,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from lora_pipeline import pipeline
 
     run_dir = Path(args.run_dir) if args.run_dir else pipeline.default_run_dir(demo)
+    args.log_dir = run_dir  # where an internal error's traceback goes, if it comes to that
     recorded = pipeline.recorded_config(run_dir) if run_dir.is_dir() else None
     config = resolve_config(args, recorded or base)
     apply_verbosity(config.eval.verbosity)

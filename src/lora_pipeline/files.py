@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,7 +24,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temp(out.parent, f".{out.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{out.name}.tmp-"), dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -31,6 +36,40 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def owned_prefix(prefix: str) -> str:
+    """A temporary directory's name prefix that records its owner (pid and host), so that the next run can tell
+    a killed run's leftovers from a live process's work: `PREFIX<pid>-<host>-`."""
+    return f"{prefix}{os.getpid()}-{_HOST}-"
+
+
+def remove_stale_temp(folder: Path, prefix: str) -> None:
+    """Remove the directories `owned_prefix(prefix)` made in `folder` whose owner process is gone (killed, or
+    its cleanup never ran). Another host's, a live process's, and names without an owner are left alone."""
+    try:
+        entries = list(Path(folder).glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return
+    for entry in entries:
+        owner = re.match(r"(\d+)-([0-9a-f]{8})-", entry.name[len(prefix) :])
+        if owner and owner[2] == _HOST and not _alive(int(owner[1])) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process; a pid the OS cannot hold
+        return True
+    return True
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def write_text_atomic(text: str, path: Path) -> Path:

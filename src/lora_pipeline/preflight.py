@@ -39,6 +39,8 @@ def preflight(
             fingerprint = sources.fingerprint(config.dataset.data_uri)
     if "train" in stages:
         check_model(config.train.model)
+        if config.train.data_output_dir:
+            check_output_dir(Path(config.train.data_output_dir), "train.data_output_dir")
     if "register" in stages:
         from lora_pipeline.registry import check_local, token
 

@@ -53,32 +53,81 @@ def _saved_dataset_files(path: Path) -> list[Path] | None:
     one, else all its splits: the eval split is cut by data_split, not taken from the source); else None."""
     if (path / "dataset_dict.json").is_file():
         splits = _json(path / "dataset_dict.json").get("splits") or []
+        if not isinstance(splits, list) or not all(isinstance(s, str) and s for s in splits):
+            raise DataError(f"{path.name}/dataset_dict.json: 'splits' is not a list of names", field=FIELD)
         chosen = ["train"] if "train" in splits else splits
         return [f for split in chosen for f in _saved_dataset_files(path / split) or []]
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        names = [entry["filename"] for entry in _json(path / "state.json").get("_data_files", [])]
-        return [path / name for name in names]
+        entries = _json(path / "state.json").get("_data_files", [])
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("filename"), str) and e["filename"] for e in entries
+        ):
+            raise DataError(
+                f"{path.name}/state.json: '_data_files' is not a list of {{\"filename\": ...}} entries", field=FIELD
+            )
+        return [path / entry["filename"] for entry in entries]
     return None
 
 
 def _json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path.name}: not a readable save_to_disk file ({exc})", field=FIELD) from None
-    return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
+        raise DataError(f"{path.name}: not a readable save_to_disk file ({reason})", field=FIELD) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path.name}: not a readable save_to_disk file (expected a JSON object)", field=FIELD)
+    return data
 
 
 def read_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
     """(row number, row) in file order; row numbers are lines for JSONL and CSV, 1-based records otherwise."""
     kind = FILE_TYPES[f.suffix]
     if kind == "jsonl":
-        return _jsonl_rows(f)
-    if kind == "json":
-        return enumerate(_json_rows(f, name), 1)
-    if kind == "csv":
-        return _csv_rows(f)
-    return enumerate(_columnar_rows(f, kind, name), 1)
+        rows = _jsonl_rows(f)
+    elif kind == "json":
+        rows = enumerate(_json_rows(f, name), 1)
+    elif kind == "csv":
+        rows = _csv_rows(f)
+    else:
+        rows = enumerate(_columnar_rows(f, kind, name), 1)
+    return ((i, row if isinstance(row, RowError) else row_problem(row) or row) for i, row in rows)
+
+
+MAX_DEPTH = 64  # a chat row is 4 levels deep; deeper rows are not data, and recursion on them would fail
+
+
+def row_problem(row: object) -> RowError | None:
+    """A decoded row that later steps could not handle: nested deeper than MAX_DEPTH, or a string holding a lone
+    surrogate (a JSON `\\ud800` escape), which no UTF-8 file can be written with. Walked without recursion."""
+    stack = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return RowError(f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return RowError("text with a lone surrogate (not valid Unicode)")
+        elif isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+    return None
+
+
+def parse_json(text: str) -> object:
+    """json.loads, with the inputs it fails on other than by JSONDecodeError (a number of more than 4300 digits,
+    nesting deeper than the interpreter's recursion limit) raised as RowError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise RowError("not valid JSON") from None
+    except ValueError:
+        raise RowError("a number too long to read (more than 4300 digits)") from None
+    except RecursionError:
+        raise RowError(f"nested more than {MAX_DEPTH} levels deep") from None
 
 
 def _jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
@@ -94,9 +143,9 @@ def _jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
             if not line.strip():
                 continue
             try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError:
-                yield i, RowError("not valid JSON")
+                yield i, parse_json(line)
+            except RowError as exc:
+                yield i, exc
 
 
 def _json_rows(f: Path, name: str) -> list:
@@ -111,10 +160,20 @@ def _json_rows(f: Path, name: str) -> list:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{name} is not valid JSON: {exc}", field=FIELD) from None
+    except (ValueError, RecursionError):
+        raise DataError(f"{name}: {parse_problem(text)}", field=FIELD) from None
     rows = rows.get("data", rows) if isinstance(rows, dict) else rows
     if not isinstance(rows, list):
         raise DataError(f'{name}: expected a list of rows or {{"data": [...]}}', field=FIELD)
     return rows
+
+
+def parse_problem(text: str) -> str:
+    try:
+        parse_json(text)
+    except RowError as exc:
+        return str(exc)
+    return "not valid JSON"
 
 
 def _csv_rows(f: Path) -> Iterator[tuple[int, object]]:

@@ -228,6 +228,11 @@ def validate(config: Config) -> Config:
     return config
 
 
+def is_k8s_quantity(text: str) -> bool:
+    """A Kubernetes resource quantity (4, 500m, 32Gi): what pod resources and a workspace PVC size take."""
+    return bool(_K8S_QUANTITY.match(text))
+
+
 def is_local_uri(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -258,10 +263,21 @@ def load_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}", field="--config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"a directory, not a YAML file: {path}", field="--config") from None
+    except OSError as exc:
+        reason = (exc.strerror or type(exc).__name__).lower()
+        raise ConfigError(f"cannot read {path}: {reason}", field="--config") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start}): {path}", field="--config") from None
+    except ValueError:  # a NUL in the path: no file can have that name
+        raise ConfigError(f"not a file name: {path!r}", field="--config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"not valid YAML{where}: {path}", field="--config") from None
+    except RecursionError:  # YAML nested thousands deep
+        raise ConfigError(f"nested too deeply: {path}", field="--config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

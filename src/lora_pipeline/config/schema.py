@@ -21,10 +21,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+# Integers feed C code (torch, numpy, Arrow, the Kubernetes API) that takes 64 bits at most: every integer
+# option is bounded, here at the root, unless its field names a tighter bound for what it feeds.
+INT_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy's and the `random` module's seeds, which transformers.set_seed also seeds
+THREADS_MAX = 4096  # torch.set_num_threads takes a C int; no machine has more cores than this
+
 
 def param(default: Any, help: str, **meta: Any) -> Any:
     """A config field: default + description + spec names + validation bounds, in one place."""
     meta["help"] = help
+    if type(default) is int:
+        meta.setdefault("max", INT_MAX)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,7 +61,7 @@ class DatasetConfig:
         max=1.0,
     )
     subset: int = param(0, "Limit to first N examples (0 = all)", kfp="phase_01_dataset_opt_subset", min=0)
-    seed: int = param(42, "Seed of the shuffle before the train/eval split", min=0)
+    seed: int = param(42, "Seed of the shuffle before the train/eval split", min=0, max=SEED_MAX)
     format: str = param(
         "auto",
         "Row format (auto = detected per file from its columns): messages (OpenAI chat), sharegpt "
@@ -147,6 +155,7 @@ class TrainConfig:
         component="training_seed",
         component_optional=True,
         min=0,
+        max=SEED_MAX,
     )
     save_epoch: bool = param(
         False,
@@ -346,6 +355,7 @@ class TrainConfig:
         0,
         "CPU threads for torch (0 = OMP_NUM_THREADS if set, else the cores this process may use)",
         min=0,
+        max=THREADS_MAX,
         cache=False,
     )
 

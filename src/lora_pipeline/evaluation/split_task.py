@@ -18,7 +18,7 @@ from typing import Any
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation.backends import MAX_TOKEN_KEYS
 from lora_pipeline.files import read_jsonl
-from lora_pipeline.tokenization import IGNORE_INDEX, encode_chat, encode_text
+from lora_pipeline.tokenization import IGNORE_INDEX, encode_chat, encode_text, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _encode(tokenizer: Any, row: dict, index: int) -> dict | None:
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         prompt = None
         if last is not None:
-            text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+            text = render_chat(tokenizer, messages[:last], add_generation_prompt=True)
             prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         target = messages[last]["content"] if last is not None else None
     else:
@@ -205,9 +205,7 @@ def _stop_ids(tokenizer: Any) -> list[int]:
     """EOS and the chat template's end-of-turn token: the first token the template writes after an answer."""
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     probe = "PROBE-ANSWER"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], tokenize=False
-    )
+    text = render_chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}])
     after = text[text.rfind(probe) + len(probe) :]
     if after.strip():
         first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lora_pipeline.config import Config
+from lora_pipeline.config.loading import is_k8s_quantity
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.kubeflow.components import DEFAULT_IMAGE, DEFAULT_PACKAGE_SPEC, BuildOptions
 from lora_pipeline.stages import NAMES
@@ -100,7 +101,25 @@ def add_compile_command(
     add_config_flags(p)
 
 
+def _check_compile_args(args: argparse.Namespace) -> None:
+    """The output path and the workspace size, checked before anything is built (kfp would raise ValueError)."""
+    if args.workspace_size and not is_k8s_quantity(args.workspace_size):
+        raise ConfigError(
+            f"not a Kubernetes quantity: {args.workspace_size!r} (e.g. 20Gi, 500Mi, 1Ti)", field="--workspace-size"
+        )
+    if not args.output:
+        return
+    out = Path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"a directory, not a file: {out}", field="--output")
+    if not out.parent.is_dir():
+        raise ConfigError(f"no such directory: {out.parent}", field="--output")
+    if not args.trainjob and not out.name.endswith((".yaml", ".yml")):
+        raise ConfigError(f"expected a .yaml file name, got {out.name!r}", field="--output")
+
+
 def compile_command(args: argparse.Namespace, config: Config) -> int:
+    _check_compile_args(args)
     options = BuildOptions(
         image=args.image,
         package_spec=args.package_spec,

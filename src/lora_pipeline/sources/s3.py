@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.files import owned_prefix, remove_stale_temp
 from lora_pipeline.sources import FIELD, Limits, redact
 
 CHECK_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10}  # the fingerprint is the pre-flight check
@@ -72,7 +73,8 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temp(target.parent, f".{target.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{target.name}.tmp-"), dir=target.parent))
     try:
         for o in objects:
             _download(client, uri, bucket, o["Key"], tmp / _relative(o["Key"], prefix), field)

@@ -18,6 +18,7 @@ from lora_pipeline.checkpoints import (
     checkpoint_step,
     make_checkpoint_callback,
     move_epoch_checkpoints,
+    remove_incomplete_checkpoints,
     training_key,
 )
 from lora_pipeline.config import TrainConfig, parse_key_values
@@ -233,6 +234,10 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:
+        if rank == 0:  # a save cut short (ENOSPC, a crash) leaves a partial checkpoint: not kept on disk
+            remove_incomplete_checkpoints(work / "checkpoints")
+        raise
     finally:
         memory_peak = peak.stop()
     seconds = time.perf_counter() - started
