@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
+
 from conftest import CHAT_ROWS, write_jsonl
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.progress import Meter, format_eta
@@ -37,3 +39,17 @@ def test_dataset_stage_reports_rows_read(tmp_path: Path, caplog, monkeypatch) ->
 
 def test_eta_format() -> None:
     assert (format_eta(31), format_eta(3725), format_eta(-5)) == ("0:31", "1:02:05", "0:00")
+
+
+@pytest.mark.parametrize(
+    ("final", "mean", "expected"),
+    [
+        (0.5, 1.3754, "final loss 0.5000 (mean over the run 1.3754)"),
+        (0.5, None, "final loss 0.5000"),
+        (None, None, "no loss logged"),
+    ],
+)
+def test_the_summary_line_names_the_final_loss_and_labels_the_mean(final, mean, expected) -> None:
+    from lora_pipeline.stages.train import loss_summary
+
+    assert loss_summary(final, mean) == expected

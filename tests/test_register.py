@@ -34,7 +34,7 @@ def make_run(root: Path) -> Path:
             }
         )
     )
-    metrics = {"train_loss": 0.5, "final_loss": 0.4, "eval_loss": 0.6, "epochs": 2, "steps": 20, "quantization": None}
+    metrics = {"mean_loss": 0.5, "final_loss": 0.4, "eval_loss": 0.6, "epochs": 2, "steps": 20, "quantization": None}
     (root / "train" / "metrics.json").write_text(json.dumps(metrics))
     (root / "dataset").mkdir()
     dataset = {"source": "https://example.org/chat.jsonl?<redacted>", "sha256": SHA, "train_rows": 90, "eval_rows": 10}
@@ -77,7 +77,7 @@ def test_empty_address_skips_and_records_the_lineage(run_dir: Path) -> None:
         "use_rslora": False,
         "use_dora": False,
         "lora_target_modules": "q_proj,v_proj",
-        "train_loss": 0.5,
+        "mean_loss": 0.5,
         "final_loss": 0.4,
         "eval_loss": 0.6,
         "epochs": 2,
@@ -166,4 +166,11 @@ def test_non_finite_losses_are_left_out(run_dir: Path) -> None:
     metrics = run_dir / "train" / "metrics.json"
     metrics.write_text(metrics.read_text().replace('"eval_loss": 0.6', '"eval_loss": NaN'))
     meta = register(run_dir)["metadata"]
-    assert "eval_loss" not in meta and meta["train_loss"] == 0.5
+    assert "eval_loss" not in meta and meta["mean_loss"] == 0.5
+
+
+def test_the_mean_loss_is_registered_as_mean_also_from_an_older_train_output(run_dir: Path) -> None:
+    metrics = run_dir / "train" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"mean_loss"', '"train_loss"'))  # before the rename
+    meta = register(run_dir)["metadata"]
+    assert (meta["mean_loss"], meta["final_loss"]) == (0.5, 0.4) and "train_loss" not in meta

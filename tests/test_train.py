@@ -247,7 +247,7 @@ def test_tokenized_data_is_kept_by_content_and_reused(demo_assets, demo_dataset,
         second = read_json(train_adapter(cfg, demo_dataset, tmp_path / "b") / "metrics.json")
     assert [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
     assert len(list(enc.iterdir())) == 1 and (next(enc.iterdir()) / "train.jsonl").exists()
-    assert first["train_loss"] == second["train_loss"] and not (tmp_path / "b" / "data").exists()
+    assert first["mean_loss"] == second["mean_loss"] and not (tmp_path / "b" / "data").exists()
     longer = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), max_seq_len=96)
     train_adapter(longer, demo_dataset, tmp_path / "c")
     assert len(list(enc.iterdir())) == 2  # another sequence limit is other data

@@ -97,8 +97,10 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
     metrics_file = train_dir / "metrics.json"
     if metrics_file.exists():
         metrics = read_json(metrics_file)
-        for key in ("train_loss", "final_loss", "eval_loss", "epochs", "steps", "effective_batch_size"):
+        for key in ("final_loss", "mean_loss", "eval_loss", "epochs", "steps", "effective_batch_size"):
             meta[key] = metrics.get(key)
+        if meta["mean_loss"] is None:  # a train output from before the rename called the mean `train_loss`
+            meta["mean_loss"] = metrics.get("train_loss")
         meta["quantization"] = _quantization(metrics.get("quantization"))
     results_file = Path(eval_dir) / "eval_results.json" if eval_dir else None
     if results_file and results_file.exists():

@@ -245,8 +245,10 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     # The mean of the logged losses, which a resumed run restores from its checkpoint; the Trainer's own
-    # `training_loss` averages only the steps run by the last process.
-    train_loss = sum(losses) / len(losses) if losses else None
+    # `training_loss` averages only the steps run by the last process. It includes the random-init start, so
+    # it is always labelled "mean": the final loss is where training ended.
+    mean_loss = sum(losses) / len(losses) if losses else None
+    final_loss = losses[-1] if losses else None
     total_steps = steps_per_epoch * cfg.epochs
     total_tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.epochs
     tokens_here = total_tokens * (trainer.state.global_step - resumed_at) / total_steps
@@ -270,8 +272,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         write_json_atomic(
             {
-                "train_loss": train_loss,
-                "final_loss": losses[-1] if losses else None,
+                "final_loss": final_loss,
+                "mean_loss": mean_loss,
                 "eval_loss": evals[-1] if evals else None,
                 "steps": trainer.state.global_step,
                 "resumed_from_step": resumed_at or None,
@@ -311,9 +313,20 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         write_loss_chart(history, tmp / "loss_chart.html", title=f"LoRA training loss: {model_ref}")
     shutil.rmtree(work, ignore_errors=True)
     log.info(
-        "train: loss %.4f after %d steps in %.1fs -> %s", train_loss or 0.0, trainer.state.global_step, seconds, out
+        "train: %s after %d steps in %.1fs -> %s",
+        loss_summary(final_loss, mean_loss),
+        trainer.state.global_step,
+        seconds,
+        out,
     )
     return out
+
+
+def loss_summary(final: float | None, mean: float | None) -> str:
+    """`final loss 0.5123 (mean over the run 1.3754)`: the summary line leads with where training ended."""
+    if final is None:
+        return "no loss logged"
+    return f"final loss {final:.4f}" + (f" (mean over the run {mean:.4f})" if mean is not None else "")
 
 
 def tokens_in(rows: list[dict]) -> int:
