@@ -30,6 +30,7 @@ from lora_pipeline.evaluation.checks import SPLIT_TASK, build_tasks, check_eval_
 from lora_pipeline.evaluation.results import compare, jsonable, precision_label
 from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start_env_info
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
+from lora_pipeline.library_notices import set_library_levels
 from lora_pipeline.models import load_tokenizer
 
 __all__ = ["check_eval_options", "compare", "evaluate_adapter", "precision_label"]
@@ -59,7 +60,7 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
 
     import torch
 
-    logging.getLogger("lm_eval").setLevel(cfg.verbosity)  # lm-eval deprecated its own verbosity arguments
+    set_library_levels(cfg.verbosity)  # lm-eval's INFO lines only at DEBUG (it deprecated its own verbosity)
     backend, task_manager = checked_options(cfg, StageError)
     tasks = lm_eval_tasks(cfg.tasks)
     if tasks:

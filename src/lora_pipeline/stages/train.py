@@ -92,7 +92,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import transformers
 
     from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
-    from lora_pipeline.progress import make_progress_callback
+    from lora_pipeline.progress import TerminalLine, make_progress_callback
     from lora_pipeline.tokenization import PadCollator, ensure_chat_template
 
     threads, threads_from = cpu_threads(cfg.threads)
@@ -182,7 +182,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         use_liger_kernel=use_liger,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=not tty,
+        disable_tqdm=True,  # our own progress (below), on a terminal too: HF's bar has no loss, no tokens/s
     )
     trainer = make_trainer_class()(
         model=model,
@@ -210,10 +210,12 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     )
     epoch_dir = work / "epoch_checkpoints"
     trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir, steps_per_epoch))
-    if not tty:  # transformers would print every logged dict raw: one readable line now and then instead
-        tokens_per_step = sum(len(r["input_ids"]) for r in train_rows) / steps_per_epoch
-        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-        trainer.add_callback(make_progress_callback(tokens_per_step, log))
+    # transformers would print every logged dict raw: our progress line instead (redrawn on a terminal)
+    tokens_per_step = sum(len(r["input_ids"]) for r in train_rows) / steps_per_epoch
+    for printer in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+        trainer.remove_callback(printer)
+    live = TerminalLine() if tty else None
+    trainer.add_callback(make_progress_callback(tokens_per_step, log, live=live))
     resumed_at = checkpoint_step(resume) if resume else 0
     if resume:
         log.info("train: resuming from step %d of %d", resumed_at, steps_per_epoch * cfg.epochs)
@@ -235,6 +237,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         memory_peak = peak.stop()
+        if live is not None:
+            live.close()  # an interrupted run leaves no half-drawn line
     seconds = time.perf_counter() - started
     batch_stats = trainer.batch_stats.as_dict(sum_over_processes(trainer.batch_stats.counts(), world))
     if rank != 0:  # under torchrun every rank trains; one writes
