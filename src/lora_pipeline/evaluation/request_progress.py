@@ -32,13 +32,18 @@ class _CountingHook:
         return getattr(self.inner, name)
 
 
+class _NoCache:
+    def add_partial(self, attr: str, req: Any, res: Any) -> None:
+        pass
+
+
 class RequestProgress:
     """Installed once on an lm-eval model (`track_requests`); `label` names the model being scored now."""
 
     def __init__(self, lm: Any, label: str) -> None:
         self.label = label
         self.current: dict[str, WorkProgress] = {}
-        lm.cache_hook = _CountingHook(lm.cache_hook, self)
+        lm.cache_hook = _CountingHook(getattr(lm, "cache_hook", None) or _NoCache(), self)
         for method in REQUEST_TYPES:
             if hasattr(lm, method):
                 setattr(lm, method, self._wrap(method, getattr(lm, method)))
