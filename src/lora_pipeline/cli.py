@@ -282,15 +282,16 @@ def setup_logging() -> None:
 
 
 def apply_verbosity(level: str) -> None:
-    """eval.verbosity sets the whole run's logging: this package's and lm-eval's lines at `level`; other
-    libraries stay at WARNING (their INFO lines say little), except that DEBUG shows their debug lines too
-    and ERROR/CRITICAL quiet their warnings as well."""
+    """eval.verbosity sets the whole run's logging: this package's lines at `level`; libraries (lm-eval,
+    transformers, datasets, ...) show their warnings, and their INFO lines only at DEBUG (they say little);
+    ERROR/CRITICAL quiet their warnings as well."""
     import logging
 
-    value = logging.getLevelName(level)
-    logging.getLogger().setLevel(value if value == logging.DEBUG else max(value, logging.WARNING))
-    for name in ("lora_pipeline", "lm_eval"):
-        logging.getLogger(name).setLevel(value)
+    from lora_pipeline.library_notices import library_level, set_library_levels
+
+    logging.getLogger().setLevel(library_level(level))
+    logging.getLogger("lora_pipeline").setLevel(logging.getLevelName(level))
+    set_library_levels(level)
 
 
 def _silence_library_noise() -> None:

@@ -276,6 +276,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
         if record.get("status") != "skipped":
             where = record.get("registry")
             print(f"registered: {record['model_name']} {record['version']} ({record.get('status')}, {where})")
+            if record.get("scores_differ"):
+                print("  its eval scores are not this run's: " + ", ".join(record["scores_differ"]))
 
 
 def _versions() -> dict[str, str]:

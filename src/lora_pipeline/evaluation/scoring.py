@@ -3,11 +3,9 @@ through the same loaded model (transformers), merged into one lm-eval-shaped res
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import split_task
 from lora_pipeline.evaluation.backends import HF_RUNTIME_ARGS, hf_gen_kwargs, vllm_model_args, vllm_model_class
+from lora_pipeline.evaluation.request_progress import track_requests
 from lora_pipeline.evaluation.results import precision_label
 from lora_pipeline.models import first_line, load_base_model
 
@@ -153,7 +152,7 @@ class Scorer:
         log.info("eval: %s model on %s", name, ", ".join(self.cfg.tasks))
         results = None
         if self.tasks:
-            results = self._lm_eval(lm, record)
+            results = self._lm_eval(lm, record, name)
             if results is None:
                 return None
         elif rank() != 0:
@@ -169,14 +168,11 @@ class Scorer:
         max_tokens = split_task.max_new_tokens(self.cfg.gen_kwargs)
         return split_task.score_split(model, self.tokenizer, self.split_rows, batch, max_tokens, self.cfg.log_samples)
 
-    def _lm_eval(self, lm: Any, record: dict[str, Any]) -> dict | None:
+    def _lm_eval(self, lm: Any, record: dict[str, Any], name: str) -> dict | None:
         import lm_eval
         import lm_eval.evaluator
 
-        # No terminal: lm-eval's request bars pass disable=False, whatever TQDM_DISABLE says.
-        if not sys.stderr.isatty():
-            for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-                setattr(lm, method, functools.partial(getattr(lm, method), disable_tqdm=True))
+        track_requests(lm, name)  # our progress lines instead of lm-eval's bars, with or without a terminal
         gen_kwargs = hf_gen_kwargs(self.cfg.gen_kwargs) if self.backend == "hf" else dict(self.cfg.gen_kwargs)
         # lm-eval records `git describe` of the working directory, whatever repository that is, and
         # prints git's "fatal: not a git repository" on every run outside one: skip it.
