@@ -9,11 +9,13 @@ cache. The fingerprint is the commit the revision resolves to (the cache's snaps
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.files import confined
 from lora_pipeline.sources import FIELD, Limits, redact
 
 # What is downloaded from a dataset repository: data files and the card that declares its configs.
@@ -95,12 +97,11 @@ def _split_files(uri: str, ref: Ref) -> tuple[list[Path], Path]:
     if ref.split not in splits:
         known = ", ".join(splits) or "none"
         raise SourceError(f"{redact(uri)}: no split {ref.split!r} (splits: {known})", field=FIELD)
-    files = [Path(str(f).split("::")[0]) for f in splits[ref.split]]
-    outside = [f for f in files if not f.is_relative_to(snapshot)]
-    if outside:
-        raise SourceError(
-            f"{redact(uri)}: the split names files outside the repository ({outside[0].name})", field=FIELD
-        )
+    # The card's `path:` patterns are data: a file they resolve to is taken only inside the snapshot (its
+    # links may point into the repository's blob store, two levels up, and nowhere else).
+    names = [os.path.relpath(str(f).split("::")[0], snapshot) for f in splits[ref.split]]
+    what = f"dataset card data_files path (split {ref.split!r})"
+    files = [confined(snapshot, n, what=what, source=redact(uri), links_to=snapshot.parents[1]) for n in names]
     return files, snapshot
 
 

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from lora_pipeline.errors import SourceError
+from lora_pipeline.errors import SourceError, UnsafePathError
+from lora_pipeline.files import unsafe_reason
 from lora_pipeline.sources import FIELD, Limits, redact
 
 CHECK_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10}  # the fingerprint is the pre-flight check
@@ -157,9 +158,9 @@ def _tree_digest(objects: list[dict], prefix: str) -> str:
 def _relative(key: str, prefix: str) -> str:
     """The object's path under the prefix; refused if it would climb out of the download directory."""
     rel = key[len(prefix) :]
-    parts = PurePosixPath(rel).parts
-    if not parts or ".." in parts or rel.startswith("/"):
-        raise SourceError(f"object key {key[:100]!r} cannot be stored as a local file", field=FIELD)
+    why = unsafe_reason(rel)
+    if why:
+        raise UnsafePathError(f"object key {key[:100]!r} {why}: it cannot be stored as a local file", field=FIELD)
     return rel
 
 

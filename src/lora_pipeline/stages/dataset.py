@@ -41,7 +41,7 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
     limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes)
     with tempfile.TemporaryDirectory(prefix="lora-pipeline-fetch-") as download_dir, atomic_dir(out) as tmp:
         path = sources.fetch(cfg.data_uri, Path(download_dir), limits)
-        files = data_files(path)
+        files = data_files(path, sources.redact(cfg.data_uri))
         names = [_label(f, path) for f in files]
         tally = _Tally(cfg.subset)
         with _Spool(tmp / ".rows.spool") as spool:
