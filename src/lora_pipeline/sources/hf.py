@@ -34,7 +34,7 @@ class Ref:
 class HfSource:
     def fetch(self, uri: str, dest: Path, limits: Limits) -> Path:
         ref = parse(uri)
-        files, snapshot = _split_files(uri, ref)
+        files, snapshot = _split_files(uri, ref, limits.timeout)
         root = dest / "hf"
         for f in files:
             link = root / f.relative_to(snapshot)
@@ -80,9 +80,9 @@ def parse(uri: str) -> Ref:
     return Ref(repo, config, split, options.get("revision", [None])[-1] or None)
 
 
-def _split_files(uri: str, ref: Ref) -> tuple[list[Path], Path]:
+def _split_files(uri: str, ref: Ref, timeout: float = CHECK_TIMEOUT_S) -> tuple[list[Path], Path]:
     """(the split's data files, the snapshot directory they are in)."""
-    snapshot = _snapshot(uri, ref)
+    snapshot = _snapshot(uri, ref, timeout)
     import datasets
 
     try:
@@ -105,7 +105,9 @@ def _split_files(uri: str, ref: Ref) -> tuple[list[Path], Path]:
     return files, snapshot
 
 
-def _snapshot(uri: str, ref: Ref) -> Path:
+def _snapshot(uri: str, ref: Ref, timeout: float) -> Path:
+    """The repository's files; each request waits at most `timeout` for the revision's metadata, and
+    HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's, default 10 s) for each file's bytes."""
     from huggingface_hub import constants, snapshot_download
 
     with _hub_errors(uri, ref):
@@ -117,6 +119,7 @@ def _snapshot(uri: str, ref: Ref) -> Path:
                 cache_dir=constants.HF_HUB_CACHE,
                 local_files_only=constants.HF_HUB_OFFLINE,
                 allow_patterns=PATTERNS,
+                etag_timeout=timeout,
             )
         )
 

@@ -31,7 +31,8 @@ _DENIED = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 
 class S3Source:
     def fetch(self, uri: str, dest: Path, limits: Limits) -> Path:
-        client = _client(uri, DOWNLOAD_TIMEOUTS)
+        # dataset.timeout: to connect, and the most seconds one read of the body may wait.
+        client = _client(uri, {"connect_timeout": limits.timeout, "read_timeout": limits.timeout})
         bucket, key = _parse(uri)
         objects, prefix = _objects(client, uri, FIELD)
         total = sum(o["Size"] for o in objects)
@@ -108,7 +109,7 @@ def _parse(uri: str, field: str = FIELD) -> tuple[str, str]:
     return bucket, key
 
 
-def _client(uri: str, timeouts: dict[str, int], field: str = FIELD) -> Any:
+def _client(uri: str, timeouts: dict[str, float], field: str = FIELD) -> Any:
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config

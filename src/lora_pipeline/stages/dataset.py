@@ -38,7 +38,7 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
 
     if not cfg.data_uri:
         raise DataError("required: a dataset location", field="dataset.data_uri")
-    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes)
+    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes, timeout=cfg.timeout, deadline=cfg.deadline)
     with tempfile.TemporaryDirectory(prefix="lora-pipeline-fetch-") as download_dir, atomic_dir(out) as tmp:
         path = sources.fetch(cfg.data_uri, Path(download_dir), limits)
         files = data_files(path, sources.redact(cfg.data_uri))
