@@ -177,3 +177,24 @@ def test_object_keys_climbing_out_are_refused() -> None:
         with pytest.raises(UnsafePathError):
             _relative(key, "p/")
     assert _relative("p/a/b.jsonl", "p/") == "a/b.jsonl"
+
+
+def test_url_file_name_climbing_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from test_deadlines import http_server
+
+    with http_server(lambda conn: conn.sendall(b"{}\n" * 4), 12) as uri:
+        code, err = _dataset(uri.replace("/data.jsonl", "/dir/.."), tmp_path / "ds", capsys)
+    assert code == 2 and len(err) == 1 and "file name in the URL '..' climbs out" in err[0], err
+
+
+def test_downloaded_zip_naming_an_absolute_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from test_deadlines import http_server
+
+    secret = tmp_path / "private.arrow"
+    secret.write_bytes(b"not to be read")
+    data = _saved_zip(tmp_path, {"_data_files": [{"filename": str(secret)}]}).read_bytes()
+    with http_server(lambda conn: conn.sendall(data), len(data)) as uri:
+        code, err = _dataset(uri.replace("/data.jsonl", "/saved.zip"), tmp_path / "ds", capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "/saved.zip: state.json _data_files filename" in err[0] and "is an absolute path" in err[0]
+    assert "lora-pipeline-fetch" not in err[0] and not (tmp_path / "ds").exists()

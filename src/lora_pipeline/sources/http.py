@@ -23,6 +23,7 @@ from typing import IO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.files import confined
 from lora_pipeline.progress import Meter
 from lora_pipeline.sources import FIELD, MARK, Limits, redact
 
@@ -48,7 +49,7 @@ class HttpSource:
         and one that grows past `limits.max_bytes` is stopped."""
         name = PurePosixPath(_split(uri).path).name or "data.jsonl"
         dest.mkdir(parents=True, exist_ok=True)
-        target = dest / name
+        target = confined(dest, name, what="file name in the URL", source=redact(uri))
         part = dest / f"{name}.part"
         part.unlink(missing_ok=True)
         validator: list[str] = []  # the first answer's ETag or Last-Modified: a resume must be of the same bytes

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lora_pipeline.errors import SourceError, UnsafePathError
-from lora_pipeline.files import unsafe_reason
+from lora_pipeline.files import confined, unsafe_reason
 from lora_pipeline.sources import FIELD, Limits, redact
 
 CHECK_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10}  # the fingerprint is the pre-flight check
@@ -41,7 +41,8 @@ class S3Source:
                 f"{redact(uri)} is {total} bytes, more than dataset.max_bytes ({limits.max_bytes})", field=FIELD
             )
         if prefix is None:  # one object
-            target = dest / (PurePosixPath(key).name or "data.jsonl")
+            name = PurePosixPath(key).name or "data.jsonl"
+            target = confined(dest, name, what="object key", source=redact(uri))
             _download(client, uri, bucket, objects[0]["Key"], target, FIELD)
             return target
         root = dest / "s3"
