@@ -29,9 +29,10 @@ def silent_server() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def http_server(body: Callable[[socket.socket], None], length: int) -> Iterator[str]:
-    """An HTTP server answering HEAD with an ETag (the source check passes at once) and GET with `length`
-    announced and the body written by `body`."""
+def http_server(body: Callable[[socket.socket], None], length: int, etag: bool = True) -> Iterator[str]:
+    """An HTTP server answering HEAD with an ETag (the source check passes at once; without one, the check
+    hashes the body) and GET with `length` announced and the body written by `body`."""
+    validator = 'ETag: "v1"\r\n' if etag else ""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -40,7 +41,7 @@ def http_server(body: Callable[[socket.socket], None], length: int) -> Iterator[
     def handle(conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             request = conn.recv(65536)
-            conn.sendall(f'HTTP/1.1 200 OK\r\nContent-Length: {length}\r\nETag: "v1"\r\n\r\n'.encode())
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n{validator}\r\n".encode())
             if not request.startswith(b"HEAD"):
                 body(conn)
 
@@ -93,6 +94,18 @@ def test_http_download_that_never_finishes_ends_in_one_line(
         code, err, elapsed = _dataset(uri, tmp_path, capsys, *options)
     assert code == 2 and len(err) == 1 and re.search(expected, err[-1]), err
     assert elapsed < BOUND_S and not (tmp_path / "ds").exists()
+
+
+def test_source_check_of_a_dripping_body_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_pipeline import sources
+    from lora_pipeline.errors import SourceError
+
+    monkeypatch.setattr("lora_pipeline.sources.http.CHECK_DEADLINE_S", 1.0)
+    with http_server(drip, 10_000, etag=False) as uri:  # no validators: the check hashes the body
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="gave up: .*the source check's limit, 1 s"):
+            sources.fingerprint(uri)
+    assert time.monotonic() - started < BOUND_S
 
 
 def test_http_download_prints_progress(
