@@ -145,12 +145,17 @@ def test_silent_registry_gives_up_within_registry_timeout(tmp_path: Path) -> Non
     assert elapsed < BOUND_S and not (tmp_path / "reg").exists()
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "abc"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "abc", "inf", "1e308"])
 def test_timeouts_must_be_positive_seconds(value: str, capsys: pytest.CaptureFixture) -> None:
     for option in ("--registry.timeout", "--dataset.timeout"):
         assert main(["run", "--print_config", option, value]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and option.lstrip("-") in err[0], err
+    with pytest.raises(SystemExit) as exited:  # argparse's own error: it exits
+        main(["compile", "--trainjob", "--submit", "--timeout", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--timeout" in err[0], err
 
 
 def test_trainjob_submit_to_a_silent_api_server_ends_in_one_line(

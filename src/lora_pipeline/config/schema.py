@@ -77,10 +77,15 @@ class DatasetConfig:
         "(http(s), s3; hf: the metadata requests); then it is retried, 3 attempts in all",
         min=0.0,
         min_exclusive=True,
+        max=86400.0,
         cache=False,
     )
     deadline: float = param(
-        0.0, "Most seconds an http(s) download may take, retries included (0 = no total limit)", min=0.0, cache=False
+        0.0,
+        "Most seconds an http(s) download may take, retries included (0 = no total limit)",
+        min=0.0,
+        max=30 * 86400.0,
+        cache=False,
     )
 
 
@@ -434,6 +439,7 @@ class RegistryConfig:
         "Most seconds a Model Registry may take to register, retries included; then one line, outputs kept",
         min=0.0,
         min_exclusive=True,
+        max=86400.0,
         cache=False,
     )
     path: str = param(
