@@ -50,6 +50,19 @@ def test_confined_returns_a_path_inside_or_refuses(tree: Path, relative: str) ->
     assert real.is_relative_to(tree.resolve()) and real != tree.resolve()
 
 
+@settings(max_examples=60, deadline=None)
+@given(PATHS)
+def test_a_name_passing_the_text_checks_cannot_climb_out(relative: str) -> None:
+    """What archives rely on before writing anything: no normalisation of an accepted name leaves the root."""
+    import posixpath
+
+    from lora_pipeline.files import unsafe_reason
+
+    if unsafe_reason(relative) is None:
+        normal = posixpath.normpath(relative.replace("\\", "/"))
+        assert not normal.startswith(("/", "../")) and normal != ".." and ":" not in normal[1:2]
+
+
 @pytest.mark.parametrize(
     "relative",
     ["/etc/passwd", "../outside/secret.jsonl", "ok/../../outside", "link/secret.jsonl", "C:/x", "C:\\x",

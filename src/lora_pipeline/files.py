@@ -75,7 +75,8 @@ def unsafe_reason(relative: object) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in relative):
         return "holds a NUL or control character"
     text = relative.replace("\\", "/")
-    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+    normal = posixpath.normpath(text)  # "./C:" is a drive letter too, once normalised
+    if any(t.startswith("/") or t[1:2] == ":" for t in (text, normal)):
         return "is an absolute path, outside the data's directory"
     if ".." in text.split("/"):
         return "climbs out of the data's directory (..)"
