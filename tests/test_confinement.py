@@ -18,7 +18,7 @@ from lora_pipeline.errors import UnsafePathError
 from lora_pipeline.files import confined
 
 # Path-like text: separators, dots, drive letters and control characters far more often than chance would.
-PIECES = st.sampled_from(["..", ".", "/", "\\", "a", "b.jsonl", "C:", "~", "\x00", "\n", " ", "link", "ok"])
+PIECES = st.sampled_from(["..", ".", "/", "\\", "a", "b.jsonl", "C:", "~", "\x00", "\n", " ", "link", "ok", "loop"])
 PATHS = st.one_of(st.text(max_size=40), st.lists(PIECES, max_size=8).map("".join))
 
 
@@ -33,6 +33,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (outside / "secret.jsonl").write_text("{}\n")
     (base / "link").symlink_to(outside)
     (base / "ok" / "inner").symlink_to(base / "ok" / "b.jsonl")
+    (base / "loop").symlink_to(base / "loop")
     return base
 
 
@@ -66,7 +67,7 @@ def test_a_name_passing_the_text_checks_cannot_climb_out(relative: str) -> None:
 @pytest.mark.parametrize(
     "relative",
     ["/etc/passwd", "../outside/secret.jsonl", "ok/../../outside", "link/secret.jsonl", "C:/x", "C:\\x",
-     "..\\outside", "a\x00b", "", ".", "ok/\n", "link"],
+     "..\\outside", "a\x00b", "", ".", "ok/\n", "link", "loop/x", "./C:"],
 )  # fmt: skip
 def test_confined_refuses(tree: Path, relative: str) -> None:
     with pytest.raises(UnsafePathError, match="data.zip: the field .*; refused"):
