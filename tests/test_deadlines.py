@@ -171,3 +171,27 @@ def test_trainjob_submit_to_a_silent_api_server_ends_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "did not answer within 1 s" in err[0], err
     assert elapsed < BOUND_S
+
+
+def test_hf_fetch_waits_dataset_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    from lora_pipeline import sources
+    from lora_pipeline.errors import SourceError
+
+    seen: dict[str, float] = {}
+
+    def snapshot_download(*args: object, **kwargs: float) -> str:
+        seen.update(etag=kwargs["etag_timeout"], download=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        raise TimeoutError("read timed out")
+
+    before = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    with pytest.raises(SourceError, match="cannot reach the Hugging Face Hub for owner/name"):
+        sources.fetch("hf://owner/name", tmp_path, sources.Limits(timeout=7))
+    assert seen == {"etag": 7, "download": 7} and before == constants.HF_HUB_DOWNLOAD_TIMEOUT
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "3")  # the variable, when set, is the user's choice
+    with pytest.raises(SourceError):
+        sources.fetch("hf://owner/name", tmp_path, sources.Limits(timeout=7))
+    assert seen == {"etag": 7, "download": before}

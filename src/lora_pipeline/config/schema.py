@@ -74,7 +74,7 @@ class DatasetConfig:
     timeout: float = param(
         30.0,
         "Seconds a remote source may take to connect, and a download may go with less than 1 KiB received "
-        "(http(s), s3; hf: the metadata requests); then it is retried, 3 attempts in all",
+        "(http(s), s3; hf: each request and read); then it is retried, 3 attempts in all",
         min=0.0,
         min_exclusive=True,
         max=86400.0,

@@ -9,9 +9,12 @@ cache. The fingerprint is the commit the revision resolves to (the cache's snaps
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
 from lora_pipeline.errors import SourceError
@@ -106,11 +109,11 @@ def _split_files(uri: str, ref: Ref, timeout: float = CHECK_TIMEOUT_S) -> tuple[
 
 
 def _snapshot(uri: str, ref: Ref, timeout: float) -> Path:
-    """The repository's files; each request waits at most `timeout` for the revision's metadata, and
-    HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's, default 10 s) for each file's bytes."""
+    """The repository's files; a request waits at most `timeout` (dataset.timeout) for an answer, and for
+    each read of a file's bytes unless HF_HUB_DOWNLOAD_TIMEOUT says otherwise."""
     from huggingface_hub import constants, snapshot_download
 
-    with _hub_errors(uri, ref):
+    with _hub_errors(uri, ref), _download_timeout(constants, timeout):
         return Path(
             snapshot_download(
                 ref.repo,
@@ -122,6 +125,21 @@ def _snapshot(uri: str, ref: Ref, timeout: float) -> Path:
                 etag_timeout=timeout,
             )
         )
+
+
+@contextlib.contextmanager
+def _download_timeout(constants: Any, seconds: float) -> Iterator[None]:
+    """huggingface_hub reads its download timeout from a module constant at each request (set from the
+    environment at import); the option takes its place for this fetch when the variable is not set."""
+    if "HF_HUB_DOWNLOAD_TIMEOUT" in os.environ:
+        yield
+        return
+    before = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = before
 
 
 class _hub_errors:  # noqa: N801 - used as a context manager, like contextlib's
