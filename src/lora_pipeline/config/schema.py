@@ -82,7 +82,7 @@ class DatasetConfig:
     )
     deadline: float = param(
         0.0,
-        "Most seconds an http(s) download may take, retries included (0 = no total limit)",
+        "Most seconds an http(s) or s3 download may take, retries included (0 = no total limit)",
         min=0.0,
         max=30 * 86400.0,
         cache=False,

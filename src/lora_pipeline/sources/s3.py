@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lora_pipeline.errors import SourceError, UnsafePathError
 from lora_pipeline.files import confined, unsafe_reason
+from lora_pipeline.progress import Meter
 from lora_pipeline.sources import FIELD, Limits, redact
+
+log = logging.getLogger(__name__)
 
 CHECK_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10}  # the fingerprint is the pre-flight check
 DOWNLOAD_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60}
@@ -40,15 +44,17 @@ class S3Source:
             raise SourceError(
                 f"{redact(uri)} is {total} bytes, more than dataset.max_bytes ({limits.max_bytes})", field=FIELD
             )
+        meter, progress = _progress(uri, total, limits)
         if prefix is None:  # one object
             name = PurePosixPath(key).name or "data.jsonl"
             target = confined(dest, name, what="object key", source=redact(uri))
-            _download(client, uri, bucket, objects[0]["Key"], target, FIELD)
-            return target
-        root = dest / "s3"
-        for o in objects:
-            _download(client, uri, bucket, o["Key"], root / _relative(o["Key"], prefix), FIELD)
-        return root
+            _download(client, uri, bucket, objects[0]["Key"], target, FIELD, progress)
+        else:
+            target = dest / "s3"
+            for o in objects:
+                _download(client, uri, bucket, o["Key"], target / _relative(o["Key"], prefix), FIELD, progress)
+        meter.close()
+        return target
 
     def fingerprint(self, uri: str) -> str:
         """An object's ETag and LastModified; for a prefix, the sha256 of its objects' keys, ETags and sizes."""
@@ -166,10 +172,33 @@ def _relative(key: str, prefix: str) -> str:
     return rel
 
 
-def _download(client: Any, uri: str, bucket: str, key: str, target: Path, field: str) -> None:
+def _progress(uri: str, total: int, limits: Limits) -> tuple[Meter, Callable[[int], None]]:
+    """boto3's transfer callback (bytes received since the last call): progress lines, and dataset.deadline
+    checked as the bytes arrive (raising there cancels the transfer)."""
+    from lora_pipeline.sources.http import Clock
+
+    meter = Meter(log, f"download {redact(uri)}", "B", total)
+    clock = Clock(uri, limits.timeout, limits.deadline)
+
+    def received(n: int) -> None:
+        meter.update(n)
+        clock.check()
+
+    return meter, received
+
+
+def _download(
+    client: Any,
+    uri: str,
+    bucket: str,
+    key: str,
+    target: Path,
+    field: str,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with _errors(uri, field):
-        client.download_file(bucket, key, str(target))
+        client.download_file(bucket, key, str(target), Callback=progress)
 
 
 def _code(exc: BaseException) -> str:
