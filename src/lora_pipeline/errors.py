@@ -25,6 +25,10 @@ class SourceError(LoraPipelineError):
     """A data or model URI cannot be fetched."""
 
 
+class UnsafePathError(SourceError):
+    """Fetched content (metadata, a dataset card, a manifest, an archive member) names a path outside its directory."""
+
+
 class StageError(LoraPipelineError):
     """A stage cannot run with what it was given (missing inputs, missing optional package)."""
 

@@ -186,7 +186,10 @@ class Meter:
             self.bar.update(n)
             return
         now = time.monotonic()
-        if now - self.last >= self.every_seconds:
+        # With a known total, also a line at each tenth once past a second (a small file stays quiet).
+        tenth = self.total and self.count * 10 // self.total > (self.count - n) * 10 // self.total
+        tenth = tenth and now - self.started >= 1.0
+        if now - self.last >= self.every_seconds or (tenth and self.count < self.total):
             self.last = now
             self.logger.info("%s", self.line(now))
 
@@ -199,7 +202,8 @@ class Meter:
     def line(self, now: float) -> str:
         rate = self.count / max(1e-9, now - self.started)
         of = f" of {self.total:,}" if self.total else ""
-        return f"{self.what}: {self.count:,}{of} {self.unit} ({rate:,.0f}/s)"
+        share = f" {100 * self.count // self.total}%," if self.total else ""
+        return f"{self.what}: {self.count:,}{of} {self.unit} ({share} {rate:,.0f} {self.unit}/s)".replace("( ", "(")
 
 
 class WorkProgress:

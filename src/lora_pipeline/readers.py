@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lora_pipeline.errors import DataError
+from lora_pipeline.files import confined
 from lora_pipeline.formats import RowError
 
 FIELD = "dataset.data_uri"
@@ -25,17 +26,18 @@ SAVED_META = ("state.json", "dataset_info.json", "dataset_dict.json")
 BATCH_ROWS = 1024  # rows converted to Python objects at a time from columnar files
 
 
-def data_files(path: Path) -> list[Path]:
+def data_files(path: Path, source: str = "") -> list[Path]:
     """The files a local source stands for: itself, or the data files under a directory in sorted order.
 
     The dataset stage reads exactly these and the source fingerprint hashes exactly these, so a file that
-    would not be read (a README beside the data) cannot invalidate a cached dataset.
+    would not be read (a README beside the data) cannot invalidate a cached dataset. `source` names the data
+    in errors (the URI, where `path` is a temporary download directory).
     """
     if not path.is_dir():
         if path.suffix not in FILE_TYPES:
             raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: {path.name}", field=FIELD)
         return [path]
-    saved = _saved_dataset_files(path)
+    saved = _saved_dataset_files(path, source or str(path))
     if saved is not None:
         return saved
     files = sorted(
@@ -48,25 +50,29 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def _saved_dataset_files(path: Path) -> list[Path] | None:
+def _saved_dataset_files(path: Path, source: str) -> list[Path] | None:
     """The .arrow files of a save_to_disk directory (a Dataset, or a DatasetDict's `train` split when it has
-    one, else all its splits: the eval split is cut by data_split, not taken from the source); else None."""
+    one, else all its splits: the eval split is cut by data_split, not taken from the source); else None.
+
+    The split names and file names come from the data itself, so each is confined to the directory."""
     if (path / "dataset_dict.json").is_file():
-        splits = _json(path / "dataset_dict.json").get("splits") or []
-        if not isinstance(splits, list) or not all(isinstance(s, str) and s for s in splits):
-            raise DataError(f"{path.name}/dataset_dict.json: 'splits' is not a list of names", field=FIELD)
+        splits = _listed(_json(path / "dataset_dict.json").get("splits"), "dataset_dict.json splits")
         chosen = ["train"] if "train" in splits else splits
-        return [f for split in chosen for f in _saved_dataset_files(path / split) or []]
+        dirs = [confined(path, split, what="dataset_dict.json split", source=source) for split in chosen]
+        return [f for d in dirs for f in _saved_dataset_files(d, source) or []]
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        entries = _json(path / "state.json").get("_data_files", [])
-        if not isinstance(entries, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("filename"), str) and e["filename"] for e in entries
-        ):
-            raise DataError(
-                f"{path.name}/state.json: '_data_files' is not a list of {{\"filename\": ...}} entries", field=FIELD
-            )
-        return [path / entry["filename"] for entry in entries]
+        entries = _listed(_json(path / "state.json").get("_data_files"), "state.json _data_files")
+        names = [entry.get("filename") if isinstance(entry, dict) else entry for entry in entries]
+        return [confined(path, name, what="state.json _data_files filename", source=source) for name in names]
     return None
+
+
+def _listed(value: object, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{what}: expected a list, got {type(value).__name__}", field=FIELD)
+    return value
 
 
 def _json(path: Path) -> dict:

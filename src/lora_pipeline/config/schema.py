@@ -78,6 +78,23 @@ class DatasetConfig:
     )
     sha256: str = param("", "Expected sha256 of the data file (also `#sha256=...` at the end of the URI); empty = none")
     max_bytes: int = param(0, "Largest download accepted, in bytes, archives unpacked included (0 = no limit)", min=0)
+    # Not spec parameters, and not in the cache key: how long to wait changes no data.
+    timeout: float = param(
+        30.0,
+        "Seconds a remote source may take to connect, and a download may go with less than 1 KiB received "
+        "(http(s), s3; hf: each request and read); then it is retried, 3 attempts in all",
+        min=0.0,
+        min_exclusive=True,
+        max=86400.0,
+        cache=False,
+    )
+    deadline: float = param(
+        0.0,
+        "Most seconds an http(s) or s3 download may take, retries included (0 = no total limit)",
+        min=0.0,
+        max=30 * 86400.0,
+        cache=False,
+    )
 
 
 @dataclass
@@ -427,6 +444,14 @@ class RegistryConfig:
         secret=True,
     )
     ca_cert: str = param("", "PEM CA bundle to verify an https registry with; empty = the system CAs", cache=False)
+    timeout: float = param(
+        60.0,
+        "Most seconds a Model Registry may take to register, retries included; then one line, outputs kept",
+        min=0.0,
+        min_exclusive=True,
+        max=86400.0,
+        cache=False,
+    )
     path: str = param(
         "",
         "Local registry file; empty = $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "

@@ -88,6 +88,13 @@ def add_compile_command(
         action="store_true",
         help="Create it on the cluster (kubeconfig, or KUBERNETES_SERVER_URL + KUBERNETES_AUTH_TOKEN)",
     )
+    t.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="Most seconds --submit waits for the cluster's API server, in all (default: %(default)s)",
+    )
     t.add_argument("--name", default="", help="TrainJob name (default: lora-<random>)")
     t.add_argument("--namespace", default=None, help="Namespace (default: the current context's)")
     t.add_argument("--runtime", default="torch-distributed", help="Training runtime (default: %(default)s)")
@@ -116,6 +123,16 @@ def _check_compile_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"no such directory: {out.parent}", field="--output")
     if not args.trainjob and not out.name.endswith((".yaml", ".yml")):
         raise ConfigError(f"expected a .yaml file name, got {out.name!r}", field="--output")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86400:  # threading's wait overflows on huge values; a day is already no limit
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds: {text!r}")
+    return value
 
 
 def compile_command(args: argparse.Namespace, config: Config) -> int:
@@ -165,5 +182,5 @@ def _trainjob(args: argparse.Namespace, config: Config) -> int:
     elif not args.submit:
         sys.stdout.write(text)
     if args.submit and not args.dry_run:
-        print(f"submitted: TrainJob {submit(trainjob)}")
+        print(f"submitted: TrainJob {submit(trainjob, timeout=args.timeout)}")
     return 0

@@ -116,7 +116,9 @@ def open_registry(cfg: RegistryConfig) -> Registry:
         return LocalRegistry(local_path(cfg))
     from lora_pipeline.registry.kubeflow import KubeflowRegistry
 
-    return KubeflowRegistry(cfg.address, cfg.port, author=cfg.author, token=token(cfg), ca_cert=cfg.ca_cert)
+    return KubeflowRegistry(
+        cfg.address, cfg.port, author=cfg.author, token=token(cfg), ca_cert=cfg.ca_cert, timeout=cfg.timeout
+    )
 
 
 def check_local(cfg: RegistryConfig, adapter: Path) -> None:

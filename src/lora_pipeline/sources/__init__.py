@@ -20,10 +20,14 @@ MARK = "<redacted>"  # what redact() leaves where it removed something
 
 @dataclass(frozen=True)
 class Limits:
-    """What a fetch must respect: the expected sha256 of a single file, and a size cap (0 = none)."""
+    """What a fetch must respect: the expected sha256 of a single file, a size cap (0 = none), the seconds to
+    connect and that a transfer may go without progress (`timeout`), and for the whole fetch, retries
+    included (`deadline`, 0 = none)."""
 
     sha256: str = ""
     max_bytes: int = 0
+    timeout: float = 30.0
+    deadline: float = 0.0
 
 
 class Source(Protocol):

@@ -40,7 +40,7 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
 
     if not cfg.data_uri:
         raise DataError("required: a dataset location", field="dataset.data_uri")
-    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes)
+    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes, timeout=cfg.timeout, deadline=cfg.deadline)
     remove_stale_temp(Path(tempfile.gettempdir()), FETCH_PREFIX)  # a killed run's download, never cleaned
     with (
         tempfile.TemporaryDirectory(prefix=owned_prefix(FETCH_PREFIX)) as download_dir,
@@ -48,7 +48,7 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
         atomic_dir(out) as tmp,
     ):
         path = sources.fetch(cfg.data_uri, Path(download_dir), limits)
-        files = data_files(path)
+        files = data_files(path, sources.redact(cfg.data_uri))
         names = [_label(f, path) for f in files]
         tally = _Tally(cfg.subset)
         with _Spool(tmp / ".rows.spool") as spool:
