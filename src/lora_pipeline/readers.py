@@ -62,7 +62,7 @@ def _saved_dataset_files(path: Path, source: str) -> list[Path] | None:
         return [f for d in dirs for f in _saved_dataset_files(d, source) or []]
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
         entries = _listed(_json(path / "state.json").get("_data_files"), "state.json _data_files")
-        names = [entry.get("filename") if isinstance(entry, dict) else entry for entry in entries]
+        names = [entry.get("filename") if isinstance(entry, dict) else None for entry in entries]
         return [confined(path, name, what="state.json _data_files filename", source=source) for name in names]
     return None
 
