@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from lora_pipeline import cli
 from lora_pipeline.carryover import was_demo
@@ -66,6 +68,16 @@ def test_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str
 def test_a_prefix_of_a_flag_is_refused_and_the_flag_suggested(capsys: pytest.CaptureFixture[str], flag: str) -> None:
     line = one_error_line(capsys, ["run", flag[:-1], "1"])
     assert line.endswith(f"unknown option {flag[:-1]} (did you mean {flag}?)")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=st.sampled_from(ALL_FLAGS), at=st.integers(2, 40), char=st.sampled_from("abcdefghijklmnopqrstuvwxyz_"))
+def test_a_one_letter_typo_is_refused_with_a_suggestion(capsys, flag: str, at: int, char: str) -> None:
+    at = min(at, len(flag))
+    for typo in (flag[:at] + char + flag[at:], flag[:at] + flag[at + 1 :], flag[:at] + char + flag[at + 1 :]):
+        assume(typo not in ALL_FLAGS)
+        line = one_error_line(capsys, ["run", typo, "1"])
+        assert line.startswith(f"lora-pipeline: error: unknown option {typo} (did you mean --"), line
 
 
 @pytest.mark.parametrize("flag", NOT_BOOL)
@@ -236,11 +248,11 @@ def test_demo_help_does_not_call_data_uri_required(capsys, monkeypatch) -> None:
     assert "[REQUIRED]" in help_text(capsys, monkeypatch, "run", "--help")
 
 
-@pytest.mark.parametrize("command", ["run", "train", "eval"])
+@pytest.mark.parametrize("command", ["run", "train", "eval", "compile"])
 def test_help_kfp_is_a_table_of_spec_names(capsys, monkeypatch, command: str) -> None:
     rows = [line.split() for line in help_text(capsys, monkeypatch, command, "--help-kfp").splitlines()]
     assert rows[0] == ["option", "KFP", "pipeline", "parameter", "component", "input"]
-    section = {"run": None, "train": "train", "eval": "eval"}[command]
+    section = {"train": "train", "eval": "eval"}.get(command)
     expected = [
         [f"--{s}.{f.name}", f.metadata.get("kfp", "-"), f.metadata.get("component", "-")]
         for s in SECTIONS

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_pipeline.kubeflow.command import add_compile_command  # argparse only; kfp loads when it runs
 
     add_compile_command(sub, add_config_flags)
+    sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
     return parser
 
@@ -100,6 +101,9 @@ def _add_models_command(sub: Any) -> None:
     show = what.add_parser("show", help="One version's lineage: base model, dataset, LoRA settings, losses, scores")
     show.add_argument("name")
     show.add_argument("version", nargs="?", default=None, help="default: the latest registered version")
+
+
+_KFP_HELP = "List the options' KFP pipeline parameter and component input names, then exit"
 
 
 def _add_common(p: argparse.ArgumentParser, demo: bool, fresh: bool, kfp_sections: tuple[str, ...] | None) -> None:
@@ -124,9 +128,7 @@ def _add_common(p: argparse.ArgumentParser, demo: bool, fresh: bool, kfp_section
         )
     if demo:
         g.add_argument("--demo", action="store_true", help="Use the built-in demo model, dataset and eval task")
-    g.add_argument(
-        "--help-kfp", action=KfpHelp, sections=kfp_sections, help="List the options' KFP pipeline and component names"
-    )
+    g.add_argument("--help-kfp", action=KfpHelp, sections=kfp_sections, help=_KFP_HELP)
 
 
 def _add_stage_io(p: argparse.ArgumentParser, stage: Stage) -> None:
