@@ -69,9 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
             usage += f"\n       lora-pipeline {name} [-c YAML]{inputs} --out DIR [--SECTION.OPTION VALUE ...]"
         shown = (stage.section,) if stage else None
         epilog = OTHER_SECTIONS if stage else None
-        if name == "demo":
-            help_text += ". It sets the model, data, eval task and local registry itself; options override them"
-        p = sub.add_parser(name, help=help_text, description=help_text, usage=usage, epilog=epilog)
+        description = help_text + (_DEMO_SETS if name == "demo" else "")
+        p = sub.add_parser(name, help=help_text, description=description, usage=usage, epilog=epilog)
         _add_common(p, demo=name in ("run", "demo"), fresh=name != "demo", kfp_sections=shown)
         if stage:
             _add_stage_io(p, stage)
@@ -103,6 +102,7 @@ def _add_models_command(sub: Any) -> None:
     show.add_argument("version", nargs="?", default=None, help="default: the latest registered version")
 
 
+_DEMO_SETS = ". It sets the model, data, eval task and local registry itself; options override them"
 _KFP_HELP = "List the options' KFP pipeline parameter and component input names, then exit"
 
 
@@ -115,7 +115,8 @@ def _add_common(p: argparse.ArgumentParser, demo: bool, fresh: bool, kfp_section
         default=None,
         metavar="DIR",
         help="Run directory holding each stage's output (default: runs/<timestamp>, or runs/demo for the demo). "
-        "An existing run directory starts from the config recorded in it; -c and flags override it",
+        "An existing run directory starts from the config recorded in it (one line names what it carries over); "
+        "-c and flags override it",
     )
     g.add_argument("--force", action="store_true", help="Rerun stages even when their cached output matches")
     g.add_argument("--print_config", action="store_true", help="Print the resolved config as YAML and exit")
@@ -123,8 +124,8 @@ def _add_common(p: argparse.ArgumentParser, demo: bool, fresh: bool, kfp_section
         g.add_argument(
             "--fresh",
             action="store_true",
-            help="With an existing run directory: start from the defaults, not from the options recorded in it "
-            "(stage outputs are still reused by their cache keys)",
+            help="With an existing run directory: start from the defaults (a demo run's: the demo's), not from the "
+            "options recorded in it; stage outputs are still reused by their cache keys",
         )
     if demo:
         g.add_argument("--demo", action="store_true", help="Use the built-in demo model, dataset and eval task")
