@@ -58,10 +58,14 @@ def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["dataset", "--dataset.data_uri"], "--dataset.data_uri needs a value"),
         (["demo", "--registry.version"], "--registry.version needs a value"),
         (["run", "-o"], "--run_dir needs a value"),
+        (["trian"], "argument COMMAND: invalid choice: 'trian' (choose from {commands}); did you mean train?"),
+        (["compile", "--component", "eva"], "invalid choice: 'eva' (choose from {stages}); did you mean eval?"),
     ],
 )
 def test_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
-    assert one_error_line(capsys, argv) == f"lora-pipeline: error: {expected}"
+    commands = ", ".join(f"'{c}'" for c in ["run", "demo", *(s.name for s in STAGES), "compile", "models"])
+    expected = expected.format(commands=commands, stages=", ".join(f"'{s.name}'" for s in STAGES))
+    assert one_error_line(capsys, argv).endswith(expected)
 
 
 @pytest.mark.parametrize("flag", ALL_FLAGS)

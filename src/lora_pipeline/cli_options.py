@@ -129,12 +129,20 @@ def unknown_arguments(extras: list[str], parser: argparse.ArgumentParser) -> str
 
 
 _NO_VALUE = re.compile(r"argument (\S+): expected one argument")
+_BAD_CHOICE = re.compile(r"argument \S+: invalid choice: '(.*)' \(choose from (.*)\)$")
 
 
 def readable_error(message: str) -> str:
-    """argparse's message, with a flag given without its value said as such."""
+    """argparse's message, with a flag given without its value said as such, and the closest choice named
+    for a mistyped command or choice."""
     missing = _NO_VALUE.match(message)
-    return f"{missing.group(1).split('/')[-1]} needs a value" if missing else message
+    if missing:
+        return f"{missing.group(1).split('/')[-1]} needs a value"
+    choice = _BAD_CHOICE.match(message)
+    if choice:
+        match = difflib.get_close_matches(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), n=1)
+        return message + (f"; did you mean {match[0]}?" if match else "")
+    return message
 
 
 def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
