@@ -19,6 +19,7 @@ from lora_pipeline import __version__
 from lora_pipeline.carryover import carried_over, carry_over_line, given_options, was_demo
 from lora_pipeline.cli_options import (
     OTHER_SECTIONS,
+    CompactHelp,
     KfpHelp,
     add_config_flags,
     command_parser,
@@ -41,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", CompactHelp)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]

@@ -10,6 +10,7 @@ import difflib
 import functools
 import re
 import sys
+import textwrap
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +32,22 @@ OTHER_SECTIONS = (
     "The other stages' options (--dataset.*, --train.*, --eval.*, --registry.*) are accepted too: "
     "`lora-pipeline run --help` lists them all."
 )
+
+
+class CompactHelp(argparse.HelpFormatter):
+    """Each option's help right after the flag, wrapped at the full width with a hanging indent: the long
+    `--section.option TYPE` names would otherwise push every help onto lines of its own, in a narrow column."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.option_strings or not action.help or action.help == argparse.SUPPRESS:
+            return super()._format_action(action)
+        text = f"{self._format_action_invocation(action)}  {self._expand_help(action)}"
+        indent = " " * self._current_indent
+        width = max(self._width, 40)
+        lines = textwrap.wrap(
+            text, width, initial_indent=indent, subsequent_indent=indent + "    ", break_on_hyphens=False
+        )
+        return "\n".join(lines) + "\n"
 
 
 def demo_defaults() -> dict[str, dict[str, Any]]:
