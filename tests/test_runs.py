@@ -62,6 +62,8 @@ def test_run_directory_owns_its_config_and_records_overrides(chat_file: Path, tm
     again = run_cli("dataset", "-o", str(run_dir))  # no options: the recorded config, so cached
     assert again.returncode == 0, again.stderr
     assert statuses(run_dir) == {"dataset": "cached"}
+    carried = f"carried over from {run_dir}/run.json: dataset.data_uri={chat_file}, dataset.seed=7 (--fresh drops them)"
+    assert carried in again.stderr
     changed = run_cli("dataset", "-o", str(run_dir), "--dataset.data_split", "0.5")
     assert changed.returncode == 0, changed.stderr
     record = read_json(run_dir / "run.json")

@@ -11,6 +11,7 @@ the dataclasses below, so a parameter is declared exactly once. Each field's met
   cache      False for options that do not change the stage's output (resources, labels, logging):
              they stay out of its cache key, so changing them does not rerun the stage
   secret     True for credentials: never recorded (run.json, --print_config) nor printed
+  group      the `--help` section of a train option that is neither LoRA nor optimisation (see option_group)
 Fields with neither `kfp` nor `component` are this project's own additions.
 """
 
@@ -108,6 +109,7 @@ class TrainConfig:
     effective_batch_size: int = param(
         128,
         "Effective batch size (samples per optimizer step)",
+        group="batching",
         kfp="phase_02_train_man_train_batch",
         component="training_effective_batch_size",
         min=1,
@@ -116,6 +118,7 @@ class TrainConfig:
         0,
         "Most samples per forward pass (0 = as many as max_tokens_per_gpu allows; padding counts where passes "
         "are padded); each optimizer step's samples are cut into as many forward passes as the budget needs",
+        group="batching",
         min=0,
     )
     epochs: int = param(
@@ -129,6 +132,7 @@ class TrainConfig:
     max_tokens_per_gpu: int = param(
         32000,
         "Max tokens per forward pass, padding included (memory cap). 32000 for LoRA",
+        group="batching",
         kfp="phase_02_train_man_train_tokens",
         component="training_max_tokens_per_gpu",
         min=1,
@@ -136,6 +140,7 @@ class TrainConfig:
     max_seq_len: int = param(
         8192,
         "Max sequence length in tokens",
+        group="batching",
         kfp="phase_02_train_opt_max_seq_len",
         component="training_max_seq_len",
         min=8,
@@ -288,6 +293,7 @@ class TrainConfig:
         "[LoRA] Pack multiple samples for efficiency: rows are packed into sequences of up to "
         "min(max_seq_len, max_tokens_per_gpu) tokens, which count as the samples of effective_batch_size; rows "
         "never attend to each other (applied where padding-free batches are exact, else a warning)",
+        group="batching",
         kfp="phase_02_train_opt_lora_sample_packing",
         component="training_lora_sample_packing",
         component_optional=True,
@@ -301,6 +307,7 @@ class TrainConfig:
         None,
         "FSDP sharding strategy for multi-GPU training (FULL_SHARD, HYBRID_SHARD, NO_SHARD). Not applied yet: "
         "processes train with DDP (each holds the whole model), and a set value is named in a warning",
+        group="resources",
         component="training_fsdp_sharding_strategy",
         component_optional=True,
         choices=FSDP_STRATEGIES,
@@ -308,6 +315,7 @@ class TrainConfig:
     data_output_dir: str | None = param(
         None,
         "Directory for processed training data (None = inside the train stage output)",
+        group="resources",
         component="training_data_output_dir",
         component_optional=True,
     )
@@ -331,6 +339,7 @@ class TrainConfig:
         "auto",
         "Processes per worker ('auto' = one per GPU, 1 without one). A local run with N > 1 launches N training "
         "processes with torchrun (gloo on CPU, NCCL on GPU); on Kubernetes, processes per TrainJob node",
+        group="resources",
         kfp="phase_02_train_opt_num_procs",
         component="training_resource_num_procs_per_worker",
     )
@@ -366,11 +375,14 @@ class TrainConfig:
         cache=False,
         applies="kubernetes",
     )
-    env_vars: str = param("", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs")
+    env_vars: str = param(
+        "", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs", group="resources"
+    )
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
     threads: int = param(
         0,
         "CPU threads for torch (0 = OMP_NUM_THREADS if set, else the cores this process may use)",
+        group="resources",
         min=0,
         max=THREADS_MAX,
         cache=False,
@@ -487,6 +499,30 @@ def fields_of(section: str) -> list[dataclasses.Field]:
 
 def field_type(section: str, name: str) -> Any:
     return typing.get_type_hints(SECTIONS[section])[name]
+
+
+# `--help` sections, in order: (stage section, title). The train stage's options are split by option_group.
+HELP_GROUPS: dict[str, tuple[str, str]] = {
+    "data": ("dataset", "data (dataset stage)"),
+    "optimisation": ("train", "model and optimisation (train stage)"),
+    "lora": ("train", "LoRA and quantization (train stage)"),
+    "batching": ("train", "batching (train stage)"),
+    "resources": ("train", "resources (train stage)"),
+    "kubernetes": ("train", "Kubernetes only: shape the pods / TrainJob, a local run does not use them"),
+    "eval": ("eval", "eval (eval stage)"),
+    "registry": ("registry", "registry (register stage)"),
+}
+
+
+def option_group(section: str, f: dataclasses.Field) -> str:
+    """The `--help` section of an option, from its metadata: `applies`, `group`, its [LoRA]/[QLoRA] tag."""
+    if section != "train":
+        return "data" if section == "dataset" else section
+    if f.metadata.get("applies") == "kubernetes":
+        return "kubernetes"
+    if "group" in f.metadata:
+        return f.metadata["group"]
+    return "lora" if f.metadata["help"].startswith(("[LoRA]", "[QLoRA]")) else "optimisation"
 
 
 def kfp_parameters() -> dict[str, tuple[str, str]]:
