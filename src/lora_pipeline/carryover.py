@@ -46,7 +46,7 @@ def was_demo(run_dir: Path) -> bool:
     try:
         invocations = read_json(Path(run_dir) / "run.json").get("invocations", [])
         return any(inv.get("command") == "demo" or inv.get("demo") for inv in invocations)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):  # a bad record is named when read
         return False
 
 
