@@ -17,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import SECTIONS, Config, dump_yaml, field_type, fields_of, from_dict, load_yaml, validate
+from lora_pipeline.config import (
+    SECTIONS,
+    Config,
+    dump_yaml,
+    field_type,
+    fields_of,
+    from_dict,
+    load_yaml,
+    restore_secrets,
+    validate,
+)
 from lora_pipeline.errors import ConfigError, LoraPipelineError
 from lora_pipeline.files import exclusive_lock
 from lora_pipeline.preflight import preflight
-from lora_pipeline.redaction import install_log_filter, redact_config, scrub
+from lora_pipeline.redaction import install_log_filter, redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 
@@ -159,14 +169,16 @@ def config_layers(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
 
 
 def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
-    """defaults <- `base` (the demo's, or the config recorded in the run directory) <- YAML files <- flags."""
+    """defaults <- `base` (the demo's, or the config recorded in the run directory) <- YAML files <- flags.
+    The placeholders of a recorded config are replaced (or refused) unless it is only printed."""
     config = from_dict(base or {})
     layers, flags = config_layers(args)
     for layer in layers:
         config = from_dict(layer, config)
     config = validate(from_dict(flags, config))
     remember_secret(config.registry)  # a token given as an option is scrubbed like one from the environment
-    return config
+    remember_config(config.to_dict())  # URI credentials, env_vars and model_args values: scrubbed from all text
+    return config if getattr(args, "print_config", False) else restore_secrets(config)
 
 
 def _negative_values(argv: list[str]) -> list[str]:

@@ -101,6 +101,9 @@ def add_compile_command(
 
 
 def compile_command(args: argparse.Namespace, config: Config) -> int:
+    from lora_pipeline.kubeflow.secret_values import refuse_secret_values
+
+    refuse_secret_values(config, args)  # before anything is written: compiled YAML is shared
     options = BuildOptions(
         image=args.image,
         package_spec=args.package_spec,

@@ -1,0 +1,73 @@
+"""`compile` refuses a secret given as a value: the compiled YAML (parameter defaults, fixed values, the
+TrainJob's env and command) is uploaded where a whole namespace reads it. Credentials reach the pods from
+Kubernetes secrets instead, by name only (--hf-token-secret, --aws-secret, --registry-token-secret).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lora_pipeline.config import SECTIONS, Config, fields_of, parse_key_values
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.redaction import is_redacted, looks_secret, reveal, safe_env_name, safe_model_arg, uri_credentials
+
+_WHY = "would be written into the compiled YAML, readable by everyone who can read it"
+# A secret env var that one of the compile options already mounts from a Kubernetes secret.
+_MOUNTED = {
+    "HF_TOKEN": "--hf-token-secret NAME (key HF_TOKEN)",
+    "HUGGING_FACE_HUB_TOKEN": "--hf-token-secret NAME (key HF_TOKEN)",
+    "AWS_ACCESS_KEY_ID": "--aws-secret NAME",
+    "AWS_SECRET_ACCESS_KEY": "--aws-secret NAME",
+    "AWS_SESSION_TOKEN": "--aws-secret NAME",
+    "MODEL_REGISTRY_TOKEN": "--registry-token-secret NAME (key MODEL_REGISTRY_TOKEN)",
+}
+_OTHER_ENV = (
+    "a Kubernetes secret mounted in the pods (--secret-env is not available yet: --hf-token-secret, "
+    "--aws-secret and --registry-token-secret mount HF_TOKEN, AWS_* and MODEL_REGISTRY_TOKEN)"
+)
+
+
+def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
+    """Raise one ConfigError naming the option and the Kubernetes-secret option that replaces it."""
+    token = reveal(config.registry.token)
+    if token and not is_redacted(token):
+        _refuse("registry.token", "a registry token", "--registry-token-secret NAME (key MODEL_REGISTRY_TOKEN)")
+    for name, value in parse_key_values(config.train.env_vars).items():
+        if value and not safe_env_name(name) and (looks_secret(name) or name in _MOUNTED):
+            _refuse("train.env_vars", f"{name} looks like a secret, and its value", _MOUNTED.get(name, _OTHER_ENV))
+    for key, value in config.eval.model_args.items():
+        if value not in (None, "") and not safe_model_arg(key) and looks_secret(key):
+            hint = "--hf-token-secret NAME (lm-eval reads HF_TOKEN from the environment)"
+            _refuse("eval.model_args", f"{key} looks like a secret, and its value", hint)
+    for field, value in _strings(config):
+        _refuse_uri(field, value)
+    for option in ("package_spec", "pip_index_url"):
+        for value in _as_list(getattr(args, option, None)):
+            _refuse_uri(f"--{option.replace('_', '-')}", value, "pip reads credentials from ~/.netrc or PIP_* "
+                        "variables in the image")  # fmt: skip
+
+
+def _refuse_uri(field: str, value: str, hint: str = "") -> None:
+    what = uri_credentials(value)
+    if what:
+        hint = hint or "--aws-secret NAME for s3://, --hf-token-secret NAME for hf:// and https://huggingface.co"
+        _refuse(field, f"the credentials in the URI ({what})", hint + " (a pre-signed URL cannot be compiled)")
+
+
+def _refuse(field: str, what: str, hint: str) -> None:
+    raise ConfigError(f"{what} {_WHY}; instead, use {hint}", field=field)
+
+
+def _strings(config: Config) -> list[tuple[str, str]]:
+    found = []
+    for section in SECTIONS:
+        for f in fields_of(section):
+            value = getattr(getattr(config, section), f.name)
+            values = value.values() if isinstance(value, dict) else _as_list(value)
+            found += [(f"{section}.{f.name}", v) for v in values if isinstance(v, str)]
+    return found
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] if value is not None else []
