@@ -169,8 +169,7 @@ def config_layers(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
 
 
 def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
-    """defaults <- `base` (the demo's, or the config recorded in the run directory) <- YAML files <- flags.
-    The placeholders of a recorded config are replaced (or refused) unless it is only printed."""
+    """defaults <- `base` (the demo's, or the config recorded in the run directory) <- YAML files <- flags."""
     config = from_dict(base or {})
     layers, flags = config_layers(args)
     for layer in layers:
@@ -178,7 +177,7 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
     config = validate(from_dict(flags, config))
     remember_secret(config.registry)  # a token given as an option is scrubbed like one from the environment
     remember_config(config.to_dict())  # URI credentials, env_vars and model_args values: scrubbed from all text
-    return config if getattr(args, "print_config", False) else restore_secrets(config)
+    return config
 
 
 def _negative_values(argv: list[str]) -> list[str]:
@@ -322,6 +321,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_yaml(config))
         return 0
     stages = NAMES if args.command in ("run", "demo") else (args.command,)
+    restore_secrets(config, stages)  # a recorded config's placeholders: from the environment, or refused
     pipeline.check_recorded_source(config, run_dir, stages)
     fingerprint = preflight(config, stages, run_dir, "-o", check_source=not pipeline.source_is_recorded_only(config))
     manifest = pipeline.run(
@@ -337,6 +337,7 @@ def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> in
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0
+    restore_secrets(config, (stage.name,))
     inputs: dict[str, Path] = {}
     for item in getattr(args, "input", []):
         name, sep, path = item.partition("=")

@@ -174,13 +174,13 @@ def _as_secret(value: Any) -> Any:
     return "" if value == MARK else Secret(value)
 
 
-def restore_secrets(config: Config) -> Config:
-    """Replace the `<redacted>` placeholders that a config restored from run.json holds, so that no placeholder
-    is ever used as a value: an env_vars value comes from the environment variable of the same name; anything
-    else must be given again (one ConfigError naming the option). dataset.data_uri is checked by the pipeline
-    (a cached dataset stage does not need it)."""
+def restore_secrets(config: Config, stages: tuple[str, ...]) -> Config:
+    """Replace the `<redacted>` placeholders that a config restored from run.json holds, for the sections of
+    `stages`, so that no placeholder is ever used as a value: an env_vars value comes from the environment
+    variable of the same name; anything else must be given again (one ConfigError naming the option).
+    dataset.data_uri is checked by the pipeline (a cached dataset stage does not need it)."""
     t = config.train
-    if MARK in t.env_vars:
+    if "train" in stages and MARK in t.env_vars:
         items = []
         for name, val in parse_key_values(t.env_vars).items():
             if val == MARK:
@@ -193,13 +193,14 @@ def restore_secrets(config: Config) -> Config:
                 val = os.environ[name]
             items.append(f"{name}={val}")
         t.env_vars = ",".join(items)
-    for key, val in config.eval.model_args.items():
+    for key, val in config.eval.model_args.items() if "eval" in stages else ():
         if isinstance(val, str) and val == MARK:
             raise ConfigError(
                 f"{key}'s value is not recorded in run.json: give --eval.model_args {key}=VALUE again",
                 field="eval.model_args",
             )
-    for section_name in SECTIONS:
+    sections = {"dataset": "dataset", "train": "train", "eval": "eval", "register": "registry"}
+    for section_name in (sections[s] for s in stages if s in sections):
         for f in fields_of(section_name):
             value = getattr(getattr(config, section_name), f.name)
             if f"{section_name}.{f.name}" != "dataset.data_uri" and isinstance(value, str) and is_redacted(value):
