@@ -241,3 +241,27 @@ def test_redact_uri_never_shows_a_password_holding_separators() -> None:
         assert redact_uri(uri).startswith(("s3://<redacted>@bucket", "https://<redacted>@host")), uri
     assert redact_uri("https://host/@scope/x.jsonl") == "https://host/@scope/x.jsonl"  # a path's @ is not userinfo
     assert Config().registry.token == ""
+
+
+OVERRIDES = [  # (section, option, as typed on the command line, as recorded in run.json's invocations)
+    ("eval", "model_args", "token=t-4242,dtype=bfloat16", f"token={MARK},dtype=bfloat16"),
+    ("eval", "model_args", '{"api_key": "k-4242", "max_length": 64}', f"api_key={MARK},max_length=64"),
+    ("train", "env_vars", "DB_PASS=p-4242,OMP_NUM_THREADS=4", f"DB_PASS={MARK},OMP_NUM_THREADS=4"),
+    ("registry", "token", "r-4242", MARK),
+    ("dataset", "data_uri", "https://u:p@ss/w-4242@h/x?sig=s-4242", f"https://{MARK}@h/x?{MARK}"),
+]
+
+
+@pytest.mark.parametrize(("section", "option", "typed", "recorded"), OVERRIDES)
+def test_recorded_overrides_are_redacted_by_name_not_by_value(section, option, typed, recorded) -> None:
+    assert redact_config({section: {option: typed}}) == {section: {option: recorded}}
+
+
+def test_an_ambiguous_password_is_never_sent_to_a_host_it_names() -> None:
+    from lora_pipeline.errors import SourceError
+    from lora_pipeline.sources.http import _split
+
+    with pytest.raises(SourceError) as err:
+        _split("https://user:p@ss/w4242@example.org/x.jsonl")  # urllib would read host `ss`, password `p`
+    assert "4242" not in str(err.value) and "ss/w" not in str(err.value)
+    assert _split("https://user:p%40ss%2Fw@example.org/x.jsonl").hostname == "example.org"

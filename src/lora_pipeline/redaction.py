@@ -306,9 +306,21 @@ def redact_model_args(args: dict[str, Any]) -> dict[str, Any]:
     return {k: _redact_value(str(k), v) if safe_model_arg(str(k)) else MARK for k, v in args.items()}
 
 
+def _redact_model_args_text(text: str) -> str:
+    try:
+        parsed = json.loads(text) if text.strip().startswith("{") else dict(_pairs(text))
+    except ValueError:
+        return MARK
+    if not isinstance(parsed, dict):
+        return MARK
+    return ",".join(f"{k}={v}" for k, v in redact_model_args(parsed).items())
+
+
 def _redact_value(key: str, value: Any) -> Any:
     if isinstance(value, Secret) or (key == "token" and isinstance(value, str) and value):
         return MARK
+    if isinstance(value, str) and key == "model_args":  # a flag as typed: k=v,... or JSON
+        return _redact_model_args_text(value)
     if isinstance(value, str):
         return redact_env_vars(value) if key == "env_vars" else scrub(value)
     if isinstance(value, dict):
