@@ -265,3 +265,27 @@ def test_an_ambiguous_password_is_never_sent_to_a_host_it_names() -> None:
         _split("https://user:p@ss/w4242@example.org/x.jsonl")  # urllib would read host `ss`, password `p`
     assert "4242" not in str(err.value) and "ss/w" not in str(err.value)
     assert _split("https://user:p%40ss%2Fw@example.org/x.jsonl").hostname == "example.org"
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "trainjob"])
+def test_secret_env_mounts_a_kubernetes_secret_by_name(capsys, caplog, tmp_path, mode) -> None:
+    out = tmp_path / "out.yaml"
+    code, text = _run(capsys, caplog, *_compile_argv(mode, out), "--secret-env", "DB_PASS=db-creds:password")
+    assert code == 0, text
+    compiled = out.read_text()
+    assert "db-creds" in compiled and "DB_PASS" in compiled
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "message"),
+    [
+        ("pipeline", "DB_PASS=Hunter2!!", "expected NAME=SECRET:KEY"),
+        ("pipeline", "9BAD=db:key", "expected NAME=SECRET:KEY"),
+        ("trainjob", "DB_PASS=Db_Creds:key", "expected NAME=SECRET:KEY"),
+        ("component", "DB_PASS=db:key", "a component alone has no pod"),
+    ],
+)
+def test_secret_env_bad_values_are_one_line(capsys, caplog, tmp_path, mode, value, message) -> None:
+    code, text = _run(capsys, caplog, *_compile_argv(mode, tmp_path / "o.yaml"), "--secret-env", value)
+    assert code == 2 and "--secret-env" in text and message in text
+    assert "Hunter2" not in text and not (tmp_path / "o.yaml").exists()

@@ -6,6 +6,7 @@ Kubernetes secrets instead, by name only (--hf-token-secret, --aws-secret, --reg
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from lora_pipeline.config import SECTIONS, Config, fields_of, parse_key_values
@@ -22,10 +23,10 @@ _MOUNTED = {
     "AWS_SESSION_TOKEN": "--aws-secret NAME",
     "MODEL_REGISTRY_TOKEN": "--registry-token-secret NAME (key MODEL_REGISTRY_TOKEN)",
 }
-_OTHER_ENV = (
-    "a Kubernetes secret mounted in the pods (--secret-env is not available yet: --hf-token-secret, "
-    "--aws-secret and --registry-token-secret mount HF_TOKEN, AWS_* and MODEL_REGISTRY_TOKEN)"
-)
+_OTHER_ENV = "--secret-env NAME=SECRET:KEY (key KEY of the Kubernetes secret SECRET)"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 
 
 def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
@@ -46,6 +47,29 @@ def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
         for value in _as_list(getattr(args, option, None)):
             _refuse_uri(f"--{option.replace('_', '-')}", value, "pip reads credentials from ~/.netrc or PIP_* "
                         "variables in the image")  # fmt: skip
+
+
+def parse_secret_env(items: list[str], component: str | None = None) -> tuple[tuple[str, str, str], ...]:
+    """--secret-env NAME=SECRET:KEY (KEY defaults to NAME) -> ((NAME, SECRET, KEY), ...), or one ConfigError."""
+    if items and component:
+        raise ConfigError(
+            "a component alone has no pod to mount a secret in: compile the pipeline, or mount the secret "
+            "where the component is used",
+            field="--secret-env",
+        )
+    out = []
+    for item in items:
+        name, _, ref = item.partition("=")
+        secret, _, key = ref.partition(":")
+        key = key or name
+        if not (_ENV_NAME.match(name) and _SECRET_NAME.match(secret) and _SECRET_KEY.match(key)):
+            where = f" in the one for {name}" if _ENV_NAME.match(name) else ""  # the value may be a secret: not shown
+            raise ConfigError(
+                f"expected NAME=SECRET:KEY (an env var name, a Kubernetes secret name, a key in it){where}",
+                field="--secret-env",
+            )
+        out.append((name, secret, key))
+    return tuple(out)
 
 
 def _refuse_uri(field: str, value: str, hint: str = "") -> None:
