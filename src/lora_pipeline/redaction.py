@@ -322,7 +322,7 @@ def _redact_value(key: str, value: Any) -> Any:
     if isinstance(value, str) and key == "model_args":  # a flag as typed: k=v,... or JSON
         return _redact_model_args_text(value)
     if isinstance(value, str):
-        return redact_env_vars(value) if key == "env_vars" else scrub(value)
+        return redact_env_vars(value) if key == "env_vars" else scrub(redact_uri(value))  # a whole URI, spaces too
     if isinstance(value, dict):
         if key == "model_args":
             return redact_model_args(value)

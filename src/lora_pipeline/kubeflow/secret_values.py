@@ -43,10 +43,10 @@ def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
             _refuse("eval.model_args", f"{key} looks like a secret, and its value", hint)
     for field, value in _strings(config):
         _refuse_uri(field, value)
+    pip_hint = "an index or package URL without them (pip reads credentials from ~/.netrc or PIP_* variables)"
     for option in ("package_spec", "pip_index_url"):
         for value in _as_list(getattr(args, option, None)):
-            _refuse_uri(f"--{option.replace('_', '-')}", value, "pip reads credentials from ~/.netrc or PIP_* "
-                        "variables in the image")  # fmt: skip
+            _refuse_uri(f"--{option.replace('_', '-')}", value, pip_hint)
 
 
 def parse_secret_env(items: list[str], component: str | None = None) -> tuple[tuple[str, str, str], ...]:
@@ -75,8 +75,9 @@ def parse_secret_env(items: list[str], component: str | None = None) -> tuple[tu
 def _refuse_uri(field: str, value: str, hint: str = "") -> None:
     what = uri_credentials(value)
     if what:
-        hint = hint or "--aws-secret NAME for s3://, --hf-token-secret NAME for hf:// and https://huggingface.co"
-        _refuse(field, f"the credentials in the URI ({what})", hint + " (a pre-signed URL cannot be compiled)")
+        default = "--aws-secret NAME for s3://, --hf-token-secret NAME for hf:// and https://huggingface.co (a " \
+            "pre-signed URL cannot be compiled)"  # fmt: skip
+        _refuse(field, f"the credentials in the URI ({what})", hint or default)
 
 
 def _refuse(field: str, what: str, hint: str) -> None:
