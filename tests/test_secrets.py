@@ -196,7 +196,7 @@ def _uri(kind: str, user: str, secret: str) -> str:
     }[kind]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
 @given(
     secret=_SECRET,
     kind=st.sampled_from(["http-userinfo", "s3-userinfo", "http-query", "s3-query"]),
