@@ -27,11 +27,11 @@ from lora_pipeline.cli_options import (
     readable_error,
     unknown_arguments,
 )
-from lora_pipeline.config import Config, dump_yaml, from_dict, load_yaml, validate
+from lora_pipeline.config import Config, dump_yaml, from_dict, load_yaml, restore_secrets, validate
 from lora_pipeline.errors import USER_ERRNOS, ConfigError, LoraPipelineError, describe_os_error, one_line
 from lora_pipeline.files import exclusive_lock
 from lora_pipeline.preflight import preflight
-from lora_pipeline.redaction import install_log_filter, redact_config, scrub
+from lora_pipeline.redaction import install_log_filter, redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 
@@ -166,6 +166,7 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
         config = from_dict(layer, config)
     config = validate(from_dict(flags, config))
     remember_secret(config.registry)  # a token given as an option is scrubbed like one from the environment
+    remember_config(config.to_dict())  # URI credentials, env_vars and model_args values: scrubbed from all text
     return config
 
 
@@ -352,6 +353,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_yaml(config))
         return 0
     stages = NAMES if args.command in ("run", "demo") else (args.command,)
+    restore_secrets(config, stages)  # a recorded config's placeholders: from the environment, or refused
     pipeline.check_recorded_source(config, run_dir, stages)
     fingerprint = preflight(config, stages, run_dir, "-o", check_source=not pipeline.source_is_recorded_only(config))
     manifest = pipeline.run(
@@ -367,6 +369,7 @@ def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> in
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0
+    restore_secrets(config, (stage.name,))
     inputs: dict[str, Path] = {}
     for item in getattr(args, "input", []):
         name, sep, path = item.partition("=")

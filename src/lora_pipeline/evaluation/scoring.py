@@ -19,6 +19,7 @@ from lora_pipeline.evaluation.backends import HF_RUNTIME_ARGS, hf_gen_kwargs, vl
 from lora_pipeline.evaluation.request_progress import track_requests
 from lora_pipeline.evaluation.results import precision_label
 from lora_pipeline.models import first_line, load_base_model
+from lora_pipeline.redaction import redact_model_args
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class Scorer:
             lm = vllm_model_class()(**args)
         except (TypeError, ValueError) as exc:
             raise StageError(
-                f"lm-eval's vllm model rejected {self.cfg.model_args}: {first_line(exc)}", field="eval.model_args"
+                f"lm-eval's vllm model rejected {redact_model_args(self.cfg.model_args)}: {first_line(exc)}",
+                field="eval.model_args",
             ) from exc
         base_record = {k: v for k, v in args.items() if k not in ("lora_local_path", "max_lora_rank")}
         results = {}
@@ -143,13 +145,15 @@ class Scorer:
             if not user_args:
                 raise  # nothing the user passed: a bug, keep the traceback
             raise StageError(
-                f"lm-eval's hf model rejected {user_args}: {first_line(exc)}", field="eval.model_args"
+                f"lm-eval's hf model rejected {redact_model_args(user_args)}: {first_line(exc)}",
+                field="eval.model_args",
             ) from exc
 
     def score(self, name: str, lm: Any, record: dict[str, Any], split_model: Any = "lm") -> dict | None:
         """One model's results (None on the non-zero ranks of a torchrun launch): lm-eval's tasks, and the
         run's split scored on `split_model` (by default the transformers model inside the hf `lm`)."""
         log.info("eval: %s model on %s", name, ", ".join(self.cfg.tasks))
+        record = redact_model_args(record)  # lm-eval writes it into eval_results.json's "config"
         results = None
         if self.tasks:
             results = self._lm_eval(lm, record, name)

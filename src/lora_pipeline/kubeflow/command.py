@@ -75,6 +75,14 @@ def add_compile_command(
         help="Kubernetes secret with key MODEL_REGISTRY_TOKEN ('' = none; default: %(default)s)",
     )
     g.add_argument(
+        "--secret-env",
+        action="append",
+        default=[],
+        metavar="NAME=SECRET:KEY",
+        help="Set env var NAME in the training pods from key KEY of Kubernetes secret SECRET (repeatable; the "
+        "pipeline's train task and --trainjob; a multi-node train started by the pipeline does not get it)",
+    )
+    g.add_argument(
         "--workspace-size",
         default=defaults.workspace_size,
         metavar="SIZE",
@@ -137,7 +145,13 @@ def _seconds(text: str) -> float:
 
 def compile_command(args: argparse.Namespace, config: Config) -> int:
     _check_compile_args(args)
+
+    from lora_pipeline.kubeflow.secret_values import parse_secret_env, refuse_secret_values
+
+    refuse_secret_values(config, args)  # before anything is written: compiled YAML is shared
+    secret_env = parse_secret_env(args.secret_env, component=args.component)
     options = BuildOptions(
+        secret_env=secret_env,
         image=args.image,
         package_spec=args.package_spec,
         pip_index_urls=tuple(args.pip_index_url),
@@ -148,7 +162,7 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
     )
     try:
         if args.trainjob:
-            return _trainjob(args, config)
+            return _trainjob(args, config, secret_env)
         from lora_pipeline.kubeflow.pipeline import compile_component, compile_pipeline
     except ImportError as exc:
         raise ConfigError(
@@ -163,7 +177,7 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _trainjob(args: argparse.Namespace, config: Config) -> int:
+def _trainjob(args: argparse.Namespace, config: Config, secret_env: tuple[tuple[str, str, str], ...]) -> int:
     from lora_pipeline.kubeflow.trainjob import TrainJobOptions, build_trainjob, submit, trainjob_yaml
 
     options = TrainJobOptions(
@@ -174,6 +188,7 @@ def _trainjob(args: argparse.Namespace, config: Config) -> int:
         pvc=args.pvc,
         dataset_dir=args.dataset_dir,
         output_dir=args.output_dir,
+        secret_env=secret_env,
     )
     trainjob = build_trainjob(config, options)
     text = trainjob_yaml(trainjob)

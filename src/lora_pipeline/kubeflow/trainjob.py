@@ -40,6 +40,7 @@ class TrainJobOptions:
     mount_path: str = "/workspace"
     dataset_dir: str = "/workspace/dataset"  # a dataset stage output (train.jsonl, eval.jsonl)
     output_dir: str = "/workspace/train"
+    secret_env: tuple[tuple[str, str, str], ...] = ()  # --secret-env: (env var, secret name, key)
 
 
 def train_command(config: Config, dataset_dir: str, output_dir: str) -> list[str]:
@@ -78,6 +79,14 @@ def build_trainjob(config: Config, options: TrainJobOptions) -> Any:
     # The SDK's own translation (resources, GPU alias, env); the runtime argument is unused for containers.
     trainer_cr = get_trainer_cr_from_custom_trainer(None, trainer)  # type: ignore[arg-type]
     trainer_cr.command = train_command(config, options.dataset_dir, options.output_dir)
+    if options.secret_env:
+        source = models.IoK8sApiCoreV1EnvVarSource
+        trainer_cr.env = (trainer_cr.env or []) + [
+            models.IoK8sApiCoreV1EnvVar(
+                name=env, valueFrom=source(secretKeyRef=models.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key))
+            )
+            for env, secret, key in options.secret_env
+        ]
     if train.num_procs != "auto":
         trainer_cr.num_proc_per_node = int(train.num_procs)
     name = options.name or "lora-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))

@@ -269,6 +269,15 @@ def _split(uri: str) -> SplitResult:
         raise SourceError(f"not a valid URL: {redact(uri)}", field=FIELD) from None
     if not parts.hostname:
         raise SourceError(f"no host in URL: {redact(uri)}", field=FIELD)
+    from lora_pipeline.redaction import split_uri
+
+    userinfo = (split_uri(uri) or (None, None))[1]
+    if userinfo is not None and userinfo != parts.netloc.rpartition("@")[0]:
+        # `https://u:p@ss/w@host/x`: urllib would send part of the password to the host `ss`
+        raise SourceError(
+            f"ambiguous credentials in URL (percent-encode '@', '/', '?' and '#' in them): {redact(uri)}",
+            field=FIELD,
+        )
     return parts
 
 

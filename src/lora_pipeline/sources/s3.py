@@ -105,9 +105,12 @@ def model_fingerprint(uri: str) -> str:
 
 
 def _parse(uri: str, field: str = FIELD) -> tuple[str, str]:
+    from lora_pipeline.redaction import split_uri
+
     rest = uri.split("://", 1)[1]
     bucket, _, key = rest.partition("/")
-    if "@" in bucket or "?" in rest:
+    parts = split_uri(uri)  # `s3://AKIA:se/cret@bucket/key` holds credentials, though its "bucket" has no '@'
+    if "@" in bucket or "?" in rest or (parts is not None and parts[1] is not None):
         raise SourceError(
             f"credentials and query strings do not belong in s3:// URIs (use the AWS_* variables): {redact(uri)}",
             field=field,
