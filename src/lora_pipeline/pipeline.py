@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import Config, is_local_uri, kubernetes_only, local_path, output_options
+from lora_pipeline.config import Config, from_dict, is_local_uri, kubernetes_only, local_path, output_options
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
@@ -41,10 +41,30 @@ def recorded_config(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         return None
+    config = _record(path).get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: no recorded config; fix or delete the file", field="-o")
     try:
-        return read_json(path)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} is not a run record of lora-pipeline", field="-o") from None
+        from_dict(config)  # a hand-edited value is named with the file it is in, not as a flag
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}; fix or delete the file", field="-o") from None
+    return config
+
+
+def _record(path: Path, fields: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
+    """A run record (run.json, stage.json) read back: a mapping, or one ConfigError naming the file. They are
+    plain JSON that people edit by hand; `fields` are the keys whose type, when present, is checked."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
+        raise ConfigError(f"{path}: {reason}; fix or delete the file", field="-o") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a run record of lora-pipeline (expected a JSON object)", field="-o")
+    for name, tp in fields:
+        if name in data and not isinstance(data[name], tp):
+            raise ConfigError(f"{path}: {name!r} is not a {tp.__name__}; fix or delete the file", field="-o")
+    return data
 
 
 def source_is_recorded_only(config: Config) -> bool:
@@ -106,7 +126,7 @@ def _tree_digest(root: Path) -> str | None:
 
 def _recorded_key(run_dir: Path, stage: str) -> str | None:
     record = Path(run_dir) / stage / "stage.json"
-    return read_json(record)["key"] if record.exists() else None
+    return _record(record, (("key", str),)).get("key") if record.exists() else None
 
 
 # --- output manifests -----------------------------------------------------------------------------------
@@ -209,6 +229,9 @@ def run(
         raise
 
 
+_MANIFEST_FIELDS = (("stages", dict), ("invocations", list), ("config", dict), ("started", str))
+
+
 def _run_locked(
     config: Config,
     run_dir: Path,
@@ -218,9 +241,14 @@ def _run_locked(
     invocation: dict[str, Any] | None,
 ) -> dict[str, Any]:
     run_dir.chmod(0o700)
+    _remove_leftovers(run_dir)
     remember_secret(config.registry)  # a registry token given in the config is scrubbed from run.json
     manifest_path = run_dir / MANIFEST
-    manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
+    manifest = _record(manifest_path, _MANIFEST_FIELDS) if manifest_path.exists() else {"stages": {}}
+    manifest.setdefault("stages", {})
+    for name, info in manifest["stages"].items():
+        if not isinstance(info, dict):
+            raise ConfigError(f"{manifest_path}: stages.{name} is not an object; fix or delete the file", field="-o")
     manifest.update(
         run_dir=str(run_dir.resolve()), config=redact_config(config.to_dict()), versions=_versions(), status="running"
     )
@@ -265,6 +293,17 @@ def _run_locked(
     _write_manifest(manifest, manifest_path)
     _write_report(run_dir)
     return manifest
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """A killed run's half-written stage outputs and launch folders. The run directory's lock is held, so no
+    live process is writing them."""
+    patterns = [f".{s.name}.{kind}-*" for s in STAGES for kind in ("tmp", "old")] + [".lora-pipeline-launch-*"]
+    for pattern in patterns:
+        for leftover in run_dir.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                log.info("removing %s, left by a run that was killed", leftover.name)
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _write_report(run_dir: Path) -> None:
@@ -313,6 +352,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
         if record.get("status") != "skipped":
             where = record.get("registry")
             print(f"registered: {record['model_name']} {record['version']} ({record.get('status')}, {where})")
+            if record.get("scores_differ"):
+                print("  its eval scores are not this run's: " + ", ".join(record["scores_differ"]))
 
 
 def _versions() -> dict[str, str]:

@@ -40,6 +40,8 @@ def preflight(
     if "train" in stages:
         check_model(config.train.model)
         check_model_fits(config)
+        if config.train.data_output_dir:
+            check_output_dir(Path(config.train.data_output_dir), "train.data_output_dir")
     if "register" in stages:
         from lora_pipeline.registry import check_local, token
 

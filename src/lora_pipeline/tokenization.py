@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lora_pipeline.errors import StageError
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -35,19 +37,27 @@ def ensure_chat_template(tokenizer: Any) -> bool:
     return True
 
 
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation through the model's chat template. A template is code shipped with the model: one that
+    raises (`raise_exception(...)`, a syntax error, a missing variable) is one StageError naming it."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja2's errors, and whatever the template's expressions raise
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise StageError(
+            f"the chat template of {name} fails on a conversation: {type(exc).__name__}: {exc}", field="train.model"
+        ) from None
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans of the assistant turns."""
-    text = _render(tokenizer, messages)
+    text = render_chat(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1])
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1])
         if text.startswith(upto) and upto.startswith(prompt):
             start, end = len(prompt), len(upto)
         else:

@@ -8,6 +8,7 @@ from lora_pipeline.config.loading import (
     load_yaml,
     local_path,
     parse_key_values,
+    restore_secrets,
     validate,
 )
 from lora_pipeline.config.schema import (
@@ -43,5 +44,6 @@ __all__ = [
     "local_path",
     "output_options",
     "parse_key_values",
+    "restore_secrets",
     "validate",
 ]

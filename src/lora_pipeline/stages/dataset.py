@@ -10,6 +10,7 @@ offsets (8 bytes a row); the split is then written by copying lines out of the s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,12 +18,12 @@ import os
 import random
 import tempfile
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lora_pipeline.config import DatasetConfig
-from lora_pipeline.errors import DataError
-from lora_pipeline.files import atomic_dir, write_json_atomic
+from lora_pipeline.errors import DataError, LoraPipelineError
+from lora_pipeline.files import atomic_dir, owned_prefix, remove_stale_temp, write_json_atomic
 from lora_pipeline.formats import RowError, describe_formats, detect, normalise
 from lora_pipeline.progress import Meter
 from lora_pipeline.readers import data_files, read_rows
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5  # first bad rows shown per reason
 DETECT_ROWS = 100  # rows of a file looked at to detect its format before it is called unknown
+FETCH_PREFIX = "lora-pipeline-fetch-"  # downloads in TMPDIR, removed when the stage ends (or by the next run)
 
 
 def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
@@ -38,10 +40,15 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
 
     if not cfg.data_uri:
         raise DataError("required: a dataset location", field="dataset.data_uri")
-    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes)
-    with tempfile.TemporaryDirectory(prefix="lora-pipeline-fetch-") as download_dir, atomic_dir(out) as tmp:
+    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes, timeout=cfg.timeout, deadline=cfg.deadline)
+    remove_stale_temp(Path(tempfile.gettempdir()), FETCH_PREFIX)  # a killed run's download, never cleaned
+    with (
+        tempfile.TemporaryDirectory(prefix=owned_prefix(FETCH_PREFIX)) as download_dir,
+        _named_as_source(download_dir, sources.redact(cfg.data_uri)),
+        atomic_dir(out) as tmp,
+    ):
         path = sources.fetch(cfg.data_uri, Path(download_dir), limits)
-        files = data_files(path)
+        files = data_files(path, sources.redact(cfg.data_uri))
         names = [_label(f, path) for f in files]
         tally = _Tally(cfg.subset)
         with _Spool(tmp / ".rows.spool") as spool:
@@ -210,6 +217,17 @@ class _Spool:
                 fd, offsets = fh.fileno(), self.offsets
                 for i in order:
                     out.write(os.pread(fd, offsets[i + 1] - offsets[i], offsets[i]))
+
+
+@contextlib.contextmanager
+def _named_as_source(folder: str, source: str) -> Iterator[None]:
+    """An error names the source the user gave (an archive, a URI), never the temporary folder it was fetched
+    into, which is gone by the time the line is read."""
+    try:
+        yield
+    except LoraPipelineError as exc:
+        exc.args = tuple(a.replace(folder, source) if isinstance(a, str) else a for a in exc.args)
+        raise
 
 
 def _label(f: Path, root: Path) -> str:
