@@ -80,13 +80,18 @@ def add_config_flags(
             if "flag" in f.metadata:  # a repeatable flag, one list item each (`--dataset.source URI[@WEIGHT]`)
                 arity = {"action": "append"}
             (group or p).add_argument(
-                f"--{section}.{f.metadata.get('flag', f.name)}",
+                flag_name(section, f),
                 dest=f"cfg:{section}.{f.name}",
                 metavar=f.metadata.get("metavar") or _metavar(section, f.name),
                 default=argparse.SUPPRESS,
                 help=_flag_help(section, f, defaults or {}) if group else argparse.SUPPRESS,
                 **arity,
             )
+
+
+def flag_name(section: str, f: dataclasses.Field) -> str:
+    """`--section.option`; a list given one item per flag is named for its item (`--dataset.source`)."""
+    return f"--{section}.{f.metadata.get('flag', f.name)}"
 
 
 def _flag_help(section: str, f: dataclasses.Field, defaults: dict[str, dict[str, Any]]) -> str:
