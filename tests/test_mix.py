@@ -227,3 +227,27 @@ def test_examples_cover_the_common_jobs() -> None:
     assert hub["dataset"]["data_uri"].startswith("hf://") and hub["train"]["lora_load_in_4bit"] is True
     assert yaml.safe_load((ROOT / "examples" / "kubeflow-multinode.yaml").read_text())["train"]["num_workers"] > 1
     assert json.dumps(yaml.safe_load((ROOT / "examples" / "mixed-sources.yaml").read_text())["dataset"]["sources"])
+
+
+def test_run_dir_cache_follows_each_source(capsys, files, tmp_path) -> None:
+    """A source's content and weight are in the dataset stage's key: an edit of the second source reruns it."""
+    run = tmp_path / "run"
+    argv = ["dataset", "-o", str(run), "--dataset.source", str(files["a"]), "--dataset.source", f"{files['b']}@0.5"]
+    assert main(argv) == 0
+    key = read_json(run / "dataset" / "stage.json")["key"]
+    assert main(argv) == 0 and read_json(run / "run.json")["stages"]["dataset"]["status"] == "cached"
+    write_jsonl(files["b"], _rows("b", 30))
+    assert main(argv) == 0 and read_json(run / "dataset" / "stage.json")["key"] != key
+    assert read_json(run / "dataset" / "dataset.json")["sources"][1]["rows_mixed"] == 15
+    recorded = read_json(run / "run.json")["config"]["dataset"]["sources"]
+    assert recorded == [{"uri": str(files["a"]), "weight": 1.0}, {"uri": str(files["b"]), "weight": 0.5}]
+    capsys.readouterr()
+
+
+def test_a_recorded_source_without_its_credentials_must_be_given_again(tmp_path) -> None:
+    from lora_pipeline import pipeline
+
+    config = from_dict({"dataset": {"sources": ["a.jsonl", "https://<redacted>@example.org/x.jsonl@2"]}})
+    with pytest.raises(ConfigError, match=r"dataset.sources\[2\]: .*give --dataset.source again"):
+        pipeline.check_recorded_source(config, tmp_path, ("dataset",))
+    assert pipeline.source_is_recorded_only(config)
