@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 
 from lora_pipeline import cli
 from lora_pipeline.carryover import was_demo
+from lora_pipeline.cli_options import flag_name
 from lora_pipeline.config import SECTIONS, fields_of, from_dict
 from lora_pipeline.config.schema import HELP_GROUPS, option_group
 from lora_pipeline.stages import STAGES
 
-ALL_FLAGS = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s)]
-NOT_BOOL = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s) if "bool" not in str(f.type)]
+ALL_FLAGS = [flag_name(s, f) for s in SECTIONS for f in fields_of(s)]
+NOT_BOOL = [flag_name(s, f) for s in SECTIONS for f in fields_of(s) if "bool" not in str(f.type)]
 
 
 def call(argv: list[str]) -> int:
@@ -238,11 +239,11 @@ def test_run_help_groups_follow_the_schema(capsys, monkeypatch) -> None:
     titles = [title for _, title in HELP_GROUPS.values()]
     assert [t for t in groups if t in titles] == titles  # every group, in order
     for key, (_, title) in HELP_GROUPS.items():
-        expected = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s) if option_group(s, f) == key]
+        expected = [flag_name(s, f) for s in SECTIONS for f in fields_of(s) if option_group(s, f) == key]
         assert groups[title] == expected and expected
     k8s = HELP_GROUPS["kubernetes"][1]
     assert "Kubernetes only" in k8s
-    applies = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s) if f.metadata.get("applies") == "kubernetes"]
+    applies = [flag_name(s, f) for s in SECTIONS for f in fields_of(s) if f.metadata.get("applies") == "kubernetes"]
     assert groups[k8s] == applies
 
 
@@ -259,7 +260,7 @@ def test_help_kfp_is_a_table_of_spec_names(capsys, monkeypatch, command: str) ->
     assert rows[0] == ["option", "KFP", "pipeline", "parameter", "component", "input"]
     section = {"train": "train", "eval": "eval"}.get(command)
     expected = [
-        [f"--{s}.{f.name}", f.metadata.get("kfp", "-"), f.metadata.get("component", "-")]
+        [flag_name(s, f), f.metadata.get("kfp", "-"), f.metadata.get("component", "-")]
         for s in SECTIONS
         for f in fields_of(s)
         if ("kfp" in f.metadata or "component" in f.metadata) and section in (None, s)

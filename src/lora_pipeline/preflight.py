@@ -31,12 +31,12 @@ def preflight(
     check_output_dir(out, out_field)
     fingerprint = None
     if "dataset" in stages:
-        if not config.dataset.data_uri:
+        if not config.dataset.data_uri and not config.dataset.sources:
             raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
         if check_source:
-            from lora_pipeline import sources
+            from lora_pipeline import mixing
 
-            fingerprint = sources.fingerprint(config.dataset.data_uri)
+            fingerprint = mixing.fingerprint(config.dataset)
     if "train" in stages:
         check_model(config.train.model)
         check_model_fits(config)

@@ -53,6 +53,19 @@ class DatasetConfig:
         "[REQUIRED] Dataset location (hf://dataset, s3://bucket/path, https://url, local path)",
         kfp="phase_01_dataset_man_data_uri",
     )
+    # Not spec parameters: a compiled pipeline fixes them in its dataset component (`compile -c YAML`).
+    sources: list[dict] = param(
+        [],
+        "Data sources mixed into the training data, each URI[@WEIGHT] (the flag is repeatable; YAML: a list of "
+        "{uri, weight}). Weight w takes round(w x rows) of the source's rows: a seeded sample for w < 1, every row "
+        "int(w) times plus a seeded sample of the rest for w > 1. data_uri, when set, is one more source of weight 1",
+        flag="source",
+        metavar="URI[@WEIGHT]",
+    )
+    eval_uri: str | None = param(
+        None,
+        "Separate eval set (any location data_uri takes): eval.jsonl is its rows, and data_split does not apply",
+    )
     data_split: float = param(
         0.9,
         "Train/eval split (0.9 = 90%/10%, 1.0 = no split)",
