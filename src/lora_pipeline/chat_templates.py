@@ -27,23 +27,23 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     ),
     # Llama 3 / 3.1 instruct (header ids and <|eot_id|>), without the tool-calling parts.
     "llama3": (
-        "{{ bos_token }}{% for message in messages %}"
+        "{{ bos_token or '' }}{% for message in messages %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
-    # Mistral / Llama 2 instruct: [INST] ... [/INST] answer</s>; a system message leads the first turn.
+    # Mistral / Llama 2 instruct: [INST] question [/INST] answer</s>; a system message leads the first turn.
     "mistral": (
-        "{{ bos_token }}{% for message in messages %}"
+        "{{ bos_token or '' }}{% for message in messages %}"
         "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
         "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% else %}{{ ' ' + message['content'] + (eos_token or '') }}{% endif %}"
         "{% endfor %}"
     ),
     # Zephyr (HuggingFaceH4): <|role|> lines, each turn closed by the EOS token.
     "zephyr": (
         "{% for message in messages %}"
-        "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{{ '<|' + message['role'] + '|>\n' + message['content'] + (eos_token or '') + '\n' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     ),
