@@ -173,3 +173,18 @@ def test_chosen_template_is_saved_and_used_by_chat(bare_model: Path, chat_file: 
     assert rendered == header.format("user") + "hi<|eot_id|>" + header.format("assistant")
     capsys.readouterr()
     assert main(["chat", "-o", str(tmp_path / "tr"), "--prompt", "hi", "--max_new_tokens", "3"]) == 0
+
+
+def test_train_cache_key_follows_the_template_file(demo_assets, tmp_path: Path) -> None:
+    from lora_pipeline.config import Config
+    from lora_pipeline.pipeline import stage_key
+    from lora_pipeline.stages import BY_NAME
+
+    path = tmp_path / "t.jinja"
+    path.write_text(BUILTIN_TEMPLATES["chatml"])
+    config = Config()
+    config.train.model, config.train.chat_template = str(demo_assets.model_dir), str(path)
+    before = stage_key(config, BY_NAME["train"], tmp_path / "run")
+    assert stage_key(config, BY_NAME["train"], tmp_path / "run") == before
+    path.write_text(BUILTIN_TEMPLATES["zephyr"])
+    assert stage_key(config, BY_NAME["train"], tmp_path / "run") != before

@@ -8,6 +8,7 @@ that names the option (rendering would otherwise fall back to some format silent
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,14 @@ def resolve_template(value: str) -> str:
         raise ConfigError(f"{path} is empty", field=FIELD)
     check_renders(text, str(path))
     return text
+
+
+def template_fingerprint(value: str) -> str | None:
+    """A template file's text digest (None for a built-in name, or a file that is not there)."""
+    path = Path(value.strip()).expanduser()
+    if value.strip().lower() in BUILTIN_TEMPLATES or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_renders(template: str, where: str) -> None:
