@@ -188,3 +188,10 @@ def test_train_cache_key_follows_the_template_file(demo_assets, tmp_path: Path) 
     assert stage_key(config, BY_NAME["train"], tmp_path / "run") == before
     path.write_text(BUILTIN_TEMPLATES["zephyr"])
     assert stage_key(config, BY_NAME["train"], tmp_path / "run") != before
+
+
+def test_preview_of_a_text_row_marks_every_token(demo_tokenizer) -> None:
+    header, shown = render_row(demo_tokenizer, {"text": "plain words here"}, 128, PLAIN_MARKS)
+    assert MARKED.findall(shown) == ["plain words here<|im_end|>"] and "cut at" not in header
+    header, _ = render_row(demo_tokenizer, {"text": "plain words here and more"}, 2, PLAIN_MARKS)
+    assert header.startswith("2 tokens, 2 trained (cut at train.max_seq_len 2)")

@@ -7,13 +7,14 @@ used in training. Tokens are streamed to the output as they are generated.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import IO, Any
 
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import read_json
-from lora_pipeline.models import check_quantization_available, load_base_model, load_tokenizer
+from lora_pipeline.models import load_base_model, load_tokenizer
 
 EXIT_WORDS = ("/exit", "/quit")
 
@@ -37,7 +38,12 @@ class Chat:
         adapter, trained = find_adapter(run_dir)
         quant = trained.get("quantization")
         trust_remote_code = bool(trained.get("trust_remote_code", False))
-        check_quantization_available(quant, field="-o")
+        if quant and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "the adapter was trained on a quantized base; loading it as trained needs bitsandbytes "
+                "(pip install bitsandbytes)",
+                field="-o",
+            )
         from peft import PeftModel
 
         from lora_pipeline.tokenization import ensure_chat_template, stop_token_ids

@@ -55,7 +55,8 @@ def render_row(tokenizer: Any, row: dict, max_seq_len: int, marks: tuple[str, st
         shown = _marked(text, offsets, trained, marks)
     else:
         enc = encode_text(tokenizer, row["text"], max_seq_len) or {"input_ids": [], "labels": []}
-        ids, total = enc["input_ids"], len(tokenizer(row["text"], add_special_tokens=True)["input_ids"]) + 1
+        ids = enc["input_ids"]
+        total = len((encode_text(tokenizer, row["text"], 1 << 30) or {"input_ids": []})["input_ids"])
         trained = [True] * len(ids)
         shown = f"{marks[0]}{tokenizer.decode(ids)}{marks[1]}" if ids else ""
     header = f"{len(ids)} tokens, {sum(trained)} trained"
