@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
+from lora_pipeline.chat_templates import template_fingerprint
 from lora_pipeline.config import (
     Config,
     data_locations,
@@ -109,6 +110,8 @@ def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: s
         payload["source"] = source_fingerprint
     elif stage.name == "train":
         payload["model_files"] = _model_fingerprint(section.model)
+        if section.chat_template:  # a Jinja file is keyed by its text, as the model by its files
+            payload["chat_template"] = template_fingerprint(section.chat_template)
     elif stage.name == "eval" and section.include_path:
         payload["tasks_files"] = _tree_digest(Path(section.include_path))
     payload["upstream"] = [_recorded_key(run_dir, up) for up in stage.upstream]

@@ -40,6 +40,10 @@ def preflight(
     if "train" in stages:
         check_model(config.train.model)
         check_model_fits(config)
+        from lora_pipeline.chat_templates import check_chat_template
+
+        train = config.train
+        check_chat_template(train.chat_template, train.model, _model_files(train.model), config.dataset.format)
         if config.train.data_output_dir:
             check_output_dir(Path(config.train.data_output_dir), "train.data_output_dir")
     if "register" in stages:
@@ -105,6 +109,19 @@ def check_model_fits(config: Config) -> None:
     from lora_pipeline.model_checks import check_model_agrees
 
     check_model_agrees(config.train, path)
+
+
+def _model_files(ref: str) -> Path | None:
+    """The directory holding a base model's files, when they are here (local, or in the Hugging Face cache)."""
+    if ref.startswith("s3://"):
+        return None
+    path = Path(local_path(ref))
+    if is_local_uri(ref) and path.is_dir():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, "config.json") if _HUB_ID.match(ref) else None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _check_local_model(path: Path, field: str) -> None:

@@ -401,6 +401,13 @@ class TrainConfig:
         "", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs", group="resources"
     )
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
+    chat_template: str = param(
+        "",
+        "Chat template for a base model without one (it replaces the model's own if set): chatml, llama3, mistral, "
+        "zephyr, or a Jinja file (read where the train stage runs). Saved with the adapter's tokenizer, so eval, "
+        "chat and export use it too. Empty: the model's own; a chat dataset on a model without one is refused",
+        group="optimisation",
+    )
     threads: int = param(
         0,
         "CPU threads for torch (0 = OMP_NUM_THREADS if set, else the cores this process may use)",

@@ -93,8 +93,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import transformers
 
     from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
+    from lora_pipeline.chat_templates import apply_chat_template_option
     from lora_pipeline.progress import TerminalLine, make_progress_callback
-    from lora_pipeline.tokenization import PadCollator, ensure_chat_template
+    from lora_pipeline.tokenization import PadCollator
 
     threads, threads_from = cpu_threads(cfg.threads)
     torch.set_num_threads(threads)
@@ -104,7 +105,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         torch.set_flush_denormal(True)  # denormal floats (tiny weights/grads) slow CPU math by up to ~10x
     model_ref = resolve_model(cfg.model, fetch=True)
     tokenizer = load_tokenizer(model_ref, cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
+    apply_chat_template_option(tokenizer, cfg.chat_template)  # saved with the adapter's tokenizer
     # Tokenized data is kept by content (train.data_output_dir, else inside this stage's output), so a rerun
     # on the same data, tokenizer and template skips rendering and tokenizing every row.
     data_root = Path(cfg.data_output_dir) if cfg.data_output_dir else out / "data"
