@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_command(sub, add_config_flags)
     sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
+    from lora_pipeline.export import add_export_command
+
+    add_export_command(sub)
     return parser
 
 
@@ -320,6 +323,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(show_model(path, args.name, args.version))
         return 0
+    if args.command == "export":
+        from lora_pipeline.export import export_command
+
+        return export_command(args)
     if args.command == "compile":
         from lora_pipeline.kubeflow.command import compile_command
 
