@@ -272,6 +272,7 @@ def _bad_cases(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
         (["-o", str(run), "--gguf", "q4_k_m"], "--gguf"),
         (["-o", str(run), "--gguf", ""], "--gguf"),
         (["-o", str(run), "--merged", "--out", str(blocker / "sub")], "--out"),
+        (["-o", str(run), "--merged", "--out", str(run / "train" / "x")], "inside the train stage's output"),
         (["-o", str(run)], "nothing to export"),
         (["-o", str(run), "--push-to-hub", "not a/valid/repo"], "--push-to-hub"),
     ]

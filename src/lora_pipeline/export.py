@@ -68,7 +68,7 @@ def export_run(req: ExportRequest) -> list[Path]:
     if req.push_to_hub is not None:
         check_repo_id(req.push_to_hub)
     root = req.out or req.run_dir / "export"
-    _check_writable(root)
+    _check_out(root, req.run_dir)
     base_ref, trust = _base_of(req.run_dir, adapter)
     with exclusive_lock(req.run_dir / ".lock", what=f"run directory {req.run_dir}"):
         written: list[Path] = []
@@ -120,8 +120,14 @@ def _base_of(run_dir: Path, adapter: Path) -> tuple[str, bool]:
     return base, trust
 
 
-def _check_writable(root: Path) -> None:
-    """An unwritable export folder is found before minutes of merging, not after."""
+def _check_out(root: Path, run_dir: Path) -> None:
+    """An unwritable export folder is found before minutes of merging, not after; one inside a stage's output
+    would change that stage's recorded outputs (and so its cache)."""
+    from lora_pipeline.stages import STAGES
+
+    for stage in STAGES:
+        if root.resolve().is_relative_to((run_dir / stage.name).resolve()):
+            raise ConfigError(f"{root} is inside the {stage.name} stage's output; export elsewhere", field="--out")
     probe = root
     while not probe.exists():
         probe = probe.parent
