@@ -51,7 +51,9 @@ class HubStandIn:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 hub.requests.append(("POST", self.path, self.headers.get("Authorization")))
                 if hub.fail_next:
-                    return self._json({"error": "stand-in failure"}, hub.fail_next.pop(0))
+                    # echoes the credentials, as a careless proxy might: the caller must not print them
+                    auth = self.headers.get("Authorization")
+                    return self._json({"error": f"stand-in failure for {auth}"}, hub.fail_next.pop(0))
                 if self.path == "/api/repos/create":
                     return self._create(json.loads(body))
                 if self.path == "/api/validate-yaml":  # a README.md's model card metadata

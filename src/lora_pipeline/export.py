@@ -163,6 +163,8 @@ def push_folders(repo: str, folders: list[Path], private: bool = False) -> str:
             api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message=message)
     except (HfHubHTTPError, OSError, httpx.HTTPError) as exc:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        server = getattr(exc, "server_message", None)  # the Hub's reason ("Invalid credentials ..."), if any
+        detail += f": {server}" if server else ""
         raise StageError(f"upload to {repo} failed: {detail}", field="--push-to-hub") from None
     log.info("export: pushed %s to %s", ", ".join(f.name for f in folders), url)
     return str(url)
