@@ -65,7 +65,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 )
 def test_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
     commands = ", ".join(
-        f"'{c}'" for c in ["run", "demo", *(s.name for s in STAGES), "compile", "models", "chat", "preview"]
+        f"'{c}'" for c in ["run", "demo", *(s.name for s in STAGES), "compile", "models", "export", "chat", "preview"]
     )
     expected = expected.format(commands=commands, stages=", ".join(f"'{s.name}'" for s in STAGES))
     assert one_error_line(capsys, argv).endswith(expected)

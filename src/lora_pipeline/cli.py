@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_command(sub, add_config_flags)
     sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
+    from lora_pipeline.export import add_export_command
+
+    add_export_command(sub)
     add_tool_commands(sub, add_config_flags)
     return parser
 
@@ -324,6 +327,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)
+    if args.command == "export":
+        from lora_pipeline.export import export_command
+
+        return export_command(args)
     if args.command == "compile":
         from lora_pipeline.kubeflow.command import compile_command
 
