@@ -59,14 +59,21 @@ def _check_parameter(name: str, declared: dict, spec_type: str, spec_default: st
     assert not optional_type or "defaultValue" not in declared, name
 
 
+def _spec_required_lines() -> str:
+    return "\n".join(line for line in (SPEC_DIR / "lora_pipeline.md").read_text().splitlines() if "[REQUIRED]" in line)
+
+
 @needs_spec
 def test_pipeline_parameters_are_the_spec_table(compiled: tuple[dict, dict]) -> None:
     spec = _spec_rows("lora_pipeline.md")
+    # The table's default column says `None` where the description says [REQUIRED]: required wins.
+    required = {n for n in spec if f"`{n}`" in _spec_required_lines()}
+    assert required == {"phase_01_dataset_man_data_uri"}
     declared = compiled[0]["root"]["inputDefinitions"]["parameters"]
     assert len(spec) == 46
     assert set(declared) == set(spec), set(declared) ^ set(spec)
     for name, (spec_type, spec_default) in spec.items():
-        _check_parameter(name, declared[name], spec_type, spec_default)
+        _check_parameter(name, declared[name], spec_type, "Required" if name in required else spec_default)
     assert "artifacts" not in compiled[0]["root"].get("inputDefinitions", {})
 
 
@@ -176,9 +183,9 @@ def test_compile_options_image_package_secrets_and_defaults(tmp_path: Path) -> N
     assert "workspace" not in json.dumps(platform)
 
 
-def test_default_package_spec_is_pip_installed(compiled: tuple[dict, dict]) -> None:
+def test_default_compile_names_no_package_an_index_lacks(compiled: tuple[dict, dict]) -> None:
     container = compiled[0]["deploymentSpec"]["executors"]["exec-prepare-dataset"]["container"]
-    assert "lora-pipeline[kubeflow]==" in json.dumps(container)
+    assert "lora-pipeline[kubeflow]==" not in json.dumps(container)  # the wheel is embedded instead
     assert container["image"].startswith("pytorch/pytorch:")
 
 

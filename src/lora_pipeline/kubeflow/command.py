@@ -14,9 +14,10 @@ from pathlib import Path
 from lora_pipeline.config import Config
 from lora_pipeline.config.loading import is_k8s_quantity
 from lora_pipeline.errors import ConfigError
-from lora_pipeline.kubeflow.components import DEFAULT_IMAGE, DEFAULT_PACKAGE_SPEC, BuildOptions
+from lora_pipeline.kubeflow.components import DEFAULT_IMAGE, DEFAULT_PACKAGE_SPEC, EMBED, BuildOptions
 from lora_pipeline.stages import NAMES
 
+ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")
 HELP = "Write the Kubeflow pipeline (KFP v2 YAML), one stage's component, or a multi-node TrainJob"
 
 
@@ -45,15 +46,34 @@ def add_compile_command(
     g.add_argument(
         "--package-spec",
         default=DEFAULT_PACKAGE_SPEC,
-        help="What each step pip-installs: a requirement, wheel URL or git URL; '' if the image "
+        help=f"What each step pip-installs: '{EMBED}' = this project's wheel, embedded in the YAML, and its "
+        "dependencies from the index; or a requirement, wheel URL or git URL; '' if the image "
         "has lora-pipeline[kubeflow] already (default: %(default)s)",
+    )
+    g.add_argument(
+        "--wheel",
+        default="",
+        metavar="PATH",
+        help=f"With --package-spec {EMBED}: embed this lora_pipeline-*.whl (default: build one from the checkout)",
     )
     g.add_argument(
         "--pip-index-url",
         action="append",
         default=[],
         metavar="URL",
-        help="Index to install --package-spec from (repeatable; default: pip's own)",
+        help="Index (mirror) each step installs its packages from (repeatable; default: pip's own)",
+    )
+    g.add_argument(
+        "--pip-trusted-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="Host pip trusts without HTTPS (repeatable; default: each --pip-index-url)",
+    )
+    g.add_argument(
+        "--kfp-cache",
+        action="store_true",
+        help="Let KFP cache the tasks (off by default: the same URI or model id may hold new content)",
     )
     g.add_argument(
         "--hf-token-secret",
@@ -87,6 +107,18 @@ def add_compile_command(
         default=defaults.workspace_size,
         metavar="SIZE",
         help="Pipeline workspace PVC size, shared with multi-node training ('' = none; default: %(default)s)",
+    )
+    g.add_argument(
+        "--workspace-storage-class",
+        default=defaults.workspace_storage_class,
+        metavar="NAME",
+        help="Workspace PVC storage class (default: the cluster's default StorageClass)",
+    )
+    g.add_argument(
+        "--workspace-access-mode",
+        choices=ACCESS_MODES,
+        default=defaults.workspace_access_mode,
+        help="Workspace PVC access mode; multi-node training needs ReadWriteMany (default: %(default)s)",
     )
     t = p.add_argument_group("multi-node training as a Kubeflow Trainer TrainJob (train.num_workers nodes)")
     t.add_argument("--trainjob", action="store_true", help="Write the TrainJob for the train options instead")
@@ -122,6 +154,10 @@ def _check_compile_args(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"not a Kubernetes quantity: {args.workspace_size!r} (e.g. 20Gi, 500Mi, 1Ti)", field="--workspace-size"
         )
+    if args.wheel and args.package_spec != EMBED:
+        raise ConfigError(f"applies only with --package-spec {EMBED}", field="--wheel")
+    if args.workspace_storage_class and not args.workspace_size:
+        raise ConfigError("applies only with a workspace (--workspace-size)", field="--workspace-storage-class")
     if not args.output:
         return
     out = Path(args.output)
@@ -154,7 +190,12 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
         secret_env=secret_env,
         image=args.image,
         package_spec=args.package_spec,
+        wheel=args.wheel,
         pip_index_urls=tuple(args.pip_index_url),
+        pip_trusted_hosts=tuple(args.pip_trusted_host),
+        kfp_cache=args.kfp_cache,
+        workspace_storage_class=args.workspace_storage_class,
+        workspace_access_mode=args.workspace_access_mode,
         hf_token_secret=args.hf_token_secret,
         aws_secret=args.aws_secret,
         registry_token_secret=args.registry_token_secret,
@@ -173,7 +214,9 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
                                  options)  # fmt: skip
     else:
         path = compile_pipeline(Path(args.output or "pipeline.yaml"), config, options)
-    print(f"compiled: {path}")
+    print(f"compiled: {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    if not args.component and args.workspace_size and not args.workspace_storage_class:
+        print("workspace: the cluster's default StorageClass (--workspace-storage-class NAME to choose one)")
     return 0
 
 

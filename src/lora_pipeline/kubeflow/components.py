@@ -9,20 +9,29 @@ which runs the stage's CLI command. kfp is imported only when a component is bui
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import linecache
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
 from lora_pipeline.config import Config
 from lora_pipeline.kubeflow.parameters import component_parameters, fixed_values
 from lora_pipeline.kubeflow.runtime import ARTIFACTS
+from lora_pipeline.kubeflow.wheel import EXTRA, embedded_wheel, install_lora_pipeline, pip_options
 from lora_pipeline.stages import BY_NAME
 
 # Python 3.11 with CUDA torch already installed, so `pip install lora-pipeline` adds only the pure-Python rest.
 DEFAULT_IMAGE = "pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime"
-# What `pip install` gets in each pod: this version from the configured index (see --pip-index-url).
-DEFAULT_PACKAGE_SPEC = f"lora-pipeline[kubeflow]=={__version__}"
+# `--package-spec` default: embed this project's wheel; each pod installs it and its dependencies (wheel.py).
+EMBED = "embed"
+# A spec naming this release, for an index that has it (e.g. a private mirror the wheel was uploaded to).
+RELEASE_SPEC = f"lora-pipeline[{EXTRA}]=={__version__}"
+DEFAULT_PACKAGE_SPEC = EMBED
 
 FUNCTION_NAMES = {
     "dataset": "prepare_dataset",
@@ -42,8 +51,13 @@ class BuildOptions:
     """The options of `lora-pipeline compile` that are not pipeline parameters."""
 
     image: str = DEFAULT_IMAGE
-    package_spec: str = DEFAULT_PACKAGE_SPEC  # "" = the image has lora-pipeline[kubeflow] installed already
+    # EMBED = this project's wheel, embedded; "" = the image has lora-pipeline[kubeflow] installed already;
+    # else what each pod pip-installs (a requirement on the index, a wheel URL, a git URL).
+    package_spec: str = DEFAULT_PACKAGE_SPEC
     pip_index_urls: tuple[str, ...] = ()
+    pip_trusted_hosts: tuple[str, ...] = ()
+    wheel: str = ""  # EMBED: a built lora_pipeline-*.whl to embed instead of building one
+    embedded: str = ""  # EMBED: the packed wheel (.whl.xz) once prepared (`embedding`)
     # Kubernetes secrets mounted as env vars (optional: a missing secret or key leaves the variable unset);
     # "" = none. The keys are the variable names (see pipeline.SECRET_ENV).
     hf_token_secret: str = "hf-token"
@@ -54,10 +68,26 @@ class BuildOptions:
     # The pipeline workspace (a PVC per run) given to the training component as `pvc_path`; multi-node
     # training shares the dataset and output with the TrainJob's pods through it. "" = no workspace.
     workspace_size: str = "20Gi"
+    workspace_storage_class: str = ""  # "" = the cluster's default StorageClass
+    workspace_access_mode: str = "ReadWriteOnce"  # multi-node training needs ReadWriteMany
+    kfp_cache: bool = False  # KFP caching of the tasks (off: a cached result may be stale, see pipeline.py)
 
 
-def component_source(stage: str, config: Config | None = None) -> str:
-    """The Python source of a stage's component function: its KFP interface and the one-line body."""
+@contextlib.contextmanager
+def embedding(options: BuildOptions) -> Iterator[BuildOptions]:
+    """The options with the packed wheel prepared (once for all components), while the components are built."""
+    if options.package_spec != EMBED or options.embedded:
+        yield options
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-pipeline-embed-") as tmp:
+        yield dataclasses.replace(options, embedded=str(embedded_wheel(Path(tmp), options.wheel)))
+
+
+def component_source(stage: str, config: Config | None = None, install: list[str] | None = None) -> str:
+    """The Python source of a stage's component function: its KFP interface and the one-line body.
+
+    `install`: pip options; the body first installs the embedded wheel with them (`install_lora_pipeline`).
+    """
     config = config or Config()
     artifacts = ARTIFACTS[stage]
     train = stage == "train"
@@ -75,17 +105,24 @@ def component_source(stage: str, config: Config | None = None) -> str:
     return (
         f"def {FUNCTION_NAMES[stage]}(\n    {signature},\n){' -> str' if train else ''}:\n"
         f'    """{BY_NAME[stage].help}."""\n'
-        "    from lora_pipeline.kubeflow.runtime import run_component\n\n"
+        + (f"    install_lora_pipeline({install!r})\n" if install is not None else "")
+        + "    from lora_pipeline.kubeflow.runtime import run_component\n\n"
         f"    return run_component({stage!r}, dict(locals()), {fixed_values(stage, config)!r})\n"
     )
 
 
 def build_component(stage: str, config: Config | None = None, options: BuildOptions | None = None) -> Any:
     """A KFP component (a `PythonComponent`) for one stage."""
+    with embedding(options or BuildOptions()) as prepared:
+        return _build_component(stage, config, prepared)
+
+
+def _build_component(stage: str, config: Config | None, options: BuildOptions) -> Any:
     from kfp import dsl
 
-    options = options or BuildOptions()
-    function = _define(FUNCTION_NAMES[stage], component_source(stage, config))
+    embed = options.package_spec == EMBED
+    install = pip_options(options.pip_index_urls, options.pip_trusted_hosts) if embed else None
+    function = _define(FUNCTION_NAMES[stage], component_source(stage, config, install))
     passthroughs = None
     if stage == "train":
         passthroughs = [
@@ -95,11 +132,14 @@ def build_component(stage: str, config: Config | None = None, options: BuildOpti
     return dsl.component(
         function,
         base_image=options.image,
-        packages_to_install=[options.package_spec] if options.package_spec else None,
+        packages_to_install=[options.package_spec] if options.package_spec and not embed else None,
         pip_index_urls=list(options.pip_index_urls) or None,
+        pip_trusted_hosts=list(options.pip_trusted_hosts) or None,
         # with the package baked into the image, kfp comes with it (the `kubeflow` extra): no pip at start
         install_kfp_package=bool(options.package_spec),
         task_config_passthroughs=passthroughs,
+        additional_funcs=[install_lora_pipeline] if embed else None,
+        embedded_artifact_path=options.embedded or None,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import Config
-from lora_pipeline.kubeflow.components import BuildOptions, build_component
+from lora_pipeline.kubeflow.components import BuildOptions, build_component, embedding
 from lora_pipeline.kubeflow.parameters import component_parameters, pipeline_parameters
 from lora_pipeline.kubeflow.runtime import ARTIFACTS
 from lora_pipeline.stages import STAGES
@@ -40,6 +40,8 @@ SECRET_ENV: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
 }
 # Stages whose pods get the train options' resources: eval loads the same base model as training.
 RESOURCED = ("train", "eval")
+# The spec marks it [REQUIRED]: no default in the IR unless `compile -c` sets one.
+REQUIRED = ("dataset", "data_uri")
 
 
 def build_pipeline(config: Config | None = None, options: BuildOptions | None = None) -> Any:
@@ -47,9 +49,9 @@ def build_pipeline(config: Config | None = None, options: BuildOptions | None = 
     from kfp import dsl
 
     config = config or Config()
-    options = options or BuildOptions()
     params = pipeline_parameters(config)
-    components = {stage.name: build_component(stage.name, config, options) for stage in STAGES}
+    with embedding(options or BuildOptions()) as options:  # one wheel, packed once, for the four components
+        components = {stage.name: build_component(stage.name, config, options) for stage in STAGES}
 
     def lora_pipeline(*args: Any) -> None:
         # KFP calls the pipeline function with one channel per parameter, in signature order.
@@ -72,6 +74,9 @@ def build_pipeline(config: Config | None = None, options: BuildOptions | None = 
             else:
                 tasks[stage.name] = components[stage.name](**arguments)
             task = tasks[stage.name].set_display_name(stage.name)
+            # KFP's cache key is the parameter values: a data URI or a hub model id can change content
+            # under the same string, so a cached task would serve a stale dataset, model or score.
+            task.set_caching_options(options.kfp_cache)
             if stage.name == "train":  # the image a multi-node TrainJob runs (trainjob.train_on_cluster)
                 task.set_env_variable("LORA_PIPELINE_IMAGE", options.image)
             if stage.name in RESOURCED:
@@ -80,17 +85,34 @@ def build_pipeline(config: Config | None = None, options: BuildOptions | None = 
 
     lora_pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [
-            inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)
+            inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_default(p), annotation=p.type)
             for p in params
         ]
     )
-    workspace = dsl.WorkspaceConfig(size=options.workspace_size) if options.workspace_size else None
     return dsl.pipeline(
         lora_pipeline,
         name=PIPELINE_NAME,
         description=DESCRIPTION,
-        pipeline_config=dsl.PipelineConfig(workspace=workspace),
+        pipeline_config=dsl.PipelineConfig(workspace=_workspace(options)),
     )
+
+
+def _default(p: Any) -> Any:
+    required = (p.section, p.field) == REQUIRED and p.default in (None, "")
+    return inspect.Parameter.empty if required else p.default
+
+
+def _workspace(options: BuildOptions) -> Any:
+    """The workspace PVC: size and access mode always written, the storage class when given (else the
+    cluster's default StorageClass), so no KFP-backend default decides them."""
+    from kfp import dsl
+
+    if not options.workspace_size:
+        return None
+    patch: dict[str, Any] = {"accessModes": [options.workspace_access_mode]}
+    if options.workspace_storage_class:
+        patch["storageClassName"] = options.workspace_storage_class
+    return dsl.WorkspaceConfig(size=options.workspace_size, kubernetes=dsl.KubernetesWorkspaceConfig(patch))
 
 
 def _set_resources(task: Any, by_field: dict[tuple[str, str], Any]) -> None:

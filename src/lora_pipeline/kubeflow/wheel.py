@@ -1,0 +1,160 @@
+"""This project's own wheel, embedded in each compiled component so that every pod installs exactly this code.
+
+`compile` builds the wheel from the checkout (or repacks the installed distribution), stores it uncompressed
+and xz-compresses it whole: across files xz packs the wheel to about half of its deflated size, which keeps
+four embedded copies (one per component) and the pipeline YAML under 1 MiB. KFP embeds the `.whl.xz` with
+`embedded_artifact_path` and extracts it when the executor starts, after its own `pip install`, so each
+component installs the wheel itself first: `install_lora_pipeline` below is shipped as source (KFP's
+`additional_funcs`) and may use the standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata
+import lzma
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from lora_pipeline.errors import ConfigError
+
+# The extra every pod installs: kfp (already there, at the compiling SDK's version), model-registry, kubeflow.
+EXTRA = "kubeflow"
+
+
+def install_lora_pipeline(pip_options: list) -> None:
+    """Install the wheel KFP extracted from this component, with its dependencies, before lora_pipeline loads.
+
+    pip keeps what the image already satisfies (torch in a CUDA image): only missing requirements install.
+    """
+    import importlib
+    import lzma
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    packed = globals().get("__KFP_EMBEDDED_ASSET_FILE")  # set by KFP's extraction helper in this module
+    if not packed:
+        raise RuntimeError("lora-pipeline: the component has no embedded wheel (compile it again)")
+    wheel = os.path.join(tempfile.mkdtemp(prefix="lora-pipeline-wheel-"), os.path.basename(packed)[: -len(".xz")])
+    with lzma.open(packed) as src, open(wheel, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location", *pip_options]
+    subprocess.run([*command, wheel + "[kubeflow]"], check=True)
+    importlib.invalidate_caches()
+
+
+def pip_options(index_urls: tuple[str, ...], trusted_hosts: tuple[str, ...]) -> list[str]:
+    """pip's index options, as KFP writes them for its own install (each index is trusted unless hosts are given)."""
+    options: list[str] = []
+    for i, url in enumerate(index_urls):
+        options += ["--index-url" if i == 0 else "--extra-index-url", url]
+    for host in trusted_hosts or (index_urls if index_urls else ()):
+        options += ["--trusted-host", host]
+    return options
+
+
+def project_root() -> Path | None:
+    """The checkout this module runs from (src layout), or None when installed from a wheel."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "lora_pipeline").is_dir() else None
+
+
+def build_wheel(dest: Path) -> Path:
+    """This project's wheel in `dest`: built from the checkout, else repacked from the installed distribution."""
+    root = project_root()
+    if root is None:
+        return _repack_installed(dest)
+    with tempfile.TemporaryDirectory(prefix="lora-pipeline-build-") as tmp:
+        # Build from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
+        src = Path(tmp) / "src"
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (root / name).is_file():
+                src.mkdir(exist_ok=True)
+                shutil.copy2(root / name, src / name)
+        shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        # setuptools here: build offline with it; else pip fetches the build backend from the index
+        isolation = ["--no-build-isolation"] if _has_setuptools() else []
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", *isolation, "-w", str(dest), str(src)]
+        done = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(dest.glob("lora_pipeline-*.whl"))
+    if done.returncode or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no wheel written"])[-1]
+        raise ConfigError(f"could not build this project's wheel from {root}: {last}", field="--package-spec")
+    return wheels[-1]
+
+
+def _has_setuptools() -> bool:
+    try:
+        import setuptools  # noqa: F401
+        import wheel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _repack_installed(dest: Path) -> Path:
+    """A wheel of the installed distribution: its files under site-packages and a fresh RECORD."""
+    dist = importlib.metadata.distribution("lora-pipeline")
+    files = [f for f in dist.files or [] if not str(f).startswith("..") and not str(f).endswith(".pyc")]
+    info = next((str(f).split("/")[0] for f in files if str(f).endswith(".dist-info/METADATA")), None)
+    if info is None or not any(str(f).startswith("lora_pipeline/") for f in files):
+        raise ConfigError("lora-pipeline is installed without its files (editable?): compile from the checkout, "
+                          "or pass --package-spec", field="--package-spec")  # fmt: skip
+    path = dest / f"lora_pipeline-{dist.version}-py3-none-any.whl"
+    record = f"{info}/RECORD"
+    rows = []
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            if str(f) in (record, f"{info}/INSTALLER", f"{info}/REQUESTED", f"{info}/direct_url.json"):
+                continue
+            data = Path(f.locate()).read_bytes()
+            zf.writestr(str(f), data)
+            rows.append(_record_row(str(f), data))
+        zf.writestr(record, "\n".join([*rows, f"{record},,"]) + "\n")
+    return path
+
+
+def pack_for_embedding(wheel: Path, dest: Path) -> Path:
+    """`NAME.whl.xz`: the wheel stored uncompressed, then xz-compressed whole.
+
+    Every file is the wheel's own except METADATA, which loses its long description (the README, a fifth of
+    the packed size, read by no pod); its RECORD row is rewritten to match, so pip verifies the wheel as usual.
+    """
+    stored = dest / wheel.name
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as dst:
+        files = {info.filename: src.read(info) for info in src.infolist()}
+        record = next(name for name in files if name.endswith(".dist-info/RECORD"))
+        metadata = record[: -len("RECORD")] + "METADATA"
+        files[metadata] = files[metadata].split(b"\n\n", 1)[0] + b"\n"  # headers end at the first blank line
+        rows = [row for row in files[record].decode().splitlines() if not row.startswith(metadata + ",")]
+        files[record] = "\n".join([*rows, _record_row(metadata, files[metadata])]).encode() + b"\n"
+        for info in src.infolist():
+            stored_info = zipfile.ZipInfo(info.filename, info.date_time)
+            stored_info.external_attr = info.external_attr
+            dst.writestr(stored_info, files[info.filename], zipfile.ZIP_STORED)
+    packed = dest / (wheel.name + ".xz")
+    packed.write_bytes(lzma.compress(stored.read_bytes(), preset=9 | lzma.PRESET_EXTREME))
+    stored.unlink()
+    return packed
+
+
+def _record_row(name: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+def embedded_wheel(dest: Path, wheel: str = "") -> Path:
+    """The `.whl.xz` to embed: from `wheel` (a .whl path) if given, else this project's own, built now."""
+    (dest / "built").mkdir(parents=True, exist_ok=True)
+    built = Path(wheel) if wheel else build_wheel(dest / "built")
+    if wheel and not (built.is_file() and built.name.startswith("lora_pipeline-") and built.suffix == ".whl"):
+        raise ConfigError(f"not a lora_pipeline-*.whl file: {wheel}", field="--wheel")
+    return pack_for_embedding(built, dest)
