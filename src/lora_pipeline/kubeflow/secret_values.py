@@ -44,7 +44,7 @@ def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
     for field, value in _strings(config):
         _refuse_uri(field, value)
     pip_hint = "an index or package URL without them (pip reads credentials from ~/.netrc or PIP_* variables)"
-    for option in ("package_spec", "pip_index_url", "pip_trusted_host"):
+    for option in ("package_spec", "pip_index_url"):
         for value in _as_list(getattr(args, option, None)):
             _refuse_uri(f"--{option.replace('_', '-')}", value, pip_hint)
 

@@ -1,0 +1,217 @@
+"""What a cluster needs from the compiled YAML: each component carries this project's wheel and installs it
+itself from the configured index; caching, the workspace PVC and the required data URI are explicit."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import lzma
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from lora_pipeline import __version__
+from lora_pipeline.cli import main
+from lora_pipeline.kubeflow.wheel import install_lora_pipeline, pip_options
+
+pytest.importorskip("kfp")
+
+STAGES = ("prepare-dataset", "train-model", "evaluate-model", "register-model")
+
+
+def _compile(tmp_path: Path, *args: str, name: str = "p.yaml") -> tuple[dict, dict, Path]:
+    out = tmp_path / name
+    assert main(["compile", "-o", str(out), *args]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {}), out
+
+
+@pytest.fixture(scope="module")
+def default_yaml(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, Path]:
+    return _compile(tmp_path_factory.mktemp("kfp"))
+
+
+def _source(pipeline: dict, stage: str) -> str:
+    return pipeline["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]["command"][-1]
+
+
+def _embedded(source: str) -> dict[str, bytes]:
+    """The files KFP embedded in a component's source (its base64 tar.gz), by name."""
+    (b64,) = re.findall(r"__KFP_EMBEDDED_ARCHIVE_B64 = '([^']+)'", source)
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(base64.b64decode(b64)))) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_default_compile_embeds_the_wheel_in_every_component(default_yaml) -> None:
+    from kfp import __version__ as kfp_version
+
+    pipeline, _, path = default_yaml
+    assert path.stat().st_size < 2**20  # a Kubernetes object holds ~1.5 MiB; the YAML stays under 1 MiB
+    wheels = []
+    for stage in STAGES:
+        source, install = _source(pipeline, stage), pipeline["deploymentSpec"]["executors"][f"exec-{stage}"]
+        # KFP's own pip installs only kfp itself; no step names a package an index lacks
+        (pip_line,) = re.findall(r"pip install [^&]*", install["container"]["command"][2])
+        assert re.findall(r"'([^'-][^']*)'", pip_line)[0] == "kfp==" + kfp_version
+        # the component installs its wheel before it imports lora_pipeline
+        assert source.index("install_lora_pipeline([])") < source.index("from lora_pipeline.kubeflow.runtime")
+        files = _embedded(source)
+        (name,) = files
+        assert name == f"lora_pipeline-{__version__}-py3-none-any.whl.xz"
+        wheels.append(files[name])
+    assert len(set(wheels)) == 1  # the same wheel in all four
+
+
+def test_embedded_wheel_is_this_checkouts_code_and_pip_accepts_it(default_yaml, tmp_path: Path) -> None:
+    pipeline, _, _ = default_yaml
+    (packed,) = _embedded(_source(pipeline, "train-model")).items()
+    with zipfile.ZipFile(io.BytesIO(lzma.decompress(packed[1]))) as whl:
+        names = set(whl.namelist())
+        src = Path(__file__).resolve().parents[1] / "src"
+        for module in src.rglob("*.py"):
+            arc = module.relative_to(src).as_posix()
+            assert arc in names, arc
+            assert whl.read(arc) == module.read_bytes(), arc
+    # The component's own bootstrap, run as KFP runs it: pip checks the wheel (RECORD hashes, metadata).
+    asset = tmp_path / packed[0]
+    asset.write_bytes(packed[1])
+    namespace = {"__KFP_EMBEDDED_ASSET_FILE": str(asset), "__builtins__": __builtins__}
+    exec(compile(_function_source(), "<bootstrap>", "exec"), namespace)
+    namespace["install_lora_pipeline"](["--dry-run", "--no-deps", "--no-index", "--quiet"])
+
+
+def _function_source() -> str:
+    import inspect
+
+    return inspect.getsource(install_lora_pipeline)
+
+
+def test_bootstrap_without_an_embedded_wheel_says_so() -> None:
+    namespace: dict = {"__builtins__": __builtins__}
+    exec(compile(_function_source(), "<bootstrap>", "exec"), namespace)
+    with pytest.raises(RuntimeError, match="no embedded wheel"):
+        namespace["install_lora_pipeline"]([])
+
+
+@pytest.mark.parametrize(
+    ("urls", "hosts", "expected"),
+    [
+        ((), (), []),
+        (("https://m/simple",), (), ["--index-url", "https://m/simple", "--trusted-host", "https://m/simple"]),
+        (
+            ("https://a/s", "https://b/s"),
+            ("a",),
+            ["--index-url", "https://a/s", "--extra-index-url", "https://b/s", "--trusted-host", "a"],
+        ),  # fmt: skip
+    ],
+)
+def test_pip_options_follow_kfps_own(urls, hosts, expected) -> None:
+    assert pip_options(urls, hosts) == expected
+
+
+def test_mirror_options_reach_kfps_install_and_the_wheels(tmp_path: Path) -> None:
+    pipeline, _, _ = _compile(tmp_path, "--pip-index-url", "https://mirror.example/simple",
+                              "--pip-trusted-host", "mirror.example")  # fmt: skip
+    for stage in STAGES:
+        executor = pipeline["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]
+        kfp_install = executor["command"][2]
+        assert "--index-url https://mirror.example/simple --trusted-host mirror.example" in kfp_install
+        options = ["--index-url", "https://mirror.example/simple", "--trusted-host", "mirror.example"]
+        assert f"install_lora_pipeline({options!r})" in executor["command"][-1]
+
+
+def test_prebuilt_image_installs_nothing_and_a_spec_is_pip_installed(tmp_path: Path) -> None:
+    image, _, _ = _compile(tmp_path, "--image", "r.example/lora:1", "--package-spec", "", name="a.yaml")
+    spec, _, _ = _compile(tmp_path, "--package-spec", "lora-pipeline[kubeflow]==0.1.0", name="b.yaml")
+    for stage in STAGES:
+        assert "pip install" not in json.dumps(image["deploymentSpec"]["executors"][f"exec-{stage}"])
+        assert "install_lora_pipeline" not in _source(image, stage)
+        assert "__KFP_EMBEDDED_ARCHIVE_B64" not in _source(spec, stage)
+        assert "lora-pipeline[kubeflow]==0.1.0" in json.dumps(spec["deploymentSpec"]["executors"][f"exec-{stage}"])
+
+
+def test_given_wheel_is_embedded(tmp_path: Path, default_yaml) -> None:
+    built = tmp_path / "w"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(built), str(Path(__file__).resolve().parents[1])], check=True, timeout=300)  # fmt: skip
+    (wheel,) = built.glob("*.whl")
+    pipeline, _, _ = _compile(tmp_path, "--wheel", str(wheel))
+    given, default = (_wheel_files(_source(p, "evaluate-model")) for p in (pipeline, default_yaml[0]))
+    assert given == default  # the same files (a zip's timestamps differ between builds)
+
+
+def _wheel_files(source: str) -> dict[str, bytes]:
+    ((_, packed),) = _embedded(source).items()
+    with zipfile.ZipFile(io.BytesIO(lzma.decompress(packed))) as whl:
+        return {name: whl.read(name) for name in whl.namelist()}
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--wheel", "x.whl", "--package-spec", ""], "--wheel"),
+        (["--wheel", "README.md"], "--wheel"),
+        (["--workspace-size", "", "--workspace-storage-class", "fast"], "--workspace-storage-class"),
+        (["--pip-index-url", "https://user:pw@mirror.example/simple"], "--pip-index-url"),
+    ],
+)
+def test_bad_install_and_workspace_options_are_one_line(tmp_path: Path, args: list[str], field: str) -> None:
+    result = run_cli("compile", "-o", str(tmp_path / "p.yaml"), *args)
+    assert result.returncode == 2
+    assert field in result.stderr and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def _tasks(pipeline: dict) -> dict[str, dict]:
+    tasks = dict(pipeline["root"]["dag"]["tasks"])
+    for component in pipeline["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return {name: t for name, t in tasks.items() if name in STAGES}
+
+
+def test_kfp_caching_is_off_unless_asked(default_yaml, tmp_path: Path) -> None:
+    assert set(_tasks(default_yaml[0])) == set(STAGES)
+    assert all(not t.get("cachingOptions", {}).get("enableCache") for t in _tasks(default_yaml[0]).values())
+    cached, _, _ = _compile(tmp_path, "--kfp-cache")
+    assert all(t["cachingOptions"]["enableCache"] for t in _tasks(cached).values())
+
+
+def test_workspace_pvc_is_explicit(default_yaml, tmp_path: Path) -> None:
+    default = {"size": "20Gi", "kubernetes": {"pvcSpecPatch": {"accessModes": ["ReadWriteOnce"]}}}
+    assert _workspace(default_yaml[1]) == default  # no storage class: the cluster's default StorageClass
+    _, platform, _ = _compile(tmp_path, "--workspace-size", "50Gi", "--workspace-storage-class", "nfs",
+                              "--workspace-access-mode", "ReadWriteMany")  # fmt: skip
+    assert _workspace(platform)["size"] == "50Gi"
+    assert _workspace(platform)["kubernetes"]["pvcSpecPatch"] == {
+        "accessModes": ["ReadWriteMany"],
+        "storageClassName": "nfs",
+    }
+
+
+def _workspace(platform: dict) -> dict:
+    return platform["platforms"]["kubernetes"]["pipelineConfig"]["workspace"]
+
+
+def test_data_uri_is_required_unless_the_config_sets_it(default_yaml, tmp_path: Path) -> None:
+    declared = default_yaml[0]["root"]["inputDefinitions"]["parameters"]["phase_01_dataset_man_data_uri"]
+    assert declared == {"parameterType": "STRING"}  # no default, not optional
+    pipeline, _, _ = _compile(tmp_path, "--dataset.data_uri", "s3://b/d.jsonl")
+    set_uri = pipeline["root"]["inputDefinitions"]["parameters"]["phase_01_dataset_man_data_uri"]
+    assert set_uri["defaultValue"] == "s3://b/d.jsonl"
+
+
+def test_task_config_env_and_volumes_apply_to_the_training_task(default_yaml) -> None:
+    passthroughs = default_yaml[0]["components"]["comp-train-model"]["taskConfigPassthroughs"]
+    applied = {p["field"] for p in passthroughs if p.get("applyToTask")}
+    assert {"ENV", "KUBERNETES_VOLUMES", "RESOURCES"} <= applied
+    inputs = default_yaml[0]["components"]["comp-train-model"]["inputDefinitions"]["parameters"]
+    assert inputs["kubernetes_config"]["parameterType"] == "TASK_CONFIG"
