@@ -41,7 +41,10 @@ def default_yaml(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, 
 
 
 def _source(pipeline: dict, stage: str) -> str:
-    return pipeline["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]["command"][-1]
+    """The component's Python source: the arguments after KFP's program, which prints them into one file."""
+    command = pipeline["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]["command"]
+    start = next(i for i, part in enumerate(command) if "ephemeral_component.py" in part) + 1
+    return "".join(command[start:])
 
 
 def _embedded(source: str) -> dict[str, bytes]:
@@ -69,6 +72,25 @@ def test_default_compile_embeds_the_wheel_in_every_component(default_yaml) -> No
         assert name == f"lora_pipeline-{__version__}-py3-none-any.whl.xz"
         wheels.append(files[name])
     assert len(set(wheels)) == 1  # the same wheel in all four
+
+
+def test_no_argument_exceeds_linuxs_limit_and_the_program_rebuilds_the_source(default_yaml, tmp_path: Path) -> None:
+    """exec refuses one argument over 128 KiB (E2BIG): the source goes in parts that KFP's program rejoins."""
+    pipeline, _, _ = default_yaml
+    for stage in STAGES:
+        command = pipeline["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]["command"]
+        assert max(len(part.encode()) for part in command) < 128 * 1024
+        start = next(i for i, part in enumerate(command) if "ephemeral_component.py" in part)
+        assert len(command) - start > 2  # the wheel's source did need splitting
+        # KFP's program as it runs in the pod, with the executor replaced by a copy of what it would load
+        executor = 'executor() { cp "$2" out.py; echo "$@"; }\n_KFP_RUNTIME=true executor'
+        program = command[start].replace("_KFP_RUNTIME=true python3 -m kfp.dsl.executor_main", executor)
+        result = subprocess.run(["sh", "-ec", program, *command[start + 1 :], "--executor_input", "{}"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[-2:] == ["--executor_input", "{}"]  # the executor's own arguments follow
+        assert (tmp_path / "out.py").read_text() == _source(pipeline, stage)
+        assert "install_lora_pipeline" in (tmp_path / "out.py").read_text()
 
 
 def test_embedded_wheel_is_this_checkouts_code_and_pip_accepts_it(default_yaml, tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ def _build_component(stage: str, config: Config | None, options: BuildOptions) -
             dsl.TaskConfigPassthrough(field=getattr(dsl.TaskConfigField, name), apply_to_task=True)
             for name in _PASSTHROUGHS
         ]
-    return dsl.component(
+    component = dsl.component(
         function,
         base_image=options.image,
         packages_to_install=[options.package_spec] if options.package_spec and not embed else None,
@@ -141,6 +141,31 @@ def _build_component(stage: str, config: Config | None, options: BuildOptions) -
         additional_funcs=[install_lora_pipeline] if embed else None,
         embedded_artifact_path=options.embedded or None,
     )
+    _split_source(component.component_spec.implementation.container)
+    return component
+
+
+# Linux refuses to exec an argument longer than 128 KiB (MAX_ARG_STRLEN, E2BIG), and KFP passes a component's
+# whole source, embedded wheel included, as one argument of `sh -ec PROGRAM SOURCE`. Longer sources go as
+# several arguments that the program concatenates back (the whole command line may hold megabytes).
+MAX_ARGUMENT = 96 * 1024
+_WRITE_SOURCE = 'printf "%s" "$0" > "$program_path/ephemeral_component.py"'
+
+
+def _split_source(container: Any) -> None:
+    """Rewrite the container command in place so that no argument exceeds MAX_ARGUMENT bytes."""
+    command, source = container.command[:-1], container.command[-1]
+    if len(source.encode()) <= MAX_ARGUMENT:
+        return
+    if _WRITE_SOURCE not in command[-1]:  # a KFP release that writes its program differently
+        raise RuntimeError("kfp's component command changed: cannot split the embedded wheel's source")
+    step = MAX_ARGUMENT if source.isascii() else MAX_ARGUMENT // 4  # UTF-8: at most 4 bytes a character
+    parts = [source[i : i + step] for i in range(0, len(source), step)]
+    positional = " ".join(f'"${i}"' if i < 10 else f'"${{{i}}}"' for i in range(len(parts)))
+    program = command[-1].replace(
+        _WRITE_SOURCE, f'printf "%s" {positional} > "$program_path/ephemeral_component.py"\nshift {len(parts) - 1}'
+    )
+    container.command = [*command[:-1], program, *parts]
 
 
 def _define(name: str, source: str) -> Any:
