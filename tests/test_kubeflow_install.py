@@ -103,7 +103,8 @@ def test_embedded_wheel_is_this_checkouts_code_and_pip_accepts_it(default_yaml, 
             arc = module.relative_to(src).as_posix()
             assert arc in names, arc
             assert whl.read(arc) == module.read_bytes(), arc
-    # The component's own bootstrap, run as KFP runs it: pip checks the wheel (RECORD hashes, metadata).
+    _check_record(lzma.decompress(packed[1]))
+    # The component's own bootstrap, run as KFP runs it: pip reads the wheel and its metadata.
     asset = tmp_path / packed[0]
     asset.write_bytes(packed[1])
     namespace = {"__KFP_EMBEDDED_ASSET_FILE": str(asset), "__builtins__": __builtins__}
@@ -237,3 +238,44 @@ def test_task_config_env_and_volumes_apply_to_the_training_task(default_yaml) ->
     assert {"ENV", "KUBERNETES_VOLUMES", "RESOURCES"} <= applied
     inputs = default_yaml[0]["components"]["comp-train-model"]["inputDefinitions"]["parameters"]
     assert inputs["kubernetes_config"]["parameterType"] == "TASK_CONFIG"
+
+
+def test_installed_distribution_repacks_to_the_same_wheel(tmp_path: Path) -> None:
+    """Without a checkout (installed from a wheel), compile embeds a wheel of the installed files."""
+    import importlib.metadata
+
+    from lora_pipeline.kubeflow.wheel import _repack_installed
+
+    built = tmp_path / "w"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(built), str(Path(__file__).resolve().parents[1])], check=True, timeout=300)  # fmt: skip
+    (wheel,) = built.glob("*.whl")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target",
+                    str(target), str(wheel)], check=True, timeout=300)  # fmt: skip
+    (info,) = target.glob("lora_pipeline-*.dist-info")
+    (tmp_path / "out").mkdir()
+    repacked = _repack_installed(tmp_path / "out", importlib.metadata.PathDistribution(info))
+    with zipfile.ZipFile(wheel) as a, zipfile.ZipFile(repacked) as b:
+        skip = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")
+        original = {n: a.read(n) for n in a.namelist() if not n.endswith(skip)}
+        assert {n: b.read(n) for n in b.namelist() if not n.endswith(skip)} == original
+    _check_record(repacked.read_bytes())
+    # pip accepts it
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "-q",
+                    str(repacked)], check=True, timeout=300)  # fmt: skip
+
+
+def _check_record(wheel: bytes) -> None:
+    """Every file of the wheel is listed in its RECORD with its sha256 and size, and nothing else is."""
+    import hashlib
+
+    with zipfile.ZipFile(io.BytesIO(wheel)) as whl:
+        (record,) = [n for n in whl.namelist() if n.endswith(".dist-info/RECORD")]
+        rows = {row.split(",")[0]: row.split(",")[1:] for row in whl.read(record).decode().splitlines()}
+        assert set(rows) == set(whl.namelist())
+        for name, (digest, size) in rows.items():
+            if name != record:
+                data = whl.read(name)
+                expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                assert (digest, size) == (f"sha256={expected}", str(len(data))), name

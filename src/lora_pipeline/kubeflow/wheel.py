@@ -100,9 +100,9 @@ def _has_setuptools() -> bool:
     return True
 
 
-def _repack_installed(dest: Path) -> Path:
+def _repack_installed(dest: Path, dist: importlib.metadata.Distribution | None = None) -> Path:
     """A wheel of the installed distribution: its files under site-packages and a fresh RECORD."""
-    dist = importlib.metadata.distribution("lora-pipeline")
+    dist = dist or importlib.metadata.distribution("lora-pipeline")
     files = [f for f in dist.files or [] if not str(f).startswith("..") and not str(f).endswith(".pyc")]
     info = next((str(f).split("/")[0] for f in files if str(f).endswith(".dist-info/METADATA")), None)
     if info is None or not any(str(f).startswith("lora_pipeline/") for f in files):
