@@ -220,6 +220,13 @@ def test_workspace_pvc_is_explicit(default_yaml, tmp_path: Path) -> None:
     }
 
 
+def test_multi_node_default_asks_for_read_write_many(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _compile(tmp_path, "--train.num_workers", "2")
+    assert "--workspace-access-mode ReadWriteMany" in capsys.readouterr().out
+    _compile(tmp_path, "--train.num_workers", "2", "--workspace-access-mode", "ReadWriteMany")
+    assert "ReadWriteMany" not in capsys.readouterr().out
+
+
 def _workspace(platform: dict) -> dict:
     return platform["platforms"]["kubernetes"]["pipelineConfig"]["workspace"]
 

@@ -217,6 +217,9 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
     print(f"compiled: {path} ({path.stat().st_size / 1024:.0f} KiB)")
     if not args.component and args.workspace_size and not args.workspace_storage_class:
         print("workspace: the cluster's default StorageClass (--workspace-storage-class NAME to choose one)")
+    if not args.component and config.train.num_workers > 1 and args.workspace_access_mode != "ReadWriteMany":
+        print(f"note: train.num_workers {config.train.num_workers} shares the workspace between nodes: "
+              "--workspace-access-mode ReadWriteMany")  # fmt: skip
     return 0
 
 
