@@ -18,19 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline import __version__
 from lora_pipeline.config import Config
 from lora_pipeline.kubeflow.parameters import component_parameters, fixed_values
 from lora_pipeline.kubeflow.runtime import ARTIFACTS
-from lora_pipeline.kubeflow.wheel import EXTRA, embedded_wheel, install_lora_pipeline, pip_options
+from lora_pipeline.kubeflow.wheel import embedded_wheel, install_lora_pipeline, pip_options
 from lora_pipeline.stages import BY_NAME
 
 # Python 3.11 with CUDA torch already installed, so `pip install lora-pipeline` adds only the pure-Python rest.
 DEFAULT_IMAGE = "pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime"
 # `--package-spec` default: embed this project's wheel; each pod installs it and its dependencies (wheel.py).
 EMBED = "embed"
-# A spec naming this release, for an index that has it (e.g. a private mirror the wheel was uploaded to).
-RELEASE_SPEC = f"lora-pipeline[{EXTRA}]=={__version__}"
 DEFAULT_PACKAGE_SPEC = EMBED
 
 FUNCTION_NAMES = {

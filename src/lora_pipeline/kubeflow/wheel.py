@@ -23,14 +23,12 @@ from pathlib import Path
 
 from lora_pipeline.errors import ConfigError
 
-# The extra every pod installs: kfp (already there, at the compiling SDK's version), model-registry, kubeflow.
-EXTRA = "kubeflow"
-
 
 def install_lora_pipeline(pip_options: list) -> None:
     """Install the wheel KFP extracted from this component, with its dependencies, before lora_pipeline loads.
 
-    pip keeps what the image already satisfies (torch in a CUDA image): only missing requirements install.
+    The `kubeflow` extra: kfp (already there, at the compiling SDK's version), kfp-kubernetes, model-registry,
+    kubeflow. pip keeps what the image already satisfies (torch in a CUDA image): only missing ones install.
     """
     import importlib
     import lzma
