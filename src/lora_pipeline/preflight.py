@@ -38,6 +38,10 @@ def preflight(
 
             fingerprint = sources.fingerprint(config.dataset.data_uri)
     if "train" in stages:
+        from lora_pipeline.train_options import check_train_options
+
+        # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
+        check_train_options(config.train, config.dataset.data_split < 1.0 if "dataset" in stages else None)
         check_model(config.train.model)
         check_model_fits(config)
         if config.train.data_output_dir:

@@ -1,0 +1,194 @@
+"""Issue 22's knobs: max_steps, gradient checkpointing, weight_decay, eval_steps, keep-best, early stopping and
+experiment trackers, each shown to take effect on a tiny demo training run."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import train_config
+from safetensors.torch import load_file
+
+from lora_pipeline.config import DatasetConfig, TrainConfig
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.stages.dataset import prepare_dataset
+from lora_pipeline.stages.train import train_adapter
+from lora_pipeline.train_options import check_train_options, trackers
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def dataset(demo_assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ds") / "dataset"  # 72 train rows (9 steps of 8), 24 eval rows
+    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), out)
+
+
+def train(demo_assets, dataset: Path, out: Path, **overrides) -> dict:
+    return read_json(train_adapter(train_config(demo_assets.model_dir, **overrides), dataset, out) / "metrics.json")
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("max_steps", [4, 12])  # within the first epoch; past it (epochs=1 is overridden)
+def test_max_steps_ends_the_run_after_exactly_n_steps(demo_assets, dataset, tmp_path, max_steps) -> None:
+    metrics = train(demo_assets, dataset, tmp_path / "t", max_steps=max_steps)
+    assert metrics["steps"] == max_steps
+    assert max(h["step"] for h in metrics["history"]) == max_steps
+
+
+@pytest.mark.integration
+def test_gradient_checkpointing_is_on_in_the_model_and_leaves_the_loss(demo_assets, dataset, tmp_path) -> None:
+    on = train(demo_assets, dataset, tmp_path / "on", gradient_checkpointing="true", max_steps=4)
+    off = train(demo_assets, dataset, tmp_path / "off", gradient_checkpointing="false", max_steps=4)
+    assert on["gradient_checkpointing"]["applied"] is True  # read back from the model
+    assert off["gradient_checkpointing"]["applied"] is False
+    losses = [[h["loss"] for h in m["history"] if "loss" in h] for m in (on, off)]
+    assert len(losses[0]) == 4
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+@pytest.mark.integration
+def test_weight_decay_reaches_the_optimizer_and_changes_the_weights(demo_assets, dataset, tmp_path) -> None:
+    decayed = train(demo_assets, dataset, tmp_path / "wd", weight_decay=0.5, max_steps=3)
+    plain = train(demo_assets, dataset, tmp_path / "no", weight_decay=0.0, max_steps=3)
+    assert 0.5 in decayed["weight_decay"] and plain["weight_decay"] == [0.0]
+    a, b = adapter(tmp_path / "wd"), adapter(tmp_path / "no")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_eval_steps_evaluates_every_n_steps(demo_assets, dataset, tmp_path) -> None:
+    metrics = train(demo_assets, dataset, tmp_path / "t", eval_steps=3)
+    assert [h["step"] for h in metrics["history"] if "eval_loss" in h] == [3, 6, 9]
+
+
+@pytest.mark.integration
+def test_keep_best_and_early_stopping(demo_assets, dataset, tmp_path) -> None:
+    # A constant, too-high learning rate: the eval loss falls, then rises, so the best is not the last.
+    knobs = dict(lr_scheduler="constant", learning_rate=8e-3)
+    metrics = train(
+        demo_assets, dataset, tmp_path / "best", eval_steps=1, load_best_model_at_end=True, early_stopping_patience=2,
+        **knobs,
+    )
+    evals = [(h["step"], h["eval_loss"]) for h in metrics["history"] if "eval_loss" in h]
+    best = min(evals, key=lambda e: e[1])
+    assert best[0] < evals[-1][0], "the setup must make the last evaluation worse than the best"
+    assert metrics["stopped_early"] and metrics["steps"] == best[0] + 2 < 9  # 2 evaluations without improvement
+    assert metrics["best"] == {"step": best[0], "eval_loss": best[1]} and metrics["eval_loss"] == best[1]
+    # The written adapter is the one of the best step: the same run stopped there (constant LR: same trajectory).
+    train(demo_assets, dataset, tmp_path / "ref", max_steps=best[0], **knobs)
+    saved, ref = adapter(tmp_path / "best"), adapter(tmp_path / "ref")
+    assert saved.keys() == ref.keys()
+    assert all(torch.allclose(saved[k], ref[k], atol=1e-6) for k in saved)
+
+
+@pytest.mark.parametrize("name", ["load_best_model_at_end", "early_stopping_patience", "eval_steps"])
+def test_eval_knobs_without_eval_rows_refused(name) -> None:
+    cfg = TrainConfig(**{name: True if name == "load_best_model_at_end" else 2})
+    with pytest.raises(ConfigError) as err:
+        check_train_options(cfg, has_eval_rows=False)
+    assert err.value.field == f"train.{name}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(["none"], []), ([], []), (["tensorboard,wandb"], ["tensorboard", "wandb"]), (["MLflow", "mlflow"], ["mlflow"])],
+)
+def test_report_to_names(value, expected) -> None:
+    assert trackers(TrainConfig(report_to=value)) == expected
+
+
+@pytest.mark.parametrize("value", [["comet"], ["none", "wandb"]])
+def test_report_to_bad_names_refused(value) -> None:
+    with pytest.raises(ConfigError) as err:
+        trackers(TrainConfig(report_to=value))
+    assert err.value.field == "train.report_to"
+
+
+def test_missing_tracker_package_named(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install wandb") as err:
+        trackers(TrainConfig(report_to=["wandb"]))
+    assert err.value.field == "train.report_to"
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """Scalars of `tag` by step, read from the TFRecord event files (length, crc, event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in log_dir.rglob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.tag == tag:
+                    out[event.step] = value.simple_value
+    return out
+
+
+def logged_losses(metrics: dict) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in metrics["history"] if "loss" in h}
+
+
+@pytest.mark.integration
+def test_tensorboard_event_files_hold_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("tensorboardX")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["tensorboard"], max_steps=3)
+    assert metrics["trackers"] == ["tensorboard"]
+    logged = tensorboard_scalars(tmp_path / "t" / "logs", "train/loss")
+    assert logged == pytest.approx(logged_losses(metrics), rel=1e-6)  # float32 in the event file
+
+
+@pytest.mark.integration
+def test_mlflow_store_holds_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "knobs")
+    monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "0")
+    metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["mlflow"], max_steps=3, env_vars="API_KEY=s3cr3t")
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("knobs").experiment_id])
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert logged == pytest.approx(logged_losses(metrics), rel=1e-9)
+    assert "s3cr3t" not in json.dumps(run.data.params) and "s3cr3t" not in json.dumps(metrics)
+
+
+@pytest.mark.integration
+def test_wandb_offline_run_holds_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # set in the environment: must reach no artifact
+    metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["wandb"], max_steps=3)
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    store, logged = DataStore(), {}
+    store.open_for_scan(str(path))
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            if "train/loss" in items:
+                logged[items["train/global_step"]] = items["train/loss"]
+    assert logged == pytest.approx(logged_losses(metrics), rel=1e-9)
+    assert "k" * 40 not in (tmp_path / "t" / "metrics.json").read_text()
