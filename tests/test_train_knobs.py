@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_config
 from safetensors.torch import load_file
 
+from helpers import train_config
 from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.stages.dataset import prepare_dataset
@@ -76,7 +76,12 @@ def test_keep_best_and_early_stopping(demo_assets, dataset, tmp_path) -> None:
     # A constant, too-high learning rate: the eval loss falls, then rises, so the best is not the last.
     knobs = dict(lr_scheduler="constant", learning_rate=8e-3)
     metrics = train(
-        demo_assets, dataset, tmp_path / "best", eval_steps=1, load_best_model_at_end=True, early_stopping_patience=2,
+        demo_assets,
+        dataset,
+        tmp_path / "best",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        early_stopping_patience=2,
         **knobs,
     )
     evals = [(h["step"], h["eval_loss"]) for h in metrics["history"] if "eval_loss" in h]
@@ -170,25 +175,44 @@ def test_mlflow_store_holds_the_losses(demo_assets, dataset, tmp_path, monkeypat
     assert "s3cr3t" not in json.dumps(run.data.params) and "s3cr3t" not in json.dumps(metrics)
 
 
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B offline run file: a 7-byte file header, then LevelDB's log format (32 KiB blocks of
+    chunks, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle / 4 last)."""
+    data, pos, parts, records = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or kind == 0:  # the rest of a block is padding
+            pos += left
+            continue
+        parts = (b"" if kind in (1, 2) else parts) + data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(parts)
+    return records
+
+
 @pytest.mark.integration
 def test_wandb_offline_run_holds_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore
 
     for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # set in the environment: must reach no artifact
-    metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["wandb"], max_steps=3)
+    try:
+        metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["wandb"], max_steps=3)
+    finally:
+        wandb.finish()  # the run stays open for the caller to log more; the CLI's exit finishes it
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    store, logged = DataStore(), {}
-    store.open_for_scan(str(path))
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    logged = {}
+    for data in wandb_records(path):
+        record = wandb_internal_pb2.Record.FromString(data)
         if record.WhichOneof("record_type") == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             if "train/loss" in items:
                 logged[items["train/global_step"]] = items["train/loss"]
     assert logged == pytest.approx(logged_losses(metrics), rel=1e-9)
     assert "k" * 40 not in (tmp_path / "t" / "metrics.json").read_text()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"k" * 40 in p.read_bytes()]

@@ -139,7 +139,7 @@ def make_best_callback(cfg: TrainConfig, work: Path) -> Any:
                 save_best(model, work, best)
             since = len(evals) - 1 - evals.index(best)
             if cfg.early_stopping_patience and since >= cfg.early_stopping_patience:
-                log.info("train: early stopping: %d evaluations without a lower eval loss than step %d's", since, best[0])
+                log.info("train: early stop: %d evaluations not below step %d's eval loss", since, best[0])
                 control.should_training_stop = True
                 self.stopped_early = True
             return control
@@ -181,4 +181,3 @@ def restore_best(model: Any, work: Path, history: list[dict]) -> dict[str, Any] 
             if name in saved:
                 param.copy_(saved[name].to(param.device, param.dtype))
     return {"step": best[0], "eval_loss": best[1]}
-

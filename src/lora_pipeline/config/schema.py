@@ -217,7 +217,7 @@ class TrainConfig:
         0, "Evaluate on the eval split every N optimizer steps (0 = at the end of each epoch)", min=0
     )
     load_best_model_at_end: bool = param(
-        False, "Keep best: write the adapter of the evaluation with the lowest eval loss, not the last (needs eval rows)"
+        False, "Keep best: write the adapter of the evaluation with the lowest eval loss, not the last (needs eval)"
     )
     early_stopping_patience: int = param(
         0, "Stop training after N evaluations without a lower eval loss (0 = off; needs eval rows)", min=0

@@ -297,7 +297,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         for name in ("eval.jsonl", "dataset.json"):
             if (dataset_dir / name).exists():
                 shutil.copy(dataset_dir / name, tmp / name)
-        target_tokens = round(sum(sum(t != -100 for t in r["labels"]) for r in train_rows) * total_steps / steps_per_epoch)
+        targets_per_epoch = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
+        target_tokens = round(targets_per_epoch * total_steps / steps_per_epoch)
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         write_json_atomic(
             {
