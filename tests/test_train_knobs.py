@@ -216,3 +216,35 @@ def test_wandb_offline_run_holds_the_losses(demo_assets, dataset, tmp_path, monk
     assert logged == pytest.approx(logged_losses(metrics), rel=1e-9)
     assert "k" * 40 not in (tmp_path / "t" / "metrics.json").read_text()
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"k" * 40 in p.read_bytes()]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        "WANDB_API_KEY=abc123xyz",
+        "MLFLOW_TRACKING_PASSWORD=abcdefg",
+        "MLFLOW_TRACKING_TOKEN=abcdefgh",
+        "MLFLOW_TRACKING_URI=https://user:pw12345@mlflow.example/",
+    ],
+)
+def test_tracker_secrets_reach_a_cluster_only_as_kubernetes_secrets(env) -> None:
+    import argparse
+
+    from lora_pipeline.config import Config
+    from lora_pipeline.kubeflow.secret_values import refuse_secret_values
+    from lora_pipeline.redaction import redact_env_vars
+
+    with pytest.raises(ConfigError, match="--secret-env") as err:
+        refuse_secret_values(Config(train=TrainConfig(env_vars=env)), argparse.Namespace())
+    assert err.value.field == "train.env_vars"
+    assert env.split("=", 1)[1] not in redact_env_vars(env)  # what run records hold
+
+
+@pytest.mark.parametrize("env", ["WANDB_MODE=offline", "MLFLOW_TRACKING_URI=https://mlflow.example/"])
+def test_tracker_settings_without_secrets_compile(env) -> None:
+    import argparse
+
+    from lora_pipeline.config import Config
+    from lora_pipeline.kubeflow.secret_values import refuse_secret_values
+
+    refuse_secret_values(Config(train=TrainConfig(env_vars=env)), argparse.Namespace())

@@ -206,35 +206,16 @@ class TrainConfig:
         min=0.0,
         cache=False,
     )
-    max_steps: int = param(
-        0,
-        "Stop after N optimizer steps (0 or -1 = off: epochs decide); overrides epochs, more steps than "
-        "epochs x steps per epoch run further epochs",
-        min=-1,
-    )
-    weight_decay: float = param(0.0, "AdamW weight decay on the LoRA weights (biases and norms excluded)", min=0.0)
-    eval_steps: int = param(
-        0, "Evaluate on the eval split every N optimizer steps (0 = at the end of each epoch)", min=0
-    )
-    load_best_model_at_end: bool = param(
-        False, "Keep best: write the adapter of the evaluation with the lowest eval loss, not the last (needs eval)"
-    )
-    early_stopping_patience: int = param(
-        0, "Stop training after N evaluations without a lower eval loss (0 = off; needs eval rows)", min=0
-    )
+    max_steps: int = param(0, "Stop after N optimizer steps, overriding epochs (0 = off)", min=-1)
+    weight_decay: float = param(0.0, "AdamW weight decay (biases, norms excluded)", min=0.0)
+    eval_steps: int = param(0, "Evaluate every N steps (0 = at each epoch's end)", min=0)
+    load_best_model_at_end: bool = param(False, "Write the lowest-eval-loss adapter, not the last")
+    early_stopping_patience: int = param(0, "Stop after N evals without a lower eval loss (0 = off)", min=0)
     gradient_checkpointing: str = param(
-        "auto",
-        "Recompute activations in the backward pass to save memory: auto (on with CUDA when activations are at "
-        "least a third of the estimated peak, off on CPU), true, false",
-        group="batching",
-        choices=("auto", "true", "false"),
+        "auto", "Recompute activations: auto (CUDA, if it saves memory), true, false", choices=("auto", "true", "false")
     )
     report_to: list[str] = param(
-        ["none"],
-        "Experiment trackers, comma-separated: tensorboard (event files in the train output's logs/), mlflow "
-        "(MLFLOW_TRACKING_URI), wandb (WANDB_* variables; WANDB_MODE=offline works offline), none",
-        group="resources",
-        cache=False,
+        ["none"], "Trackers: tensorboard, mlflow, wandb or none", group="resources", cache=False
     )
     use_liger: bool = param(
         True,
