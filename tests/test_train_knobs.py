@@ -248,3 +248,40 @@ def test_tracker_settings_without_secrets_compile(env) -> None:
     from lora_pipeline.kubeflow.secret_values import refuse_secret_values
 
     refuse_secret_values(Config(train=TrainConfig(env_vars=env)), argparse.Namespace())
+
+
+@pytest.mark.integration
+def test_keep_best_and_early_stopping_survive_a_resume(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+    import lora_pipeline.stages.train as train_stage
+    from lora_pipeline.train_options import make_best_callback
+
+    knobs = dict(
+        lr_scheduler="constant", learning_rate=8e-3, eval_steps=1, load_best_model_at_end=True,
+        early_stopping_patience=2, checkpoint_steps=3, checkpoint_minutes=0.0,
+    )  # fmt: skip
+    straight = train(demo_assets, dataset, tmp_path / "straight", **knobs)
+
+    def interrupting(cfg, work):
+        callback = make_best_callback(cfg, work)
+        real = callback.on_step_end
+
+        def on_step_end(args, state, control, **kwargs):
+            if state.global_step == 4:  # after checkpoint-3 and the best evaluation (step 2) were saved
+                raise KeyboardInterrupt
+            return real(args, state, control, **kwargs)
+
+        callback.on_step_end = on_step_end
+        return callback
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(train_stage, "make_best_callback", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_assets, dataset, out, **knobs)
+    monkeypatch.setattr(train_stage, "make_best_callback", make_best_callback)
+    resumed = train(demo_assets, dataset, out, **knobs)
+    assert resumed["resumed_from_step"] == 3
+    assert (resumed["best"]["step"], resumed["steps"], resumed["stopped_early"]) == (
+        straight["best"]["step"], straight["steps"], True,
+    )  # fmt: skip
+    a, b = adapter(tmp_path / "straight"), adapter(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
