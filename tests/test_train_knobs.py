@@ -285,3 +285,21 @@ def test_keep_best_and_early_stopping_survive_a_resume(demo_assets, dataset, tmp
     )  # fmt: skip
     a, b = adapter(tmp_path / "straight"), adapter(out)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        (["--train.report_to", "comet"], "train.report_to"),
+        (["--train.early_stopping_patience", "2", "--dataset.data_split", "1.0"], "train.early_stopping_patience"),
+        (["--train.load_best_model_at_end", "true", "--dataset.data_split", "1.0"], "train.load_best_model_at_end"),
+    ],
+)
+def test_cli_refuses_in_preflight_with_one_line(demo_assets, tmp_path, capsys, flags, field) -> None:
+    from lora_pipeline.cli import main
+
+    argv = ["run", "-o", str(tmp_path / "run"), "--dataset.data_uri", str(demo_assets.data_file)]
+    assert main([*argv, "--train.model", str(demo_assets.model_dir), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "run" / "train").exists()
