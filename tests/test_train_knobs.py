@@ -303,3 +303,18 @@ def test_cli_refuses_in_preflight_with_one_line(demo_assets, tmp_path, capsys, f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "run" / "train").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(True, "true"), (False, "false"), ("auto", "auto"), ("TRUE", None), (1, None)]
+)
+def test_gradient_checkpointing_from_yaml(value, expected) -> None:
+    from lora_pipeline.config.loading import from_dict, validate
+
+    if expected is None:
+        with pytest.raises(ConfigError) as err:
+            validate(from_dict({"train": {"gradient_checkpointing": value}}))
+        assert err.value.field == "train.gradient_checkpointing"
+    else:
+        config = validate(from_dict({"train": {"gradient_checkpointing": value}}))
+        assert config.train.gradient_checkpointing == expected

@@ -157,10 +157,18 @@ def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config
             if key not in known:
                 hint = _closest(key, known)
                 raise ConfigError("unknown option" + (f" (did you mean {hint}?)" if hint else ""), field=name)
-            value = coerce(value, field_type(section_name, key), name)
+            value = coerce(_bool_choice(section_name, key, value), field_type(section_name, key), name)
             setattr(section, key, _as_secret(value) if _is_secret_field(section_name, key) else value)
         setattr(config, section_name, section)
     return config
+
+
+def _bool_choice(section: str, key: str, value: Any) -> Any:
+    """YAML's `true`/`false` for a text option whose choices include them (auto|true|false): their text."""
+    choices = next(f.metadata.get("choices") for f in fields_of(section) if f.name == key) or ()
+    if isinstance(value, bool) and {"true", "false"} <= set(choices):
+        return str(value).lower()
+    return value
 
 
 def _is_secret_field(section: str, key: str) -> bool:
