@@ -318,3 +318,20 @@ def test_gradient_checkpointing_from_yaml(value, expected) -> None:
     else:
         config = validate(from_dict({"train": {"gradient_checkpointing": value}}))
         assert config.train.gradient_checkpointing == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "cuda", "activations", "applied"),
+    [
+        ("auto", False, 900, False),  # CPU: off, whatever the estimate
+        ("auto", True, 900, True),  # activations 90% of the peak
+        ("auto", True, 100, False),  # 10%: recomputing would cost time for little memory
+        ("true", False, 100, True),
+        ("false", True, 900, False),
+    ],
+)
+def test_gradient_checkpointing_choice(setting, cuda, activations, applied) -> None:
+    from lora_pipeline.train_options import use_checkpointing
+
+    estimate = {"activations": activations, "total": 1000}
+    assert use_checkpointing(TrainConfig(gradient_checkpointing=setting), cuda, estimate)["applied"] is applied
