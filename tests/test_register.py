@@ -3,6 +3,7 @@ registry's idempotence and its refusal to overwrite, and the artifact URI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def make_run(root: Path) -> Path:
             }
         )
     )
+    # Weights that differ per run directory: two runs are two contents, as two trainings would be.
+    (adapter / "adapter_model.safetensors").write_bytes(f"weights of {root.resolve()}".encode())
     metrics = {"train_loss": 0.5, "final_loss": 0.4, "eval_loss": 0.6, "epochs": 2, "steps": 20, "quantization": None}
     (root / "train" / "metrics.json").write_text(json.dumps(metrics))
     (root / "dataset").mkdir()
@@ -48,6 +51,16 @@ def make_run(root: Path) -> Path:
     comparison[0]["delta"] = 0.7
     (root / "eval" / "eval_results.json").write_text(json.dumps({"comparison": comparison}))
     return root
+
+
+def digest_of(root: Path) -> str:
+    """The content digest, computed here independently of the registry's code: sorted relative paths and
+    each file's sha256."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest() + b"\n")
+    return h.hexdigest()
 
 
 @pytest.fixture
@@ -65,7 +78,9 @@ def test_empty_address_skips_and_records_the_lineage(run_dir: Path) -> None:
     assert (record["status"], record["registry_kind"]) == ("skipped", "none")
     assert (record["model_name"], record["version"], record["author"]) == ("lora-model", "1.0.0", "pipeline")
     assert record["uri"] == str((run_dir / "train" / "adapter").resolve())
+    assert record["artifact_sha256"] == digest_of(run_dir / "train" / "adapter")
     assert record["metadata"] == {
+        "artifact_sha256": record["artifact_sha256"],
         "base_model": "/models/base",
         "dataset_uri": "https://example.org/chat.jsonl?<redacted>",
         "dataset_sha256": SHA,
@@ -116,7 +131,7 @@ def test_local_new_version_joins_the_model_and_another_artifact_is_refused(run_d
     second = register(other, address="local", path=str(db), version="1.1.0")
     assert second["registered_model_id"] == first["registered_model_id"]
     assert second["model_version_id"] != first["model_version_id"]
-    with pytest.raises(RegistryError, match="already registered with another artifact") as err:
+    with pytest.raises(RegistryError, match="1.0.0 already exists with other content") as err:
         register(other, address="local", path=str(db))  # 1.0.0 holds run_dir's adapter
     assert err.value.field == "registry.version"
     assert [r["uri"] for r in LocalRegistry(db).versions()] == [first["uri"], second["uri"]]  # nothing overwritten
@@ -132,12 +147,11 @@ def test_registry_path_from_environment(run_dir: Path, tmp_path: Path, monkeypat
     assert record["registry"] == str(tmp_path / "home" / "registry.db")
 
 
-def test_without_eval_or_dataset_the_version_still_registers(tmp_path: Path) -> None:
+def test_without_eval_or_dataset_the_version_still_registers_when_allowed(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run")
     (run_dir / "dataset" / "dataset.json").unlink()
-    out = register_adapter(
-        RegistryConfig(address="local", path=str(tmp_path / "r.db")), run_dir / "train", None, tmp_path / "reg"
-    )
+    cfg = RegistryConfig(address="local", path=str(tmp_path / "r.db"), allow_no_eval=True)
+    out = register_adapter(cfg, run_dir / "train", None, tmp_path / "reg")
     meta = read_json(out / "registration.json")["metadata"]
     assert "dataset_sha256" not in meta and not any(k.startswith("eval.") for k in meta)
     assert meta["base_model"] == "/models/base"

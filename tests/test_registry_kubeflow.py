@@ -87,7 +87,7 @@ def test_duplicate_version_same_artifact_is_a_no_op_and_another_is_refused(tmp_p
     assert again["model_version_id"] == first["model_version_id"]
     posts = [path for method, path in server.requests if method == "POST"]
     assert len(posts) == 3  # model, version, artifact: all from the first registration
-    with pytest.raises(RegistryError, match="already registered .* with another artifact") as err:
+    with pytest.raises(RegistryError, match="1.0.0 already exists at .* with other content") as err:
         register(make_run(tmp_path / "other"), server)
     assert err.value.field == "registry.version"
     assert [a["uri"] for a in server.artifacts.values()] == [first["uri"]]  # nothing overwritten

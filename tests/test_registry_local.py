@@ -13,7 +13,7 @@ from lora_pipeline.config import Config, RegistryConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.preflight import preflight
 from lora_pipeline.stages.register import register_adapter
-from test_register import make_run
+from test_register import digest_of, make_run
 
 
 @pytest.fixture
@@ -41,7 +41,8 @@ def test_models_show_lineage(db: Path, tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert out.startswith("topic 1.1.0")
     for text in (
-        str((tmp_path / "b" / "train" / "adapter").resolve()),
+        str(tmp_path / "blobs" / "sha256" / digest_of(tmp_path / "b" / "train" / "adapter")),  # the registry's copy
+        f"sha256 {digest_of(tmp_path / 'b' / 'train' / 'adapter')}  OK",
         "/models/base",
         "https://example.org/chat.jsonl?<redacted>",
         "ab" * 32,
@@ -52,7 +53,8 @@ def test_models_show_lineage(db: Path, tmp_path: Path, capsys: pytest.CaptureFix
     ):
         assert text in out, text
     assert main(["models", "--path", str(db), "show", "topic", "1.0.0"]) == 0
-    assert str((tmp_path / "a" / "train" / "adapter").resolve()) in capsys.readouterr().out
+    copy = tmp_path / "blobs" / "sha256" / digest_of(tmp_path / "a" / "train" / "adapter")
+    assert str(copy) in capsys.readouterr().out
 
 
 def test_models_show_unknown_is_one_line(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,6 +68,7 @@ def test_models_show_unknown_is_one_line(db: Path, tmp_path: Path, capsys: pytes
 def test_preflight_refuses_a_taken_version_before_any_stage(db: Path, tmp_path: Path) -> None:
     config = Config()
     config.registry = RegistryConfig(address="local", path=str(db), model_name="topic", version="1.0.0")
+    config.registry.allow_no_eval = True  # new-run has no eval yet; this test is about the version
     preflight(config, ("register",), tmp_path / "a", "-o")  # the same adapter: registering again is a no-op
     with pytest.raises(ConfigError, match="topic 1.0.0 is already registered") as err:
         preflight(config, ("register",), tmp_path / "new-run", "-o")

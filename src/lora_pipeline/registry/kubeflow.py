@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from lora_pipeline.errors import RegistryError
 from lora_pipeline.registry import Entry, Outcome
+from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class KubeflowRegistry:
         self.author, self._token, self.ca_cert = author, token, ca_cert
 
     def register(self, entry: Entry) -> Outcome:
+        if entry.version == AUTO:
+            raise RegistryError(
+                "auto applies to the local registry: give a version for a Model Registry", field="registry.version"
+            )
         delays = list(RETRY_DELAYS)
         while True:
             try:
@@ -113,10 +118,14 @@ class KubeflowRegistry:
                 )
             )
             status = "registered"
-        if artifact.uri != entry.uri:
+        recorded = (version.custom_properties or {}).get(DIGEST_KEY)
+        if (recorded or status == "exists") and recorded != entry.digest:
+            # "no change" is decided by content: the same URI may hold a retrained adapter by now
+            held = f"sha256 {str(recorded)[:12]}…" if recorded else "no recorded digest"
             raise RegistryError(
-                f"{entry.name} {entry.version} is already registered at {self.where} with another artifact "
-                f"({artifact.uri}); nothing was overwritten: set a new --registry.version",
+                f"{entry.name} {entry.version} already exists at {self.where} with other content ({held}, "
+                f"{artifact.uri}; this adapter sha256 {entry.digest[:12]}…); nothing was overwritten: "
+                "set a new --registry.version",
                 field="registry.version",
             )
         return Outcome(status, str(model.id), str(version.id), str(artifact.id), self.where)
