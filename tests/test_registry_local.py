@@ -70,7 +70,7 @@ def test_preflight_refuses_a_taken_version_before_any_stage(db: Path, tmp_path: 
     config.registry = RegistryConfig(address="local", path=str(db), model_name="topic", version="1.0.0")
     config.registry.allow_no_eval = True  # new-run has no eval yet; this test is about the version
     preflight(config, ("register",), tmp_path / "a", "-o")  # the same adapter: registering again is a no-op
-    with pytest.raises(ConfigError, match="topic 1.0.0 is already registered") as err:
+    with pytest.raises(ConfigError, match="topic 1.0.0 already exists with other content") as err:
         preflight(config, ("register",), tmp_path / "new-run", "-o")
     assert err.value.field == "registry.version"
     config.registry.version = "2.0.0"

@@ -151,7 +151,7 @@ def check_local(cfg: RegistryConfig, adapter: Path | None) -> None:
     recorded = existing["metadata"].get(DIGEST_KEY)
     if not (recorded and adapter.is_dir() and tree_digest(adapter) == recorded):
         raise ConfigError(
-            f"{cfg.model_name} {cfg.version} is already registered in {path} with other content "
-            f"({existing['uri']}): set a new --registry.version, or auto (or --registry.model_name)",
+            f"{cfg.model_name} {cfg.version} already exists with other content than this run's adapter "
+            f"(in {path}): set a new --registry.version, or auto (or --registry.model_name)",
             field="registry.version",
         )
