@@ -114,7 +114,7 @@ class LocalRegistry:
                 "LEFT JOIN model_artifact a ON a.version_id = v.id WHERE v.model_id = ? ORDER BY v.id",
                 (model_id,),
             ).fetchall()
-            digests = {r["name"]: json.loads(r["metadata"]).get(DIGEST_KEY) for r in rows}
+            digests = {r["name"]: _recorded_digest(r["metadata"]) for r in rows}
             version = entry.version
             if version == AUTO:
                 same = [name for name, digest in digests.items() if entry.digest and digest == entry.digest]
@@ -168,6 +168,16 @@ class LocalRegistry:
                 return row
         known = ", ".join(r["version"] for r in found)
         raise RegistryError(f"{name} has no version {version!r} (versions: {known})", field="models")
+
+
+def _recorded_digest(metadata: str) -> str | None:
+    """A version's digest; None for one registered before digests were, or with unreadable metadata
+    (neither can be shown to hold the same content)."""
+    try:
+        value = json.loads(metadata).get(DIGEST_KEY)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _check_same_content(entry: Entry, version: str, digest: str | None) -> None:

@@ -38,13 +38,8 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
     if not (adapter / "adapter_config.json").exists():
         raise StageError(f"no adapter in {adapter}: run the train stage first", field="register")
     registering = kind(cfg) != "none"
-    results = Path(eval_dir) / "eval_results.json" if eval_dir else None
-    if registering and not cfg.allow_no_eval and not (results and results.is_file()):
-        raise StageError(
-            f"no completed eval ({results or 'no eval output'}): run the eval stage first, or set "
-            "--registry.allow_no_eval true to register a version without scores",
-            field="registry.allow_no_eval",
-        )
+    if registering and not cfg.allow_no_eval:
+        _check_eval_results(eval_dir)
     if kind(cfg) == "local":  # the local registry registers its own immutable copy, by content
         uri, digest = LocalRegistry(local_path(cfg)).store(adapter)
     else:
@@ -84,6 +79,18 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
     with atomic_dir(out) as tmp:
         write_json_atomic(record, tmp / "registration.json")
     return out
+
+
+def _check_eval_results(eval_dir: Path | None) -> None:
+    """A version carries its scores: without eval results there are none (a compiled pipeline's register
+    component sees only the eval output, so the file decides here; pre-flight also reads run.json)."""
+    results = Path(eval_dir) / "eval_results.json" if eval_dir else None
+    if not (results and results.is_file()):
+        raise StageError(
+            f"no completed eval ({results or 'no eval output'}): run the eval stage first, or set "
+            "--registry.allow_no_eval true to register a version without scores",
+            field="registry.allow_no_eval",
+        )
 
 
 def artifact_uri(adapter: Path) -> str:
