@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
+import sqlite3
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from lora_pipeline.cli import main
 from lora_pipeline.config import Config, RegistryConfig
 from lora_pipeline.demo import DemoAssets
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.errors import ConfigError, RegistryError
 from lora_pipeline.preflight import preflight
 from lora_pipeline.registry import check_local
 from lora_pipeline.registry.artifacts import next_patch
@@ -195,3 +196,29 @@ def test_auto_is_for_the_local_registry_only(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="auto applies to the local registry") as err:
         check_local(cfg, tmp_path / "train" / "adapter")
     assert err.value.field == "registry.version"
+
+
+def test_the_copy_is_read_only_and_kept_once_per_content(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "reg" / "registry.db")
+    adapter = make_run(tmp_path / "run") / "train" / "adapter"
+    first, digest = registry.store(adapter)
+    again, digest_again = registry.store(adapter)
+    assert (first, digest) == (again, digest_again) == (str(registry.blobs / "sha256" / digest), digest_of(adapter))
+    assert all(not p.stat().st_mode & 0o222 for p in Path(first).rglob("*") if p.is_file())
+    assert sorted(p.name for p in (registry.blobs / "sha256").iterdir()) == [digest]  # no temporary copy left
+
+
+@pytest.mark.parametrize("metadata", ["not json", "[1, 2]", '{"artifact_sha256": 7}', "{}"])
+def test_a_version_whose_digest_cannot_be_read_is_never_the_same_content(tmp_path: Path, metadata: str) -> None:
+    db = tmp_path / "registry.db"
+    run_dir = make_run(tmp_path / "run")
+    register_auto(run_dir, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE model_version SET metadata = ?", (metadata,))
+    conn.close()
+    cfg = RegistryConfig(address="local", path=str(db), model_name="demo-topic", version="1.0.0")
+    with pytest.raises(RegistryError, match="1.0.0 already exists with other content"):
+        register_adapter(cfg, run_dir / "train", run_dir / "eval", tmp_path / "again")
+    cfg.version = "auto"
+    out = register_adapter(cfg, run_dir / "train", run_dir / "eval", tmp_path / "again")
+    assert json.loads((out / "registration.json").read_text())["version"] == "1.0.1"
