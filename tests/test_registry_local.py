@@ -3,6 +3,7 @@ option that never reaches run.json or printed config."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import shutil
@@ -11,13 +12,15 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lora_pipeline.cli import main
 from lora_pipeline.config import Config, RegistryConfig
 from lora_pipeline.demo import DemoAssets
 from lora_pipeline.errors import ConfigError, RegistryError
 from lora_pipeline.preflight import preflight
-from lora_pipeline.registry import check_local
+from lora_pipeline.registry import Entry, check_local
 from lora_pipeline.registry.artifacts import next_patch
 from lora_pipeline.registry.local import LocalRegistry
 from lora_pipeline.stages.register import register_adapter
@@ -222,3 +225,18 @@ def test_a_version_whose_digest_cannot_be_read_is_never_the_same_content(tmp_pat
     cfg.version = "auto"
     out = register_adapter(cfg, run_dir / "train", run_dir / "eval", tmp_path / "again")
     assert json.loads((out / "registration.json").read_text())["version"] == "1.0.1"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contents=st.lists(st.sampled_from("abcde"), min_size=1, max_size=12))
+def test_auto_gives_each_content_one_version_in_order_of_first_registration(
+    tmp_path_factory: pytest.TempPathFactory, contents: list[str]
+) -> None:
+    registry = LocalRegistry(tmp_path_factory.mktemp("auto") / "registry.db")
+    got = [
+        registry.register(Entry("m", "auto", f"/blobs/{c}", digest=hashlib.sha256(c.encode()).hexdigest())).version
+        for c in contents
+    ]
+    firsts = list(dict.fromkeys(contents))
+    assert got == [f"1.0.{firsts.index(c)}" for c in contents]
+    assert [r["version"] for r in registry.versions("m")] == [f"1.0.{i}" for i in range(len(firsts))]

@@ -39,7 +39,15 @@ class Entry:
     format_name: str = "pytorch"
     format_version: str = "1.0"
     metadata: dict[str, Scalar] = field(default_factory=dict)
-    digest: str = ""  # sha256 of the adapter's files (artifacts.tree_digest); also in metadata
+    digest: str = ""  # sha256 of the adapter's files (artifacts.tree_digest)
+
+    def __post_init__(self) -> None:
+        # Both registries keep the digest in the version's metadata: Kubeflow's custom properties have room
+        # for it, and the local file needs no schema change.
+        if self.digest:
+            from lora_pipeline.registry.artifacts import DIGEST_KEY
+
+            self.metadata = {**self.metadata, DIGEST_KEY: self.digest}
 
 
 @dataclass

@@ -52,7 +52,7 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
         description=cfg.description,
         format_name=cfg.format_name,
         format_version=cfg.format_version,
-        metadata={**version_metadata(train_dir, eval_dir), DIGEST_KEY: digest},
+        metadata=version_metadata(train_dir, eval_dir),
         digest=digest,
     )
     record: dict[str, Any] = {
