@@ -21,6 +21,7 @@ from lora_pipeline.registry.artifacts import tree_digest
 from lora_pipeline.registry.commands import show_model
 from lora_pipeline.registry.local import LocalRegistry
 from lora_pipeline.stages.register import artifact_uri, register_adapter
+from lora_pipeline.stages.train import canonical_adapter_config
 
 SHA = "ab" * 32
 
@@ -341,3 +342,26 @@ def test_the_stage_itself_refuses_without_eval_results(run_dir: Path, tmp_path: 
         register(run_dir, address="local", path=str(tmp_path / "r.db"))
     assert err.value.field == "registry.allow_no_eval"
     assert register(run_dir, address="none")["status"] == "skipped"  # nothing registered: no scores needed
+
+
+_MODULES = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.permutations(_MODULES))
+def test_the_same_training_is_the_same_content_whatever_peft_s_set_order(
+    tmp_path_factory: pytest.TempPathFactory, order: list[str]
+) -> None:
+    """PEFT writes target_modules in hash-seed order: the train stage sorts it, so a retrain that gives the
+    same weights is recognised as the same content (and `auto` gives it the same version)."""
+    root = tmp_path_factory.mktemp("adapters")
+    digests = []
+    for name, modules in (("given", order), ("sorted", sorted(_MODULES))):
+        adapter = root / name
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": modules}, indent=2))
+        (adapter / "adapter_model.safetensors").write_bytes(b"same weights")
+        canonical_adapter_config(adapter)
+        assert read_json(adapter / "adapter_config.json") == {"r": 8, "target_modules": sorted(_MODULES)}
+        digests.append(tree_digest(adapter))
+    assert digests[0] == digests[1]
