@@ -204,22 +204,25 @@ def test_vllm_scores_base_and_tuned_on_one_engine(tmp_path: Path, monkeypatch) -
 
 
 @pytest.mark.parametrize(
-    "level, ours, root",
+    "level, ours, libraries",
     [
         ("DEBUG", "DEBUG", "DEBUG"),
-        ("INFO", "INFO", "WARNING"),
+        ("INFO", "INFO", "WARNING"),  # third-party INFO lines (lm-eval's seeds, ...) only at DEBUG
         ("WARNING", "WARNING", "WARNING"),
         ("ERROR", "ERROR", "ERROR"),
     ],
 )
-def test_verbosity_sets_the_runs_log_levels(level: str, ours: str, root: str) -> None:
+def test_verbosity_sets_the_runs_log_levels(level: str, ours: str, libraries: str, monkeypatch) -> None:
     from lora_pipeline.cli import apply_verbosity
 
-    loggers = [logging.getLogger(), logging.getLogger("lora_pipeline"), logging.getLogger("lm_eval")]
+    for name in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)  # DEBUG sets them: undone after the test
+    names = ["", "lm_eval", "transformers", "datasets"]
+    loggers = [logging.getLogger(name) for name in names] + [logging.getLogger("lora_pipeline")]
     before = [lg.level for lg in loggers]
     try:
         apply_verbosity(level)
-        assert [logging.getLevelName(lg.level) for lg in loggers] == [root, ours, ours]
+        assert [logging.getLevelName(lg.level) for lg in loggers] == [libraries] * len(names) + [ours]
     finally:
         for lg, value in zip(loggers, before, strict=True):
             lg.setLevel(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -187,6 +188,35 @@ def test_verbosity_applies_to_the_whole_run(run_dir: Path, tmp_path: Path, verbo
         assert any(" INFO lora_pipeline" in line for line in ours), out.stderr
         assert [line for line in out.stderr.splitlines() if " DEBUG " in line and " lora_pipeline" not in line]
     assert (tmp_path / "eval" / "eval_results.json").exists()
+
+
+@integration
+def test_at_info_third_party_info_lines_are_hidden_and_warnings_kept(
+    run_dir: Path, tmp_path: Path, demo_assets
+) -> None:
+    args = ["--input", f"train={run_dir / 'train'}", "--out", str(tmp_path / "eval"), "--eval.limit", "8"]
+    args += ["--eval.tasks", f"split,{demo_assets.task_name}", "--eval.include_path", str(demo_assets.task_dir)]
+    out = run_cli("eval", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) [\w.]+: ")  # any logger's line
+    log_lines = [line for line in out.stderr.splitlines() if record.match(line)]
+    assert any(" INFO lora_pipeline" in line for line in log_lines), out.stderr
+    assert not [line for line in log_lines if " INFO " in line and " lora_pipeline" not in line], out.stderr
+
+
+@integration
+def test_a_narrower_re_eval_replaces_the_fuller_result_with_one_line(run_dir: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "eval"
+    full = read_json(
+        evaluate_adapter(EvalConfig(tasks=["split"], compare_base=False), run_dir / "train", out) / "eval_results.json"
+    )
+    assert full["scope"] == {"tasks": ["split"], "limit": -1} and "replaced" not in full
+    with caplog.at_level("WARNING", logger="lora_pipeline"):
+        evaluate_adapter(EvalConfig(tasks=["split"], compare_base=False, limit=3), run_dir / "train", out)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith("eval: this narrower eval (limit 3 (was all documents)) replaces the earlier result (split ")
+    quick = read_json(out / "eval_results.json")
+    assert quick["replaced"]["comparison"] == full["comparison"] and quick["replaced"]["scope"] == full["scope"]
 
 
 @pytest.mark.gpu

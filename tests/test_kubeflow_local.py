@@ -72,7 +72,7 @@ def test_kfp_local_run_scores_as_the_plain_run(
     train = json.loads((run_root / "train-model" / "executor_output.json").read_text())
     logged = train["artifacts"]["output_metrics"]["artifacts"][0]["metadata"]
     recorded = json.loads((tmp_path / "run" / "train" / "metrics.json").read_text())
-    assert logged["train_loss"] == pytest.approx(recorded["train_loss"], rel=1e-6)
+    assert logged["mean_loss"] == pytest.approx(recorded["mean_loss"], rel=1e-6)
     assert train["parameterValues"] == {"Output": "training completed"}
     assert (run_root / "train-model" / "output_loss_chart").read_text().lstrip().lower().startswith("<!doctype html")
     evaluated = json.loads((run_root / "evaluate-model" / "executor_output.json").read_text())

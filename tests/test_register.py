@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def make_run(root: Path) -> Path:
     )
     # Weights that differ per run directory: two runs are two contents, as two trainings would be.
     (adapter / "adapter_model.safetensors").write_bytes(f"weights of {root.resolve()}".encode())
-    metrics = {"train_loss": 0.5, "final_loss": 0.4, "eval_loss": 0.6, "epochs": 2, "steps": 20, "quantization": None}
+    metrics = {"mean_loss": 0.5, "final_loss": 0.4, "eval_loss": 0.6, "epochs": 2, "steps": 20, "quantization": None}
     (root / "train" / "metrics.json").write_text(json.dumps(metrics))
     (root / "dataset").mkdir()
     dataset = {"source": "https://example.org/chat.jsonl?<redacted>", "sha256": SHA, "train_rows": 90, "eval_rows": 10}
@@ -100,7 +101,7 @@ def test_empty_address_skips_and_records_the_lineage(run_dir: Path) -> None:
         "use_rslora": False,
         "use_dora": False,
         "lora_target_modules": "q_proj,v_proj",
-        "train_loss": 0.5,
+        "mean_loss": 0.5,
         "final_loss": 0.4,
         "eval_loss": 0.6,
         "epochs": 2,
@@ -188,7 +189,58 @@ def test_non_finite_losses_are_left_out(run_dir: Path) -> None:
     metrics = run_dir / "train" / "metrics.json"
     metrics.write_text(metrics.read_text().replace('"eval_loss": 0.6', '"eval_loss": NaN'))
     meta = register(run_dir)["metadata"]
-    assert "eval_loss" not in meta and meta["train_loss"] == 0.5
+    assert "eval_loss" not in meta and meta["mean_loss"] == 0.5
+
+
+def test_the_mean_loss_is_registered_as_mean_also_from_an_older_train_output(run_dir: Path) -> None:
+    metrics = run_dir / "train" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"mean_loss"', '"train_loss"'))  # before the rename
+    meta = register(run_dir)["metadata"]
+    assert (meta["mean_loss"], meta["final_loss"]) == (0.5, 0.4) and "train_loss" not in meta
+
+
+def _set_tuned_score(run_dir: Path, score: float) -> None:
+    path = run_dir / "eval" / "eval_results.json"
+    results = json.loads(path.read_text())
+    results["comparison"][0]["tuned"] = score
+    path.write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize("address", ["local", "kubeflow-recorded"])
+def test_a_registered_version_with_other_scores_than_the_run_is_said_not_silent(
+    run_dir: Path, tmp_path: Path, caplog, monkeypatch, address: str
+) -> None:
+    if address == "local":
+        options = {"address": "local", "path": str(tmp_path / "r.db")}
+    else:  # a remote registry: what it holds is this output's previous record of the same version
+        from lora_pipeline.registry import Outcome
+
+        held: set[tuple[str, str]] = set()
+
+        class Remote:
+            def register(self, entry):
+                status = "exists" if (entry.name, entry.version) in held else "registered"
+                held.add((entry.name, entry.version))
+                return Outcome(status, "1", "2", "3", "https://registry.example")
+
+        monkeypatch.setattr("lora_pipeline.stages.register.open_registry", lambda cfg: Remote())
+        options = {"address": "https://registry.example"}
+    first = register(run_dir, **options)
+    assert first["status"] == "registered" and "scores_differ" not in first
+    with caplog.at_level("WARNING", logger="lora_pipeline"):
+        same = register(run_dir, **options)
+    assert (
+        same["status"] == "exists"
+        and "scores_differ" not in same
+        and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    )
+    _set_tuned_score(run_dir, 0.5)  # a narrowed re-eval: the run's result is no longer what was registered
+    with caplog.at_level("WARNING", logger="lora_pipeline"):
+        again = register(run_dir, **options)
+    assert again["status"] == "exists"
+    assert again["scores_differ"] == {"eval.demo_topic.acc": {"registered": 0.9, "run": 0.5}}
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "demo_topic.acc 0.9000 there, 0.5000 here" in line and "registry keeps its own" in line
 
 
 # --- a registered version is its content (issue 17 §2) --------------------------------------------------

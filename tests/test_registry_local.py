@@ -58,7 +58,7 @@ def test_models_show_lineage(db: Path, tmp_path: Path, capsys: pytest.CaptureFix
         "https://example.org/chat.jsonl?<redacted>",
         "ab" * 32,
         "r=8, alpha=16, dropout=0.0500, target_modules=q_proj,v_proj",
-        "train_loss=0.5000",
+        "final_loss=0.4000, mean_loss=0.5000",
         "demo_topic.acc",
         "+0.7000",
     ):

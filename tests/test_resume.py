@@ -137,7 +137,7 @@ def test_killed_then_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     assert a["steps"] == b["steps"] == TOTAL_STEPS
     assert len(losses(a)) == len(losses(b)) == TOTAL_STEPS
     assert max(abs(x - y) for x, y in zip(losses(a), losses(b), strict=True)) < 1e-3
-    assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["final_loss"] - b["final_loss"]) < 1e-3
+    assert abs(a["mean_loss"] - b["mean_loss"]) < 1e-3 and abs(a["final_loss"] - b["final_loss"]) < 1e-3
     assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-3
     # The epoch-1 evaluation ran before that epoch's checkpoint: both runs have both evaluations.
     assert [h["step"] for h in b["history"] if "eval_loss" in h] == [STEPS_PER_EPOCH, TOTAL_STEPS]

@@ -103,3 +103,12 @@ def test_report_of_a_run_that_stopped_at_train(tmp_path: Path) -> None:
     page = render_run_report(run_dir)
     assert "failed" in page and "boom &lt;x&gt;" in page
     assert "No output from the train stage" in page and "No output from the register stage" in page
+
+
+def test_training_section_leads_with_the_final_loss_and_labels_the_mean(tmp_path: Path) -> None:
+    page = render_run_report(full_run(tmp_path / "run"))
+    training = page[page.index("Training") :]
+    first = re.search(r"<dt>([^<]*)</dt><dd>([^<]*)</dd>", training)
+    assert first and first.groups() == ("final loss", "0.4")  # make_run: final 0.4, mean 0.5
+    labels = re.findall(r"<dt>([^<]*)</dt><dd>0\.5</dd>", training)
+    assert labels and all("mean" in label for label in labels)

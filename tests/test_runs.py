@@ -62,6 +62,8 @@ def test_run_directory_owns_its_config_and_records_overrides(chat_file: Path, tm
     again = run_cli("dataset", "-o", str(run_dir))  # no options: the recorded config, so cached
     assert again.returncode == 0, again.stderr
     assert statuses(run_dir) == {"dataset": "cached"}
+    carried = f"carried over from {run_dir}/run.json: dataset.data_uri={chat_file}, dataset.seed=7 (--fresh drops them)"
+    assert carried in again.stderr
     changed = run_cli("dataset", "-o", str(run_dir), "--dataset.data_split", "0.5")
     assert changed.returncode == 0, changed.stderr
     record = read_json(run_dir / "run.json")
@@ -178,11 +180,11 @@ def test_no_secret_is_stored_or_printed(server: _Server, tmp_path: Path) -> None
     uri = f"http://user:secretpw@127.0.0.1:{server.port}/data.jsonl?sig=SIGTOKEN123"
     env = {"HF_TOKEN": "hf_SECRETVALUE42", "AWS_SECRET_ACCESS_KEY": "AWSSECRETKEY999"}
     run_dir = tmp_path / "run"
-    flags = ["--dataset.data_uri", uri, "--train.env_vars", "HF_TOKEN=envsecret77,MODE=fast"]
+    flags = ["--dataset.data_uri", uri, "--train.env_vars", "HF_TOKEN=envsecret77,NCCL_DEBUG=INFO"]
     outputs = [run_cli("dataset", "-o", str(run_dir), *flags, env=env)]
     assert outputs[0].returncode == 0, outputs[0].stderr
     outputs.append(run_cli("run", "-o", str(run_dir), *flags, "--print_config", env=env))
-    assert "<redacted>" in outputs[1].stdout and "MODE=fast" in outputs[1].stdout
+    assert "<redacted>" in outputs[1].stdout and "NCCL_DEBUG=INFO" in outputs[1].stdout
     outputs.append(run_cli("dataset", "-o", str(run_dir), env=env))  # continue: the recorded URI lost its secrets
     assert outputs[2].returncode == 0 and statuses(run_dir) == {"dataset": "cached"}
     failing = uri.replace("data.jsonl", "fail.jsonl")  # a failed run must not leak either

@@ -140,3 +140,17 @@ def test_missing_model_prefix_names_the_model_option(s3, tmp_path: Path) -> None
         sources.model_fingerprint(f"s3://{s3.bucket}/models/none/")
     with pytest.raises(SourceError, match=r"^train.model: not found: "):
         sources.fetch_model(f"s3://{s3.bucket}/models/none/", tmp_path / "cache")
+
+
+def test_download_logs_progress_and_keeps_its_deadline(
+    s3, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    _put(s3, "big/data.jsonl", CHAT_ROWS * 50)
+    uri = f"s3://{s3.bucket}/big/data.jsonl"
+    # Meter(..., total=None, every_seconds=10.0): a line per update, not one every 10 s, for a small file.
+    monkeypatch.setattr("lora_pipeline.progress.Meter.__init__.__defaults__", (None, 0.0))
+    caplog.set_level(logging.INFO, logger="lora_pipeline.sources.s3")
+    sources.fetch(uri, tmp_path / "a")
+    assert any(f"download {uri}: " in r.getMessage() and " B/s)" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SourceError, match=r"gave up: .*dataset.deadline"):
+        sources.fetch(uri, tmp_path / "b", sources.Limits(deadline=1e-6))

@@ -231,6 +231,52 @@ def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_asset
     assert "INFO lora_pipeline.backends: train.use_liger: Liger kernels need CUDA" in out.stderr
 
 
+def test_on_a_terminal_progress_is_our_own_redrawn_line(demo_assets, demo_dataset, tmp_path) -> None:
+    """The same training under a pseudo-terminal: no tqdm bar, no raw dicts, one line redrawn in place."""
+    import pty
+    import select
+    import time
+
+    cfg = TrainConfig(
+        model=str(demo_assets.model_dir), lora_load_in_4bit=False, effective_batch_size=8, max_seq_len=128
+    )
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAIN, json.dumps(dataclasses.asdict(cfg)), str(demo_dataset), str(tmp_path / "t")],
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    os.close(secondary)
+    chunks, deadline = [], time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            if select.select([primary], [], [], 1.0)[0]:
+                try:
+                    data = os.read(primary, 65536)
+                except OSError:  # the terminal closed: the process ended
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+    finally:
+        os.close(primary)
+        proc.wait(timeout=60)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, screen[-3000:]
+    assert "{'loss'" not in screen and "{'eval_loss'" not in screen  # no raw logged dicts
+    assert "/18 [" not in screen  # no tqdm training bar
+    clear = "\r\x1b[K"
+    assert clear + "train: step 1/18 (5%) loss " in screen or clear + "train: step 2/18 (11%) loss " in screen
+    visible = [line.rstrip("\r").rsplit(clear, 1)[-1] for line in screen.split("\n")]
+    # the bar is cleared before every log line: no log line runs into it
+    assert not [line for line in visible if "train: step" in line and not line.startswith("INFO lora_pipeline")]
+    (last,) = [line for line in visible if "train: step" in line]
+    assert "train: step 18/18 (100%) loss " in last and " tok/s ETA 0:00" in last
+    assert "train: eval loss " in screen
+
+
 def test_progress_line_format() -> None:
     line = progress_line(40, 900, 1.23456, 2e-4, steps_per_second=20.0, tokens_per_step=475.0)
     assert line == "step 40/900 (4%) loss 1.2346 lr 2.0e-04 9,500 tok/s ETA 0:43"  # 860 steps left at 20/s
@@ -247,7 +293,7 @@ def test_tokenized_data_is_kept_by_content_and_reused(demo_assets, demo_dataset,
         second = read_json(train_adapter(cfg, demo_dataset, tmp_path / "b") / "metrics.json")
     assert [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
     assert len(list(enc.iterdir())) == 1 and (next(enc.iterdir()) / "train.jsonl").exists()
-    assert first["train_loss"] == second["train_loss"] and not (tmp_path / "b" / "data").exists()
+    assert first["mean_loss"] == second["mean_loss"] and not (tmp_path / "b" / "data").exists()
     longer = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), max_seq_len=96)
     train_adapter(longer, demo_dataset, tmp_path / "c")
     assert len(list(enc.iterdir())) == 2  # another sequence limit is other data

@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from lora_pipeline.errors import StageError
 from lora_pipeline.packing import concat_rows, split_by_tokens
 from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
 
@@ -255,7 +256,21 @@ def make_trainer_class() -> type:
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                 with sync:
                     loss = loss + super().training_step(model, mb, total)
+            self._stop_if_not_finite(loss)
             return loss
+
+        def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+            """A nan/inf loss poisons the weights for every later step, and the run would end "successfully"
+            with a useless adapter: stop at the step it appears. All processes see the same verdict."""
+            finite = torch.isfinite(loss.detach()).to(torch.int32)
+            if self.args.world_size > 1:
+                finite = self.accelerator.gather(finite.reshape(1)).min()
+            if not bool(finite):
+                raise StageError(
+                    f"the training loss is {float(loss):g} at step {self.state.global_step + 1}: training diverged; "
+                    f"lower --train.learning_rate (now {self.args.learning_rate:g}) or check the base model's weights",
+                    field="train",
+                )
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -297,8 +312,15 @@ def make_trainer_class() -> type:
             if world > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
             model.train(was_training)
+            eval_loss = float(totals[0] / totals[1].clamp(min=1))
+            if not math.isfinite(eval_loss):
+                raise StageError(
+                    f"the eval loss is {eval_loss:g} at step {self.state.global_step}: the model's outputs are not "
+                    "finite; lower --train.learning_rate or check the base model's weights",
+                    field="train",
+                )
             metrics = {
-                f"{metric_key_prefix}_loss": float(totals[0] / totals[1].clamp(min=1)),
+                f"{metric_key_prefix}_loss": eval_loss,
                 f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4),
             }
             self.log(metrics)

@@ -60,6 +60,15 @@ def last_complete_checkpoint(root: Path) -> Path | None:
     return max(complete, key=checkpoint_step, default=None)
 
 
+def remove_incomplete_checkpoints(root: Path) -> None:
+    """After training failed (a full disk, a crash mid-save): the checkpoints that resume would not use. The
+    complete ones stay for the next run."""
+    for path in Path(root).glob("checkpoint-*"):
+        if checkpoint_step(path) is not None and not _is_complete(path):
+            log.info("train: removing the incomplete %s", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def checkpoint_step(path: Path) -> int | None:
     """N of a `checkpoint-N` directory (None for any other name)."""
     tail = path.name.rsplit("-", 1)[-1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import re
 import signal
@@ -17,20 +16,38 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import SECTIONS, Config, dump_yaml, field_type, fields_of, from_dict, load_yaml, validate
-from lora_pipeline.errors import ConfigError, LoraPipelineError
+from lora_pipeline.carryover import carried_over, carry_over_line, given_options, was_demo
+from lora_pipeline.cli_options import (
+    OTHER_SECTIONS,
+    CompactHelp,
+    KfpHelp,
+    add_config_flags,
+    command_parser,
+    demo_defaults,
+    readable_error,
+    unknown_arguments,
+)
+from lora_pipeline.config import Config, dump_yaml, from_dict, load_yaml, restore_secrets, validate
+from lora_pipeline.errors import USER_ERRNOS, ConfigError, LoraPipelineError, describe_os_error, one_line
 from lora_pipeline.files import exclusive_lock
 from lora_pipeline.preflight import preflight
-from lora_pipeline.redaction import install_log_filter, redact_config, scrub
+from lora_pipeline.redaction import install_log_filter, redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
+from lora_pipeline.tool_commands import TOOL_COMMANDS, add_tool_commands, own_data, preview_color
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (exit 2) instead of usage + message."""
+    """argparse that reports a bad flag in one line (exit 2) instead of usage + message, and takes no
+    abbreviations: `--train.epoch` is a mistake to point out, not a prefix of `--train.epochs`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", CompactHelp)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"lora-pipeline: error: {message}\n")
+        sys.stderr.write(f"lora-pipeline: error: {readable_error(message)}\n")
         sys.exit(2)
 
 
@@ -53,15 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
         if stage:
             inputs = "".join(f" --input {up}=DIR" for up in stage.upstream)
             usage += f"\n       lora-pipeline {name} [-c YAML]{inputs} --out DIR [--SECTION.OPTION VALUE ...]"
-        p = sub.add_parser(name, help=help_text, description=help_text, usage=usage)
-        _add_common(p, demo=name in ("run", "demo"))
+        shown = (stage.section,) if stage else None
+        epilog = OTHER_SECTIONS if stage else None
+        description = help_text + (_DEMO_SETS if name == "demo" else "")
+        p = sub.add_parser(name, help=help_text, description=description, usage=usage, epilog=epilog)
+        _add_common(p, demo=name in ("run", "demo"), fresh=name != "demo", kfp_sections=shown)
         if stage:
             _add_stage_io(p, stage)
-        _add_config_flags(p)
+        add_config_flags(p, shown, demo_defaults() if name == "demo" else None)
     from lora_pipeline.kubeflow.command import add_compile_command  # argparse only; kfp loads when it runs
 
-    add_compile_command(sub, _add_config_flags)
+    add_compile_command(sub, add_config_flags)
+    sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
+    from lora_pipeline.export import add_export_command
+
+    add_export_command(sub)
+    add_tool_commands(sub, add_config_flags)
     return parser
 
 
@@ -84,7 +109,11 @@ def _add_models_command(sub: Any) -> None:
     show.add_argument("version", nargs="?", default=None, help="default: the latest registered version")
 
 
-def _add_common(p: argparse.ArgumentParser, demo: bool) -> None:
+_DEMO_SETS = ". It sets the model, data, eval task and local registry itself; options override them"
+_KFP_HELP = "List the options' KFP pipeline parameter and component input names, then exit"
+
+
+def _add_common(p: argparse.ArgumentParser, demo: bool, fresh: bool, kfp_sections: tuple[str, ...] | None) -> None:
     g = p.add_argument_group("run")
     g.add_argument("-c", "--config", action="append", default=[], metavar="YAML", help="YAML config file (repeatable)")
     g.add_argument(
@@ -93,12 +122,21 @@ def _add_common(p: argparse.ArgumentParser, demo: bool) -> None:
         default=None,
         metavar="DIR",
         help="Run directory holding each stage's output (default: runs/<timestamp>, or runs/demo for the demo). "
-        "An existing run directory starts from the config recorded in it; -c and flags override it",
+        "An existing run directory starts from the config recorded in it (one line names what it carries over); "
+        "-c and flags override it",
     )
     g.add_argument("--force", action="store_true", help="Rerun stages even when their cached output matches")
     g.add_argument("--print_config", action="store_true", help="Print the resolved config as YAML and exit")
+    if fresh:
+        g.add_argument(
+            "--fresh",
+            action="store_true",
+            help="With an existing run directory: start from the defaults (a demo run's: the demo's), not from the "
+            "options recorded in it; stage outputs are still reused by their cache keys",
+        )
     if demo:
         g.add_argument("--demo", action="store_true", help="Use the built-in demo model, dataset and eval task")
+    g.add_argument("--help-kfp", action=KfpHelp, sections=kfp_sections, help=_KFP_HELP)
 
 
 def _add_stage_io(p: argparse.ArgumentParser, stage: Stage) -> None:
@@ -112,39 +150,6 @@ def _add_stage_io(p: argparse.ArgumentParser, stage: Stage) -> None:
             help=f"Output directory of an upstream stage ({', '.join(stage.upstream)})",
         )
     g.add_argument("--out", default=None, metavar="DIR", help="Write this stage's output here (no run.json, no cache)")
-
-
-def _flag_help(f: dataclasses.Field) -> str:
-    meta = f.metadata
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    names = [f"KFP: {meta['kfp']}"] if "kfp" in meta else []
-    if "component" in meta:
-        names.append(f"component: {meta['component']}")
-    spec = f" [{'; '.join(names)}]" if names else ""
-    return f"{meta['help']} (default: {default!r}){spec}".replace("%", "%%")
-
-
-def _metavar(section: str, name: str) -> str:
-    text = str(field_type(section, name))
-    for word in ("bool", "int", "float", "list", "dict"):
-        if word in text:
-            return word.upper()
-    return "STR"
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    for section in SECTIONS:
-        group = p.add_argument_group(f"{section} options")
-        for f in fields_of(section):
-            group.add_argument(
-                f"--{section}.{f.name}",
-                dest=f"cfg:{section}.{f.name}",
-                metavar=_metavar(section, f.name),
-                nargs="?",
-                const="true",  # a bare boolean flag (`--train.save_epoch`) means true
-                default=argparse.SUPPRESS,
-                help=_flag_help(f),
-            )
 
 
 def config_layers(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -166,6 +171,7 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
         config = from_dict(layer, config)
     config = validate(from_dict(flags, config))
     remember_secret(config.registry)  # a token given as an option is scrubbed like one from the environment
+    remember_config(config.to_dict())  # URI credentials, env_vars and model_args values: scrubbed from all text
     return config
 
 
@@ -185,7 +191,9 @@ _NEGATIVE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    args, extras = parser.parse_known_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    if extras:
+        parser.error(unknown_arguments(extras, command_parser(parser, args.command)))
     if not args.command:
         parser.print_help()
         return 0
@@ -194,14 +202,51 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except LoraPipelineError as exc:
-        sys.stderr.write(f"lora-pipeline: error: {scrub(str(exc))}\n")
+        sys.stderr.write(f"lora-pipeline: error: {one_line(scrub(str(exc)))}\n")
+        return 2
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            return _internal_error(exc, args)
+        sys.stderr.write(f"lora-pipeline: error: {one_line(scrub(describe_os_error(exc)))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("lora-pipeline: interrupted; run the same command again to resume\n")
         return 130
+    except Exception as exc:
+        return _internal_error(exc, args)
     finally:
         os.umask(previous_umask)
         signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _internal_error(exc: BaseException, args: argparse.Namespace) -> int:
+    """The last resort: a bug, in one line (exit 1); the traceback goes to a file, not the terminal."""
+    import traceback
+
+    where = _traceback_file(getattr(args, "log_dir", None), scrub("".join(traceback.format_exception(exc))))
+    detail = one_line(scrub(str(exc)), limit=300)
+    sys.stderr.write(f"lora-pipeline: internal error: {type(exc).__name__}: {detail}; traceback in {where}\n")
+    return 1
+
+
+def _traceback_file(run_dir: Path | None, text: str) -> str:
+    """Write `text` into the run directory, else the state directory, else the temp directory: the first that
+    takes it. Never raises: the error being reported matters more than its log."""
+    import tempfile
+    import time
+
+    home = Path(os.environ.get("LORA_PIPELINE_HOME") or Path.home() / ".cache" / "lora-pipeline")
+    name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (run_dir, home / "logs", Path(tempfile.gettempdir())):
+        if folder is None or (folder == run_dir and not folder.is_dir()):
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8", errors="backslashreplace")
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(not written: no writable directory)"
 
 
 def run() -> None:
@@ -245,15 +290,16 @@ def setup_logging() -> None:
 
 
 def apply_verbosity(level: str) -> None:
-    """eval.verbosity sets the whole run's logging: this package's and lm-eval's lines at `level`; other
-    libraries stay at WARNING (their INFO lines say little), except that DEBUG shows their debug lines too
-    and ERROR/CRITICAL quiet their warnings as well."""
+    """eval.verbosity sets the whole run's logging: this package's lines at `level`; libraries (lm-eval,
+    transformers, datasets, ...) show their warnings, and their INFO lines only at DEBUG (they say little);
+    ERROR/CRITICAL quiet their warnings as well."""
     import logging
 
-    value = logging.getLevelName(level)
-    logging.getLogger().setLevel(value if value == logging.DEBUG else max(value, logging.WARNING))
-    for name in ("lora_pipeline", "lm_eval"):
-        logging.getLogger(name).setLevel(value)
+    from lora_pipeline.library_notices import library_level, set_library_levels
+
+    logging.getLogger().setLevel(library_level(level))
+    logging.getLogger("lora_pipeline").setLevel(logging.getLevelName(level))
+    set_library_levels(level)
 
 
 def _silence_library_noise() -> None:
@@ -280,13 +326,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(show_model(path, args.name, args.version))
             verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
         return 0
+    if args.command in TOOL_COMMANDS:
+        return _tool_command(args)
+    if args.command == "export":
+        from lora_pipeline.export import export_command
+
+        return export_command(args)
     if args.command == "compile":
         from lora_pipeline.kubeflow.command import compile_command
 
         return compile_command(args, resolve_config(args))
     demo = args.command == "demo" or getattr(args, "demo", False)
+    run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else None
     base = None
-    if demo:
+    if demo or (run_dir and not getattr(args, "out", None) and was_demo(run_dir)):
         from lora_pipeline.demo import demo_config
 
         base = demo_config()
@@ -303,14 +356,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     from lora_pipeline import pipeline
 
-    run_dir = Path(args.run_dir) if args.run_dir else pipeline.default_run_dir(demo)
+    run_dir = run_dir or pipeline.default_run_dir(demo)
+    args.log_dir = run_dir  # where an internal error's traceback goes, if it comes to that
     recorded = pipeline.recorded_config(run_dir) if run_dir.is_dir() else None
-    config = resolve_config(args, recorded or base)
+    config = resolve_config(args, _start_from(args, run_dir, recorded, base, demo))
     apply_verbosity(config.eval.verbosity)
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0
     stages = NAMES if args.command in ("run", "demo") else (args.command,)
+    restore_secrets(config, stages)  # a recorded config's placeholders: from the environment, or refused
     pipeline.check_recorded_source(config, run_dir, stages)
     fingerprint = preflight(config, stages, run_dir, "-o", check_source=not pipeline.source_is_recorded_only(config))
     manifest = pipeline.run(
@@ -320,12 +375,32 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tool_command(args: argparse.Namespace) -> int:
+    """`chat` and `preview`: read a run directory (its recorded config, for preview), run no stage."""
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.command == "chat":
+        from lora_pipeline.chat import chat_command
+
+        return chat_command(run_dir, args.prompt, args.max_new_tokens, args.temperature, args.system)
+    from lora_pipeline import pipeline
+    from lora_pipeline.preview import preview_command
+
+    base = pipeline.recorded_config(run_dir) if run_dir and run_dir.is_dir() else None
+    if args.demo or (base is None and run_dir and was_demo(run_dir)):
+        from lora_pipeline.demo import demo_config
+
+        base = demo_config()
+    config = resolve_config(args, base)
+    return preview_command(config, run_dir, own_data(args), args.rows, sys.stdout, preview_color(args))
+
+
 def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> int:
     """`STAGE --input NAME=DIR --out DIR`: the stage function alone, as a Kubeflow component runs it."""
     apply_verbosity(config.eval.verbosity)
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0
+    restore_secrets(config, (stage.name,))
     inputs: dict[str, Path] = {}
     for item in getattr(args, "input", []):
         name, sep, path = item.partition("=")
@@ -351,10 +426,33 @@ def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> in
     return 0
 
 
+def _start_from(
+    args: argparse.Namespace, run_dir: Path, recorded: dict[str, Any] | None, base: dict[str, Any] | None, demo: bool
+) -> dict[str, Any] | None:
+    """The layer under this command's YAML files and flags: the run directory's recorded config, unless
+    the command is the demo (always as shipped) or asks for `--fresh`; one line names what that carries over
+    or drops."""
+    if recorded is None:
+        return base
+    layers, flags = config_layers(args)
+    fresh = demo or getattr(args, "fresh", False)
+    carried = carried_over(recorded, from_dict(base or {}), given_options([*layers, flags]))
+    line = carry_over_line(run_dir, carried, demo=demo, fresh=fresh)
+    if line:
+        sys.stderr.write(f"lora-pipeline: {line}\n")
+    return base if fresh else recorded
+
+
 def _invocation(args: argparse.Namespace) -> dict[str, Any]:
     """What this command changed on top of the recorded config: YAML files and flags, secrets redacted."""
     _, flags = config_layers(args)
-    return {"command": args.command, "config_files": list(args.config), "overrides": redact_config(flags)}
+    demo = args.command == "demo" or bool(getattr(args, "demo", False))
+    return {
+        "command": args.command,
+        "demo": demo,
+        "config_files": list(args.config),
+        "overrides": redact_config(flags),
+    }
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class LoraPipelineError(Exception):
     """An error the user can fix: bad input, missing file, unreachable service."""
@@ -23,6 +25,10 @@ class SourceError(LoraPipelineError):
     """A data or model URI cannot be fetched."""
 
 
+class UnsafePathError(SourceError):
+    """Fetched content (metadata, a dataset card, a manifest, an archive member) names a path outside its directory."""
+
+
 class StageError(LoraPipelineError):
     """A stage cannot run with what it was given (missing inputs, missing optional package)."""
 
@@ -33,3 +39,41 @@ class RegistryError(LoraPipelineError):
 
 class LockedError(LoraPipelineError):
     """Another process holds the run directory."""
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """`text` as one printable line: the lines of a multi-line message (a pydantic or YAML dump) joined with
+    " | ", control characters, lone surrogates (undecodable bytes) and other unprintables escaped, so an error
+    line can neither forge terminal output nor span several lines."""
+    parts = [" ".join(line.split()) for line in str(text).splitlines()]
+    joined = " | ".join(p for p in parts if p)
+    shown = "".join(c if c.isprintable() else _escape(c) for c in joined)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+# OSErrors that are the user's environment, not a bug: a full disk, a read-only or forbidden path.
+USER_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+    }
+)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError the user can fix: what happened, and the path it happened to."""
+    reason = exc.strerror or type(exc).__name__
+    where = exc.filename if exc.filename is not None else None
+    return f"{where}: {reason.lower()}" if where is not None else reason.lower()

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
+import posixpath
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,7 +25,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temp(out.parent, f".{out.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{out.name}.tmp-"), dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -31,6 +37,89 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def owned_prefix(prefix: str) -> str:
+    """A temporary directory's name prefix that records its owner (pid and host), so that the next run can tell
+    a killed run's leftovers from a live process's work: `PREFIX<pid>-<host>-`."""
+    return f"{prefix}{os.getpid()}-{_HOST}-"
+
+
+def remove_stale_temp(folder: Path, prefix: str) -> None:
+    """Remove the directories `owned_prefix(prefix)` made in `folder` whose owner process is gone (killed, or
+    its cleanup never ran). Another host's, a live process's, and names without an owner are left alone."""
+    try:
+        entries = list(Path(folder).glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return
+    for entry in entries:
+        owner = re.match(r"(\d+)-([0-9a-f]{8})-", entry.name[len(prefix) :])
+        if owner and owner[2] == _HOST and not _alive(int(owner[1])) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process; a pid the OS cannot hold
+        return True
+    return True
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def confined(base: Path, relative: object, *, what: str, source: str, field: str = "dataset.data_uri",
+             links_to: Path | None = None) -> Path:  # fmt: skip
+    """`base`/`relative` for a path read from fetched content, refused unless it stays inside `base`.
+
+    Every path that data names (save_to_disk metadata, a dataset card, an object key, an archive member) goes
+    through here before it is opened or linked: absolute paths, drive letters, `..`, NUL and control
+    characters are refused as written, and the resolved path (symbolic links followed) must lie in `base`, or
+    in `links_to` for a cache whose files are links into a blob store (the Hugging Face cache). `what` names
+    the field of the content, `source` the archive or URI (never a temporary directory); UnsafePathError.
+    """
+    from lora_pipeline.errors import UnsafePathError
+
+    def refuse(why: str) -> UnsafePathError:
+        shown = ascii(relative)[:120] if isinstance(relative, str) else type(relative).__name__
+        return UnsafePathError(f"{source}: {what} {shown} {why}; refused", field=field)
+
+    why = unsafe_reason(relative)
+    if why:
+        raise refuse(why)
+    normal = posixpath.normpath(str(relative).replace("\\", "/"))
+    if normal == ".":
+        raise refuse("names the data's directory itself, not a file in it")
+    path = Path(base) / normal
+    try:
+        real, roots = path.resolve(), [Path(base).resolve(), *([Path(links_to).resolve()] if links_to else [])]
+    except (OSError, RuntimeError, ValueError):  # a symbolic link loop, a name too long
+        raise refuse("cannot be resolved") from None
+    if not any(real.is_relative_to(root) and real != root for root in roots):
+        raise refuse("leads outside the data's directory (a symbolic link)")
+    return path
+
+
+def unsafe_reason(relative: object) -> str | None:
+    """Why `relative`, a path read from data, could reach outside its directory as written; None if it cannot.
+
+    The checks on the text alone, shared by confined() and by archives before any member is written."""
+    if not isinstance(relative, str) or not relative.strip():
+        return "is not a path"
+    if any(ord(c) < 32 or ord(c) == 127 for c in relative):
+        return "holds a NUL or control character"
+    text = relative.replace("\\", "/")
+    normal = posixpath.normpath(text)  # "./C:" is a drive letter too, once normalised
+    if any(t.startswith("/") or t[1:2] == ":" for t in (text, normal)):
+        return "is an absolute path, outside the data's directory"
+    if ".." in text.split("/"):
+        return "climbs out of the data's directory (..)"
+    return None
 
 
 def write_text_atomic(text: str, path: Path) -> Path:

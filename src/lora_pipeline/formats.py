@@ -135,6 +135,8 @@ def _message_list(value: Any, name: str) -> list[dict]:
             value = json.loads(value)
         except json.JSONDecodeError:
             raise RowError(f"{name} is not valid JSON") from None
+        except (ValueError, RecursionError):  # a 5,000-digit number, or nesting past the recursion limit
+            raise RowError(f"{name} is not JSON that can be read") from None
     if not isinstance(value, list) or not value:
         raise RowError(f"{name} is not a non-empty list")
     return [_message(m) for m in value]

@@ -1,4 +1,5 @@
-"""Library log lines that say nothing about the user's settings, dropped wherever a stage runs.
+"""Library log lines that say nothing about the user's settings, dropped wherever a stage runs, and the
+libraries' log levels.
 
 One table for the CLI (every command) and the train stage (also when called as a library function).
 """
@@ -6,6 +7,10 @@ One table for the CLI (every command) and the train stage (also when called as a
 from __future__ import annotations
 
 import logging
+import os
+
+# Third-party loggers whose INFO lines (seeds, "Model parallel was set to False", ...) show only at DEBUG.
+LIBRARY_LOGGERS = ("lm_eval", "transformers", "datasets")
 
 # logger name -> substrings of the messages to drop
 LIBRARY_NOTICES: dict[str, tuple[str, ...]] = {
@@ -38,3 +43,21 @@ def drop_library_notices() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotice) for f in logger.filters):
             logger.addFilter(_DropNotice(texts))
+
+
+def library_level(level: str | int) -> int:
+    """The third-party libraries' level for the run's `level`: their warnings (and errors) at INFO and
+    WARNING, their INFO and debug lines only at DEBUG, and only errors at ERROR."""
+    value = logging.getLevelName(level) if isinstance(level, str) else level
+    return value if value <= logging.DEBUG else max(value, logging.WARNING)
+
+
+def set_library_levels(level: str | int) -> None:
+    """Set the libraries' loggers (see `library_level`). transformers and datasets set their own level when
+    first imported, from their VERBOSITY variables: those are set for DEBUG too."""
+    value = library_level(level)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(value)
+    if value <= logging.DEBUG:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "debug")
+        os.environ.setdefault("DATASETS_VERBOSITY", "debug")

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import Config, is_local_uri, kubernetes_only, local_path, output_options
+from lora_pipeline.chat_templates import template_fingerprint
+from lora_pipeline.config import (
+    Config,
+    data_locations,
+    from_dict,
+    is_local_uri,
+    kubernetes_only,
+    local_path,
+    output_options,
+)
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
@@ -41,23 +50,47 @@ def recorded_config(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         return None
+    config = _record(path).get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: no recorded config; fix or delete the file", field="-o")
     try:
-        return read_json(path)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} is not a run record of lora-pipeline", field="-o") from None
+        from_dict(config)  # a hand-edited value is named with the file it is in, not as a flag
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}; fix or delete the file", field="-o") from None
+    return config
+
+
+def _record(path: Path, fields: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
+    """A run record (run.json, stage.json) read back: a mapping, or one ConfigError naming the file. They are
+    plain JSON that people edit by hand; `fields` are the keys whose type, when present, is checked."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
+        raise ConfigError(f"{path}: {reason}; fix or delete the file", field="-o") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a run record of lora-pipeline (expected a JSON object)", field="-o")
+    for name, tp in fields:
+        if name in data and not isinstance(data[name], tp):
+            raise ConfigError(f"{path}: {name!r} is not a {tp.__name__}; fix or delete the file", field="-o")
+    return data
+
+
+def _recorded_only(config: Config) -> list[str]:
+    """The dataset locations (data_uri, sources, eval_uri) that came from run.json with their credentials
+    removed: they cannot be fetched again."""
+    return [option for option, uri in data_locations(config.dataset) if is_redacted(uri)]
 
 
 def source_is_recorded_only(config: Config) -> bool:
-    """True when data_uri came from run.json with its credentials removed: it cannot be fetched again."""
-    return bool(config.dataset.data_uri) and is_redacted(config.dataset.data_uri)
+    return bool(_recorded_only(config))
 
 
 def check_recorded_source(config: Config, run_dir: Path, stages: tuple[str, ...]) -> None:
-    if "dataset" in stages and source_is_recorded_only(config) and _recorded_key(run_dir, "dataset") is None:
-        raise ConfigError(
-            "the recorded URI had credentials, which are never stored: give --dataset.data_uri again",
-            field="dataset.data_uri",
-        )
+    lost = _recorded_only(config)
+    if "dataset" in stages and lost and _recorded_key(run_dir, "dataset") is None:
+        flag = "--dataset.source" if lost[0].startswith("dataset.sources") else f"--{lost[0]}"
+        raise ConfigError(f"the recorded URI had credentials, which are never stored: give {flag} again", field=lost[0])
 
 
 # --- cache keys ---------------------------------------------------------------------------------------
@@ -68,9 +101,17 @@ def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: s
     payload: dict[str, Any] = {"stage": stage.name, "options": output_options(section), "version": __version__}
     if stage.name == "dataset":
         payload["options"]["data_uri"] = scrub(section.data_uri or "")  # credentials do not change the data
+        if section.sources or section.eval_uri:  # absent otherwise: a plain data_uri run keeps its cache key
+            payload["options"]["sources"] = [{**s, "uri": scrub(s["uri"])} for s in section.sources]
+            payload["options"]["eval_uri"] = scrub(section.eval_uri or "")
+        else:
+            payload["options"].pop("sources", None)
+            payload["options"].pop("eval_uri", None)
         payload["source"] = source_fingerprint
     elif stage.name == "train":
         payload["model_files"] = _model_fingerprint(section.model)
+        if section.chat_template:  # a Jinja file is keyed by its text, as the model by its files
+            payload["chat_template"] = template_fingerprint(section.chat_template)
     elif stage.name == "eval" and section.include_path:
         payload["tasks_files"] = _tree_digest(Path(section.include_path))
     payload["upstream"] = [_recorded_key(run_dir, up) for up in stage.upstream]
@@ -106,7 +147,83 @@ def _tree_digest(root: Path) -> str | None:
 
 def _recorded_key(run_dir: Path, stage: str) -> str | None:
     record = Path(run_dir) / stage / "stage.json"
-    return read_json(record)["key"] if record.exists() else None
+    return _record(record, (("key", str),)).get("key") if record.exists() else None
+
+
+# --- output manifests -----------------------------------------------------------------------------------
+
+# Files up to this size are recorded by sha256 too; larger ones by size, and by mtime for the stages downstream.
+HASHED_BYTES = 1 << 20
+
+
+def output_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """Every file a stage wrote (relative path -> size, and sha256 for small files, else the mtime: a retrained
+    adapter has the same size), recorded in stage.json."""
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(q for q in Path(out).rglob("*") if q.is_file() and q.name != "stage.json"):
+        st = p.stat()
+        small = st.st_size <= HASHED_BYTES
+        files[p.relative_to(out).as_posix()] = {"size": st.st_size} | (
+            {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()} if small else {"mtime_ns": st.st_mtime_ns}
+        )
+    return files
+
+
+def _upstream_digests(run_dir: Path, stage: Stage) -> dict[str, str | None]:
+    """A digest of each upstream stage's recorded outputs: what this stage read, to tell when it was redone."""
+    digests: dict[str, str | None] = {}
+    for up in stage.upstream:
+        try:
+            outputs = read_json(Path(run_dir) / up / "stage.json").get("outputs")
+        except (OSError, ValueError, AttributeError):
+            outputs = None
+        digests[up] = hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16] if outputs else None
+    return digests
+
+
+def _reusable(run_dir: Path, stage: Stage, key: str, force: bool) -> bool:
+    """The stage's last completed run had this key and read the upstream outputs there are now, and its outputs
+    (and its upstream stages') are as recorded."""
+    if force or _recorded_key(run_dir, stage.name) != key:
+        return False
+    changed = _changed_outputs(run_dir, stage) or _redone_upstream(run_dir, stage)
+    if changed:
+        log.info("%s: rerunning: %s", stage.name, changed)
+        return False
+    log.info("%s: cached (key %s), skipping", stage.name, key)
+    return True
+
+
+def _redone_upstream(run_dir: Path, stage: Stage) -> str | None:
+    recorded = read_json(Path(run_dir) / stage.name / "stage.json").get("upstream_outputs")
+    if not isinstance(recorded, dict):
+        return None  # recorded before upstream digests were
+    now = _upstream_digests(run_dir, stage)
+    redone = [up for up in stage.upstream if recorded.get(up) != now[up]]
+    return f"{redone[0]} was redone since this stage ran" if redone else None
+
+
+def _changed_outputs(run_dir: Path, stage: Stage) -> str | None:
+    """Why a stage whose key matches cannot be reused: one of its or its upstream stages' recorded outputs
+    is missing or changed (None when all are as recorded, or when the record predates output manifests)."""
+    for name in (*stage.upstream, stage.name):
+        out = Path(run_dir) / name
+        if not (out / "stage.json").is_file():
+            return f"{name} has no completed output"
+        try:
+            recorded = read_json(out / "stage.json").get("outputs")
+        except (OSError, ValueError, AttributeError):
+            return f"{name}/stage.json is unreadable"
+        for rel, info in (recorded or {}).items() if isinstance(recorded, dict) else ():
+            path = out / rel
+            if not path.is_file():
+                return f"{name}/{rel} is missing"
+            expected = info if isinstance(info, dict) else {}
+            if path.stat().st_size != expected.get("size") or (
+                "sha256" in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected["sha256"]
+            ):
+                return f"{name}/{rel} changed since the stage ran"
+    return None
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -133,6 +250,9 @@ def run(
         raise
 
 
+_MANIFEST_FIELDS = (("stages", dict), ("invocations", list), ("config", dict), ("started", str))
+
+
 def _run_locked(
     config: Config,
     run_dir: Path,
@@ -142,9 +262,14 @@ def _run_locked(
     invocation: dict[str, Any] | None,
 ) -> dict[str, Any]:
     run_dir.chmod(0o700)
+    _remove_leftovers(run_dir)
     remember_secret(config.registry)  # a registry token given in the config is scrubbed from run.json
     manifest_path = run_dir / MANIFEST
-    manifest = read_json(manifest_path) if manifest_path.exists() else {"stages": {}}
+    manifest = _record(manifest_path, _MANIFEST_FIELDS) if manifest_path.exists() else {"stages": {}}
+    manifest.setdefault("stages", {})
+    for name, info in manifest["stages"].items():
+        if not isinstance(info, dict):
+            raise ConfigError(f"{manifest_path}: stages.{name} is not an object; fix or delete the file", field="-o")
     manifest.update(
         run_dir=str(run_dir.resolve()), config=redact_config(config.to_dict()), versions=_versions(), status="running"
     )
@@ -162,8 +287,7 @@ def _run_locked(
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
         key = stage_key(config, stage, run_dir, source_fingerprint)
-        if not force and _recorded_key(run_dir, stage.name) == key:
-            log.info("%s: cached (key %s), skipping", stage.name, key)
+        if _reusable(run_dir, stage, key, force):
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
         log.info("%s: running", stage.name)
@@ -181,7 +305,8 @@ def _run_locked(
             _write_report(run_dir)
             raise
         seconds = round(time.perf_counter() - started, 2)
-        write_json_atomic({"key": key, "seconds": seconds}, out / "stage.json")
+        record = {"key": key, "seconds": seconds, "outputs": output_manifest(out)}
+        write_json_atomic(record | {"upstream_outputs": _upstream_digests(run_dir, stage)}, out / "stage.json")
         manifest["stages"][stage.name] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
         _write_manifest(manifest, manifest_path)
     manifest["status"] = "completed"
@@ -189,6 +314,17 @@ def _run_locked(
     _write_manifest(manifest, manifest_path)
     _write_report(run_dir)
     return manifest
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """A killed run's half-written stage outputs and launch folders. The run directory's lock is held, so no
+    live process is writing them."""
+    patterns = [f".{s.name}.{kind}-*" for s in STAGES for kind in ("tmp", "old")] + [".lora-pipeline-launch-*"]
+    for pattern in patterns:
+        for leftover in run_dir.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                log.info("removing %s, left by a run that was killed", leftover.name)
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _write_report(run_dir: Path) -> None:
@@ -237,6 +373,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
         if record.get("status") != "skipped":
             where = record.get("registry")
             print(f"registered: {record['model_name']} {record['version']} ({record.get('status')}, {where})")
+            if record.get("scores_differ"):
+                print("  its eval scores are not this run's: " + ", ".join(record["scores_differ"]))
 
 
 def _versions() -> dict[str, str]:

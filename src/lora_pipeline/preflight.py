@@ -31,14 +31,21 @@ def preflight(
     check_output_dir(out, out_field)
     fingerprint = None
     if "dataset" in stages:
-        if not config.dataset.data_uri:
+        if not config.dataset.data_uri and not config.dataset.sources:
             raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
         if check_source:
-            from lora_pipeline import sources
+            from lora_pipeline import mixing
 
-            fingerprint = sources.fingerprint(config.dataset.data_uri)
+            fingerprint = mixing.fingerprint(config.dataset)
     if "train" in stages:
         check_model(config.train.model)
+        check_model_fits(config)
+        from lora_pipeline.chat_templates import check_chat_template
+
+        train = config.train
+        check_chat_template(train.chat_template, train.model, _model_files(train.model), config.dataset.format)
+        if config.train.data_output_dir:
+            check_output_dir(Path(config.train.data_output_dir), "train.data_output_dir")
     if "register" in stages:
         from lora_pipeline.registry import check_local, token
 
@@ -85,6 +92,38 @@ def check_model(ref: str, field: str = "train.model") -> None:
         _check_local_model(path, field)
     else:
         _check_hub_model(ref, field)
+
+
+def check_model_fits(config: Config) -> None:
+    """The base model's parts agree and the train options fit it (see model_checks), for a model whose files
+    are here: a local directory or one in the Hugging Face cache. An s3:// model is checked once fetched."""
+    ref = config.train.model
+    if ref.startswith("s3://"):
+        return
+    path = Path(local_path(ref))
+    if not (is_local_uri(ref) and path.is_dir()):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json") if _HUB_ID.match(ref) else None
+        if not isinstance(cached, str):
+            return  # fetched by the train stage; transformers checks it there
+        path = Path(cached).parent
+    from lora_pipeline.model_checks import check_model_agrees
+
+    check_model_agrees(config.train, path)
+
+
+def _model_files(ref: str) -> Path | None:
+    """The directory holding a base model's files, when they are here (local, or in the Hugging Face cache)."""
+    if ref.startswith("s3://"):
+        return None
+    path = Path(local_path(ref))
+    if is_local_uri(ref) and path.is_dir():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, "config.json") if _HUB_ID.match(ref) else None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _check_local_model(path: Path, field: str) -> None:

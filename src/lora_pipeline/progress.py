@@ -1,15 +1,18 @@
-"""Training progress as log lines, for runs without a terminal (CI, a pod's log).
+"""Progress of training and evaluation, the project's own: never HF's tqdm bars or raw logged dicts.
 
-transformers prints each logged dict raw when its progress bar is off; this replaces that with one line
-about every tenth of the run or every `every_seconds` seconds, whichever comes first, and at the end:
+Without a terminal (CI, a pod's log): one log line about every tenth of the work or every `every_seconds`
+seconds, whichever comes first, and at the end, e.g.
 `train: step 40/900 (4%) loss 1.2345 lr 2.0e-04 9,500 tok/s ETA 0:31`, plus one line per evaluation.
+On a terminal: the same text as one line redrawn in place (`TerminalLine`), cleared before any log line is
+printed so that no line is glued onto it; the last state stays as a log line.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 
 def format_eta(seconds: float) -> str:
@@ -32,8 +35,65 @@ def progress_line(
     return " ".join(parts)
 
 
-def make_progress_callback(tokens_per_step: float, logger: logging.Logger, every_seconds: float = 30.0) -> Any:
-    """A TrainerCallback logging progress lines to `logger` (on the main process only)."""
+class TerminalLine:
+    """One status line on a terminal, redrawn in place. While shown, a filter on the logging handlers clears
+    it before each record is written (the next draw puts it back below), so log lines never run into it."""
+
+    CLEAR = "\r\x1b[K"
+
+    def __init__(self, stream: IO[str] | None = None, min_interval: float = 0.1) -> None:
+        self.stream = stream or sys.stderr
+        self.min_interval, self.last_draw, self.shown = min_interval, 0.0, False
+        self._handlers: list[logging.Handler] = []
+        self._filter = _ClearBeforeRecord(self)
+
+    def draw(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_draw < self.min_interval:
+            return  # a redraw per step of a fast run would cost more than the step
+        self.last_draw = now
+        self._attach()
+        self.stream.write(self.CLEAR + text)
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write(self.CLEAR)
+            self.stream.flush()
+            self.shown = False
+
+    def close(self) -> None:
+        self.clear()
+        for handler in self._handlers:
+            handler.removeFilter(self._filter)
+        self._handlers = []
+
+    def _attach(self) -> None:
+        if self._handlers:
+            return
+        # the root's handlers, and transformers' own (its logger does not propagate)
+        for name in ("", "transformers", "lm_eval"):
+            for handler in logging.getLogger(name).handlers:
+                handler.addFilter(self._filter)
+                self._handlers.append(handler)
+
+
+class _ClearBeforeRecord(logging.Filter):
+    def __init__(self, line: TerminalLine) -> None:
+        super().__init__()
+        self.line = line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.line.clear()
+        return True
+
+
+def make_progress_callback(
+    tokens_per_step: float, logger: logging.Logger, every_seconds: float = 30.0, live: TerminalLine | None = None
+) -> Any:
+    """A TrainerCallback logging progress lines to `logger` (on the main process only); with `live` (a
+    terminal), the line is redrawn at every step instead, and logged once at the end."""
     from transformers import TrainerCallback
 
     class ProgressLogCallback(TrainerCallback):
@@ -50,6 +110,14 @@ def make_progress_callback(tokens_per_step: float, logger: logging.Logger, every
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if not state.is_world_process_zero:
+                return
+            if live is not None:
+                if state.global_step < state.max_steps:
+                    live.draw(f"train: {self.text(state)}")
+                else:
+                    self.pending = bool(control.should_log)  # the last line waits for the last loss
+                    if not self.pending:
+                        self.emit(state)
                 return
             if self.pending:  # the line waited for a loss that was not logged
                 self.emit(state)
@@ -68,18 +136,28 @@ def make_progress_callback(tokens_per_step: float, logger: logging.Logger, every
                 self.loss, self.lr = logs["loss"], logs.get("learning_rate", self.lr)
                 if self.pending:
                     self.emit(state)
+                elif live is not None and state.is_world_process_zero:
+                    live.draw(f"train: {self.text(state)}", force=True)
             if "eval_loss" in logs and state.is_world_process_zero:
                 logger.info(
                     "train: eval loss %.4f at step %d/%d", logs["eval_loss"], state.global_step, state.max_steps
                 )
 
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if live is not None:
+                if self.pending:
+                    self.emit(state)
+                live.close()
+
+        def text(self, state: Any) -> str:
+            done, elapsed = state.global_step - self.first_step, time.monotonic() - self.started
+            rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
+            return progress_line(state.global_step, state.max_steps, self.loss, self.lr, rate, tokens_per_step)
+
         def emit(self, state: Any) -> None:
             self.pending = False
-            self.last_line = now = time.monotonic()
-            done, elapsed = state.global_step - self.first_step, now - self.started
-            rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
-            line = progress_line(state.global_step, state.max_steps, self.loss, self.lr, rate, tokens_per_step)
-            logger.info("train: %s", line)
+            self.last_line = time.monotonic()
+            logger.info("train: %s", self.text(state))  # on a terminal the filter clears the live line first
 
     return ProgressLogCallback()
 
@@ -108,7 +186,10 @@ class Meter:
             self.bar.update(n)
             return
         now = time.monotonic()
-        if now - self.last >= self.every_seconds:
+        # With a known total, also a line at each tenth once past a second (a small file stays quiet).
+        tenth = self.total and self.count * 10 // self.total > (self.count - n) * 10 // self.total
+        tenth = tenth and now - self.started >= 1.0
+        if now - self.last >= self.every_seconds or (tenth and self.count < self.total):
             self.last = now
             self.logger.info("%s", self.line(now))
 
@@ -121,4 +202,59 @@ class Meter:
     def line(self, now: float) -> str:
         rate = self.count / max(1e-9, now - self.started)
         of = f" of {self.total:,}" if self.total else ""
-        return f"{self.what}: {self.count:,}{of} {self.unit} ({rate:,.0f}/s)"
+        share = f" {100 * self.count // self.total}%," if self.total else ""
+        return f"{self.what}: {self.count:,}{of} {self.unit} ({share} {rate:,.0f} {self.unit}/s)".replace("( ", "(")
+
+
+class WorkProgress:
+    """Progress of `total` units of work (eval requests): without a terminal a log line about every tenth
+    of the work (at most one per `min_seconds`, so that a short eval stays quiet) or every `every_seconds`,
+    and a closing line when any was printed, e.g. `eval: tuned demo_topic 120/400 requests (30%) ETA 0:12`;
+    on a terminal (`live`) the same text redrawn in place, and the closing line."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        total: int,
+        unit: str = "requests",
+        every_seconds: float = 30.0,
+        min_seconds: float = 3.0,
+        live: TerminalLine | None = None,
+    ) -> None:
+        self.logger, self.what, self.total, self.unit, self.live = logger, what, total, unit, live
+        self.every_seconds, self.min_seconds = every_seconds, min_seconds
+        self.done, self.next_share, self.lines = 0, 0.1, 0
+        self.started = self.last_line = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.live is not None:
+            self.live.draw(self.text(now))
+            return
+        share = self.done / max(1, self.total)
+        due = share >= self.next_share and now - self.last_line >= self.min_seconds
+        if (due or now - self.last_line >= self.every_seconds) and self.done < self.total:
+            self.next_share = (int(share * 10) + 1) / 10
+            self.log(now)
+
+    def close(self) -> None:
+        now = time.monotonic()
+        if self.live is not None:
+            self.live.close()
+        if self.lines or now - self.started >= self.min_seconds:  # a quick piece of work needs no line
+            self.log(now)
+
+    def log(self, now: float) -> None:
+        self.last_line, self.lines = now, self.lines + 1
+        self.logger.info("%s", self.text(now))
+
+    def text(self, now: float) -> str:
+        elapsed = now - self.started
+        line = f"{self.what} {self.done:,}/{self.total:,} {self.unit} ({100 * self.done // max(1, self.total)}%)"
+        if self.done >= self.total:
+            return f"{line} in {format_eta(elapsed)}"
+        if self.done and elapsed > 0:
+            line += f" ETA {format_eta((self.total - self.done) * elapsed / self.done)}"
+        return line

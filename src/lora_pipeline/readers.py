@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lora_pipeline.errors import DataError
+from lora_pipeline.files import confined
 from lora_pipeline.formats import RowError
 
 FIELD = "dataset.data_uri"
@@ -25,17 +26,18 @@ SAVED_META = ("state.json", "dataset_info.json", "dataset_dict.json")
 BATCH_ROWS = 1024  # rows converted to Python objects at a time from columnar files
 
 
-def data_files(path: Path) -> list[Path]:
+def data_files(path: Path, source: str = "") -> list[Path]:
     """The files a local source stands for: itself, or the data files under a directory in sorted order.
 
     The dataset stage reads exactly these and the source fingerprint hashes exactly these, so a file that
-    would not be read (a README beside the data) cannot invalidate a cached dataset.
+    would not be read (a README beside the data) cannot invalidate a cached dataset. `source` names the data
+    in errors (the URI, where `path` is a temporary download directory).
     """
     if not path.is_dir():
         if path.suffix not in FILE_TYPES:
             raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: {path.name}", field=FIELD)
         return [path]
-    saved = _saved_dataset_files(path)
+    saved = _saved_dataset_files(path, source or str(path))
     if saved is not None:
         return saved
     files = sorted(
@@ -48,37 +50,90 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def _saved_dataset_files(path: Path) -> list[Path] | None:
+def _saved_dataset_files(path: Path, source: str) -> list[Path] | None:
     """The .arrow files of a save_to_disk directory (a Dataset, or a DatasetDict's `train` split when it has
-    one, else all its splits: the eval split is cut by data_split, not taken from the source); else None."""
+    one, else all its splits: the eval split is cut by data_split, not taken from the source); else None.
+
+    The split names and file names come from the data itself, so each is confined to the directory."""
     if (path / "dataset_dict.json").is_file():
-        splits = _json(path / "dataset_dict.json").get("splits") or []
+        splits = _listed(_json(path / "dataset_dict.json").get("splits"), "dataset_dict.json splits")
         chosen = ["train"] if "train" in splits else splits
-        return [f for split in chosen for f in _saved_dataset_files(path / split) or []]
+        dirs = [confined(path, split, what="dataset_dict.json split", source=source) for split in chosen]
+        return [f for d in dirs for f in _saved_dataset_files(d, source) or []]
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        names = [entry["filename"] for entry in _json(path / "state.json").get("_data_files", [])]
-        return [path / name for name in names]
+        entries = _listed(_json(path / "state.json").get("_data_files"), "state.json _data_files")
+        names = [entry.get("filename") if isinstance(entry, dict) else None for entry in entries]
+        return [confined(path, name, what="state.json _data_files filename", source=source) for name in names]
     return None
+
+
+def _listed(value: object, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{what}: expected a list, got {type(value).__name__}", field=FIELD)
+    return value
 
 
 def _json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path.name}: not a readable save_to_disk file ({exc})", field=FIELD) from None
-    return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
+        raise DataError(f"{path.name}: not a readable save_to_disk file ({reason})", field=FIELD) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path.name}: not a readable save_to_disk file (expected a JSON object)", field=FIELD)
+    return data
 
 
 def read_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
     """(row number, row) in file order; row numbers are lines for JSONL and CSV, 1-based records otherwise."""
     kind = FILE_TYPES[f.suffix]
     if kind == "jsonl":
-        return _jsonl_rows(f)
-    if kind == "json":
-        return enumerate(_json_rows(f, name), 1)
-    if kind == "csv":
-        return _csv_rows(f)
-    return enumerate(_columnar_rows(f, kind, name), 1)
+        rows = _jsonl_rows(f)
+    elif kind == "json":
+        rows = enumerate(_json_rows(f, name), 1)
+    elif kind == "csv":
+        rows = _csv_rows(f, name)
+    else:
+        rows = enumerate(_columnar_rows(f, kind, name), 1)
+    return ((i, row if isinstance(row, RowError) else row_problem(row) or row) for i, row in rows)
+
+
+MAX_DEPTH = 64  # a chat row is 4 levels deep; deeper rows are not data, and recursion on them would fail
+
+
+def row_problem(row: object) -> RowError | None:
+    """A decoded row that later steps could not handle: nested deeper than MAX_DEPTH, or a string holding a lone
+    surrogate (a JSON `\\ud800` escape), which no UTF-8 file can be written with. Walked without recursion."""
+    stack = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return RowError(f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return RowError("text with a lone surrogate (not valid Unicode)")
+        elif isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+    return None
+
+
+def parse_json(text: str) -> object:
+    """json.loads, with the inputs it fails on other than by JSONDecodeError (a number of more than 4300 digits,
+    nesting deeper than the interpreter's recursion limit) raised as RowError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise RowError("not valid JSON") from None
+    except ValueError:
+        raise RowError("a number too long to read (more than 4300 digits)") from None
+    except RecursionError:
+        raise RowError(f"nested more than {MAX_DEPTH} levels deep") from None
 
 
 def _jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
@@ -94,9 +149,9 @@ def _jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
             if not line.strip():
                 continue
             try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError:
-                yield i, RowError("not valid JSON")
+                yield i, parse_json(line)
+            except RowError as exc:
+                yield i, exc
 
 
 def _json_rows(f: Path, name: str) -> list:
@@ -111,18 +166,29 @@ def _json_rows(f: Path, name: str) -> list:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{name} is not valid JSON: {exc}", field=FIELD) from None
+    except (ValueError, RecursionError):
+        raise DataError(f"{name}: {parse_problem(text)}", field=FIELD) from None
     rows = rows.get("data", rows) if isinstance(rows, dict) else rows
     if not isinstance(rows, list):
         raise DataError(f'{name}: expected a list of rows or {{"data": [...]}}', field=FIELD)
     return rows
 
 
-def _csv_rows(f: Path) -> Iterator[tuple[int, object]]:
+def parse_problem(text: str) -> str:
+    try:
+        parse_json(text)
+    except RowError as exc:
+        return str(exc)
+    return "not valid JSON"
+
+
+def _csv_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
     # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the record that holds them can
     # be dropped by itself (a strict decode would fail the whole file at that point).
     csv.field_size_limit(1 << 30)
     with open(f, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
+        _check_header(reader.fieldnames or [], name)
         line = 1
         for record in reader:
             start, line = line + 1, reader.line_num
@@ -135,6 +201,16 @@ def _csv_rows(f: Path) -> Iterator[tuple[int, object]]:
                 yield start, RowError("more fields than the CSV header")
                 continue
             yield start, record
+
+
+def _check_header(names: list[str], name: str) -> None:
+    """A column named twice would be read as its last occurrence only, silently: refuse the file instead."""
+    seen: set[str] = set()
+    for column in names:
+        if column in seen:
+            shown = column.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
+            raise DataError(f"{name}: the CSV header names column {shown!r} twice", field=FIELD)
+        seen.add(column)
 
 
 def _columnar_rows(f: Path, kind: str, name: str) -> Iterator[dict]:

@@ -138,7 +138,8 @@ def _training(metrics: dict[str, Any] | None) -> str:
     seconds = metrics.get("train_seconds")
     # First/last/min loss and steps are on the chart's own cards below.
     cards = [
-        ("mean train loss", _f(metrics.get("train_loss"))),
+        ("final loss", _f(metrics.get("final_loss"))),
+        ("mean loss (whole run)", _f(metrics.get("mean_loss", metrics.get("train_loss")))),
         ("epochs", _n(metrics.get("epochs"))),
         ("effective batch", _n(metrics.get("effective_batch_size"))),
         ("tokens/s", _n(metrics.get("tokens_per_second"))),

@@ -2,12 +2,14 @@
 
 from lora_pipeline.config.loading import (
     coerce,
+    data_locations,
     dump_yaml,
     from_dict,
     is_local_uri,
     load_yaml,
     local_path,
     parse_key_values,
+    restore_secrets,
     validate,
 )
 from lora_pipeline.config.schema import (
@@ -32,6 +34,7 @@ __all__ = [
     "RegistryConfig",
     "TrainConfig",
     "coerce",
+    "data_locations",
     "dump_yaml",
     "field_type",
     "fields_of",
@@ -43,5 +46,6 @@ __all__ = [
     "local_path",
     "output_options",
     "parse_key_values",
+    "restore_secrets",
     "validate",
 ]

@@ -11,8 +11,10 @@ import types
 import typing
 from typing import Any
 
+from lora_pipeline.config.mix import parse_sources
 from lora_pipeline.config.schema import SECTIONS, Config, field_type, fields_of
 from lora_pipeline.errors import ConfigError
+from lora_pipeline.redaction import MARK, Secret, is_redacted
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -34,6 +36,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             return None
         raise ConfigError(f"expected {_type_name(base)}, got null", field=name)
     origin = typing.get_origin(base) or base
+    if isinstance(value, Secret):  # already typed (a config copied from another)
+        return value
     try:
         if origin is bool:
             if isinstance(value, bool):
@@ -56,6 +60,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             if isinstance(value, (dict, list, bool)):
                 raise ValueError
             return str(value)
+        if origin is list and typing.get_args(base) == (dict,):  # dataset.sources: its own one-line errors
+            return parse_sources(value, name)
         if origin is list:
             return _parse_list(value)
         if origin is dict:
@@ -154,8 +160,59 @@ def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config
             if key not in known:
                 hint = _closest(key, known)
                 raise ConfigError("unknown option" + (f" (did you mean {hint}?)" if hint else ""), field=name)
-            setattr(section, key, coerce(value, field_type(section_name, key), name))
+            value = coerce(value, field_type(section_name, key), name)
+            setattr(section, key, _as_secret(value) if _is_secret_field(section_name, key) else value)
         setattr(config, section_name, section)
+    return config
+
+
+def _is_secret_field(section: str, key: str) -> bool:
+    return any(f.name == key and f.metadata.get("secret") for f in fields_of(section))
+
+
+def _as_secret(value: Any) -> Any:
+    """A credential option's value as a Secret; the placeholder recorded in run.json is no value at all."""
+    if isinstance(value, Secret) or not isinstance(value, str) or not value:
+        return value
+    return "" if value == MARK else Secret(value)
+
+
+def restore_secrets(config: Config, stages: tuple[str, ...]) -> Config:
+    """Replace the `<redacted>` placeholders that a config restored from run.json holds, for the sections of
+    `stages`, so that no placeholder is ever used as a value: an env_vars value comes from the environment
+    variable of the same name; anything else must be given again (one ConfigError naming the option).
+    The dataset's locations (data_uri, sources, eval_uri) are checked by the pipeline (a cached dataset stage
+    does not need them)."""
+    t = config.train
+    if "train" in stages and MARK in t.env_vars:
+        items = []
+        for name, val in parse_key_values(t.env_vars).items():
+            if val == MARK:
+                if name not in os.environ:
+                    raise ConfigError(
+                        f"{name}'s value is not recorded in run.json: set {name} in the environment, "
+                        f"or give --train.env_vars again",
+                        field="train.env_vars",
+                    )
+                val = os.environ[name]
+            items.append(f"{name}={val}")
+        t.env_vars = ",".join(items)
+    for key, val in config.eval.model_args.items() if "eval" in stages else ():
+        if isinstance(val, str) and val == MARK:
+            raise ConfigError(
+                f"{key}'s value is not recorded in run.json: give --eval.model_args {key}=VALUE again",
+                field="eval.model_args",
+            )
+    sections = {"dataset": "dataset", "train": "train", "eval": "eval", "register": "registry"}
+    for section_name in (sections[s] for s in stages if s in sections):
+        for f in fields_of(section_name):
+            value = getattr(getattr(config, section_name), f.name)
+            recorded_uri = f"{section_name}.{f.name}" in ("dataset.data_uri", "dataset.eval_uri")
+            if not recorded_uri and isinstance(value, str) and is_redacted(value):
+                raise ConfigError(
+                    f"the recorded value had credentials, which are never stored: give --{section_name}.{f.name} again",
+                    field=f"{section_name}.{f.name}",
+                )
     return config
 
 
@@ -178,9 +235,9 @@ def validate(config: Config) -> Config:
         for f in fields_of(section_name):
             _check_field(f"{section_name}.{f.name}", getattr(section, f.name), f.metadata)
 
-    uri = config.dataset.data_uri
-    if uri and is_local_uri(uri) and not os.path.exists(local_path(uri)):
-        raise ConfigError(f"file not found: {local_path(uri)}", field="dataset.data_uri")
+    for where, uri in data_locations(config.dataset):
+        if uri and is_local_uri(uri) and not os.path.exists(local_path(uri)):
+            raise ConfigError(f"file not found: {local_path(uri)}{_weight_hint(uri)}", field=where)
 
     d = config.dataset
     for key in d.columns:
@@ -230,6 +287,26 @@ def validate(config: Config) -> Config:
     return config
 
 
+def data_locations(d: Any) -> list[tuple[str, str]]:
+    """(option, URI) of every location the dataset stage reads: data_uri, each source, eval_uri."""
+    found = [("dataset.data_uri", d.data_uri)] if d.data_uri else []
+    found += [(f"dataset.sources[{i}]", s["uri"]) for i, s in enumerate(d.sources, 1)]
+    return found + ([("dataset.eval_uri", d.eval_uri)] if d.eval_uri else [])
+
+
+def _weight_hint(uri: str) -> str:
+    """`data.jsonl@x` that does not exist where `data.jsonl` does: the text after `@` was meant as a weight."""
+    head, sep, tail = uri.rpartition("@")
+    if sep and head and os.path.exists(local_path(head)):
+        return f" (a weight after the last @ must be a number > 0, got {tail!r})"
+    return ""
+
+
+def is_k8s_quantity(text: str) -> bool:
+    """A Kubernetes resource quantity (4, 500m, 32Gi): what pod resources and a workspace PVC size take."""
+    return bool(_K8S_QUANTITY.match(text))
+
+
 def is_local_uri(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -249,7 +326,8 @@ def _check_field(name: str, value: Any, meta: Any) -> None:
         raise ConfigError(f"must be {op} {meta['min']}, got {value}", field=name)
     if "max" in meta and (value > meta["max"] or (meta.get("max_exclusive") and value == meta["max"])):
         op = "<" if meta.get("max_exclusive") else "<="
-        raise ConfigError(f"must be {op} {meta['max']}, got {value}", field=name)
+        why = f" ({meta['why']})" if "why" in meta else ""
+        raise ConfigError(f"must be {op} {meta['max']}, got {value}{why}", field=name)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -260,10 +338,21 @@ def load_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}", field="--config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"a directory, not a YAML file: {path}", field="--config") from None
+    except OSError as exc:
+        reason = (exc.strerror or type(exc).__name__).lower()
+        raise ConfigError(f"cannot read {path}: {reason}", field="--config") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start}): {path}", field="--config") from None
+    except ValueError:  # a NUL in the path: no file can have that name
+        raise ConfigError(f"not a file name: {path!r}", field="--config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"not valid YAML{where}: {path}", field="--config") from None
+    except RecursionError:  # YAML nested thousands deep
+        raise ConfigError(f"nested too deeply: {path}", field="--config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

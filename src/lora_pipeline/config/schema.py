@@ -11,6 +11,7 @@ the dataclasses below, so a parameter is declared exactly once. Each field's met
   cache      False for options that do not change the stage's output (resources, labels, logging):
              they stay out of its cache key, so changing them does not rerun the stage
   secret     True for credentials: never recorded (run.json, --print_config) nor printed
+  group      the `--help` section of a train option that is neither LoRA nor optimisation (see option_group)
 Fields with neither `kfp` nor `component` are this project's own additions.
 """
 
@@ -21,10 +22,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+# Integers feed C code (torch, numpy, Arrow, the Kubernetes API) that takes 64 bits at most: every integer
+# option is bounded, here at the root, unless its field names a tighter bound for what it feeds.
+INT_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy's and the `random` module's seeds, which transformers.set_seed also seeds
+THREADS_MAX = 4096  # torch.set_num_threads takes a C int; no machine has more cores than this
+
 
 def param(default: Any, help: str, **meta: Any) -> Any:
     """A config field: default + description + spec names + validation bounds, in one place."""
     meta["help"] = help
+    if type(default) is int:
+        meta.setdefault("max", INT_MAX)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,6 +53,19 @@ class DatasetConfig:
         "[REQUIRED] Dataset location (hf://dataset, s3://bucket/path, https://url, local path)",
         kfp="phase_01_dataset_man_data_uri",
     )
+    # Not spec parameters: a compiled pipeline fixes them in its dataset component (`compile -c YAML`).
+    sources: list[dict] = param(
+        [],
+        "Data sources mixed into the training data, each URI[@WEIGHT] (the flag is repeatable; YAML: a list of "
+        "{uri, weight}). Weight w takes round(w x rows) of the source's rows: a seeded sample for w < 1, every row "
+        "int(w) times plus a seeded sample of the rest for w > 1. data_uri, when set, is one more source of weight 1",
+        flag="source",
+        metavar="URI[@WEIGHT]",
+    )
+    eval_uri: str | None = param(
+        None,
+        "Separate eval set (any location data_uri takes): eval.jsonl is its rows, and data_split does not apply",
+    )
     data_split: float = param(
         0.9,
         "Train/eval split (0.9 = 90%/10%, 1.0 = no split)",
@@ -53,7 +75,7 @@ class DatasetConfig:
         max=1.0,
     )
     subset: int = param(0, "Limit to first N examples (0 = all)", kfp="phase_01_dataset_opt_subset", min=0)
-    seed: int = param(42, "Seed of the shuffle before the train/eval split", min=0)
+    seed: int = param(42, "Seed of the shuffle before the train/eval split", min=0, max=SEED_MAX)
     format: str = param(
         "auto",
         "Row format (auto = detected per file from its columns): messages (OpenAI chat), sharegpt "
@@ -70,6 +92,23 @@ class DatasetConfig:
     )
     sha256: str = param("", "Expected sha256 of the data file (also `#sha256=...` at the end of the URI); empty = none")
     max_bytes: int = param(0, "Largest download accepted, in bytes, archives unpacked included (0 = no limit)", min=0)
+    # Not spec parameters, and not in the cache key: how long to wait changes no data.
+    timeout: float = param(
+        30.0,
+        "Seconds a remote source may take to connect, and a download may go with less than 1 KiB received "
+        "(http(s), s3; hf: each request and read); then it is retried, 3 attempts in all",
+        min=0.0,
+        min_exclusive=True,
+        max=86400.0,
+        cache=False,
+    )
+    deadline: float = param(
+        0.0,
+        "Most seconds an http(s) or s3 download may take, retries included (0 = no total limit)",
+        min=0.0,
+        max=30 * 86400.0,
+        cache=False,
+    )
 
 
 @dataclass
@@ -83,14 +122,19 @@ class TrainConfig:
     effective_batch_size: int = param(
         128,
         "Effective batch size (samples per optimizer step)",
+        group="batching",
         kfp="phase_02_train_man_train_batch",
         component="training_effective_batch_size",
         min=1,
+        max=1 << 20,
+        why="rows per optimizer step; a step is cut into passes, but more than a million rows a step leaves a "
+        "dataset a handful of steps",
     )
     micro_batch_size: int = param(
         0,
         "Most samples per forward pass (0 = as many as max_tokens_per_gpu allows; padding counts where passes "
         "are padded); each optimizer step's samples are cut into as many forward passes as the budget needs",
+        group="batching",
         min=0,
     )
     epochs: int = param(
@@ -100,10 +144,13 @@ class TrainConfig:
         component="training_num_epochs",
         component_optional=True,
         min=1,
+        max=1000,
+        why="LoRA converges in a few epochs; more than 1000 passes over the data is a typo",
     )
     max_tokens_per_gpu: int = param(
         32000,
         "Max tokens per forward pass, padding included (memory cap). 32000 for LoRA",
+        group="batching",
         kfp="phase_02_train_man_train_tokens",
         component="training_max_tokens_per_gpu",
         min=1,
@@ -111,9 +158,12 @@ class TrainConfig:
     max_seq_len: int = param(
         8192,
         "Max sequence length in tokens",
+        group="batching",
         kfp="phase_02_train_opt_max_seq_len",
         component="training_max_seq_len",
         min=8,
+        max=1 << 20,
+        why="beyond the context of released models; pre-flight also checks the base model's own context",
     )
     learning_rate: float = param(
         2e-4,
@@ -147,6 +197,7 @@ class TrainConfig:
         component="training_seed",
         component_optional=True,
         min=0,
+        max=SEED_MAX,
     )
     save_epoch: bool = param(
         False,
@@ -186,6 +237,8 @@ class TrainConfig:
         kfp="phase_02_train_man_lora_r",
         component="training_lora_r",
         min=1,
+        max=1 << 16,
+        why="wider than the layers of released models; pre-flight checks it against the targeted layers",
     )
     lora_alpha: int = param(
         32,
@@ -262,6 +315,7 @@ class TrainConfig:
         "[LoRA] Pack multiple samples for efficiency: rows are packed into sequences of up to "
         "min(max_seq_len, max_tokens_per_gpu) tokens, which count as the samples of effective_batch_size; rows "
         "never attend to each other (applied where padding-free batches are exact, else a warning)",
+        group="batching",
         kfp="phase_02_train_opt_lora_sample_packing",
         component="training_lora_sample_packing",
         component_optional=True,
@@ -275,6 +329,7 @@ class TrainConfig:
         None,
         "FSDP sharding strategy for multi-GPU training (FULL_SHARD, HYBRID_SHARD, NO_SHARD). Not applied yet: "
         "processes train with DDP (each holds the whole model), and a set value is named in a warning",
+        group="resources",
         component="training_fsdp_sharding_strategy",
         component_optional=True,
         choices=FSDP_STRATEGIES,
@@ -282,6 +337,7 @@ class TrainConfig:
     data_output_dir: str | None = param(
         None,
         "Directory for processed training data (None = inside the train stage output)",
+        group="resources",
         component="training_data_output_dir",
         component_optional=True,
     )
@@ -305,6 +361,7 @@ class TrainConfig:
         "auto",
         "Processes per worker ('auto' = one per GPU, 1 without one). A local run with N > 1 launches N training "
         "processes with torchrun (gloo on CPU, NCCL on GPU); on Kubernetes, processes per TrainJob node",
+        group="resources",
         kfp="phase_02_train_opt_num_procs",
         component="training_resource_num_procs_per_worker",
     )
@@ -340,12 +397,23 @@ class TrainConfig:
         cache=False,
         applies="kubernetes",
     )
-    env_vars: str = param("", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs")
+    env_vars: str = param(
+        "", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs", group="resources"
+    )
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
+    chat_template: str = param(
+        "",
+        "Chat template for a base model without one (it replaces the model's own if set): chatml, llama3, mistral, "
+        "zephyr, or a Jinja file (read where the train stage runs). Saved with the adapter's tokenizer, so eval, "
+        "chat and export use it too. Empty: the model's own; a chat dataset on a model without one is refused",
+        group="optimisation",
+    )
     threads: int = param(
         0,
         "CPU threads for torch (0 = OMP_NUM_THREADS if set, else the cores this process may use)",
+        group="resources",
         min=0,
+        max=THREADS_MAX,
         cache=False,
     )
 
@@ -425,6 +493,14 @@ class RegistryConfig:
     allow_no_eval: bool = param(
         False, "Register a run whose eval did not complete (its version then carries no scores)", cache=False
     )
+    timeout: float = param(
+        60.0,
+        "Most seconds a Model Registry may take to register, retries included; then one line, outputs kept",
+        min=0.0,
+        min_exclusive=True,
+        max=86400.0,
+        cache=False,
+    )
     path: str = param(
         "",
         "Local registry file; empty = $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
@@ -460,6 +536,30 @@ def fields_of(section: str) -> list[dataclasses.Field]:
 
 def field_type(section: str, name: str) -> Any:
     return typing.get_type_hints(SECTIONS[section])[name]
+
+
+# `--help` sections, in order: (stage section, title). The train stage's options are split by option_group.
+HELP_GROUPS: dict[str, tuple[str, str]] = {
+    "data": ("dataset", "data (dataset stage)"),
+    "optimisation": ("train", "model and optimisation (train stage)"),
+    "lora": ("train", "LoRA and quantization (train stage)"),
+    "batching": ("train", "batching (train stage)"),
+    "resources": ("train", "resources (train stage)"),
+    "kubernetes": ("train", "Kubernetes only: shape the pods / TrainJob, a local run does not use them"),
+    "eval": ("eval", "eval (eval stage)"),
+    "registry": ("registry", "registry (register stage)"),
+}
+
+
+def option_group(section: str, f: dataclasses.Field) -> str:
+    """The `--help` section of an option, from its metadata: `applies`, `group`, its [LoRA]/[QLoRA] tag."""
+    if section != "train":
+        return "data" if section == "dataset" else section
+    if f.metadata.get("applies") == "kubernetes":
+        return "kubernetes"
+    if "group" in f.metadata:
+        return f.metadata["group"]
+    return "lora" if f.metadata["help"].startswith(("[LoRA]", "[QLoRA]")) else "optimisation"
 
 
 def kfp_parameters() -> dict[str, tuple[str, str]]:

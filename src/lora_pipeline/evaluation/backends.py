@@ -175,6 +175,29 @@ def model_arg_problem(key: str, backend: str) -> str | None:
     return f"unknown key {key!r} for the {backend} backend{_did_you_mean(key, allowed)}"
 
 
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def model_arg_value_problem(key: str, value: Any, backend: str) -> str | None:
+    """Why `value` cannot be the hf model's `key` argument (`max_length=abc`), judged by the type lm-eval's
+    HFLM declares for it; None when it fits, or when the declared type is not a plain one to judge by."""
+    if backend != "hf" or value is None:
+        return None
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+
+    param = inspect.signature(HFLM.__init__).parameters.get(key)
+    annotation = getattr(param, "annotation", inspect.Parameter.empty)
+    if not isinstance(annotation, str):
+        return None
+    parts = {p.strip() for p in annotation.split("|")} - {"None"}
+    if not parts or not parts <= set(_SIMPLE_TYPES):
+        return None
+    fits = any(isinstance(value, _SIMPLE_TYPES[p]) and (p == "bool" or not isinstance(value, bool)) for p in parts)
+    return None if fits else f"{key} expects {' or '.join(sorted(parts))}, got {value!r}"
+
+
 def gen_kwarg_problem(key: str, backend: str) -> str | None:
     """Why `key` cannot be an eval.gen_kwargs key on `backend`, or None when it can."""
     allowed = LM_EVAL_GEN_KEYS | (_hf_gen_keys() if backend == "hf" else _vllm_gen_keys())

@@ -14,6 +14,7 @@ from lora_pipeline.evaluation.backends import (
     MAX_TOKEN_KEYS,
     gen_kwarg_problem,
     model_arg_problem,
+    model_arg_value_problem,
     resolve_backend,
     vllm_missing,
 )
@@ -42,8 +43,8 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
     backend = scoring_backend(cfg, error)
     if cfg.include_path and not Path(cfg.include_path).is_dir():
         raise error(f"not a directory: {cfg.include_path}", field="eval.include_path")
-    for key in cfg.model_args:
-        if problem := model_arg_problem(key, backend):
+    for key, value in cfg.model_args.items():
+        if problem := model_arg_problem(key, backend) or model_arg_value_problem(key, value, backend):
             raise error(problem, field="eval.model_args")
     for key, value in cfg.gen_kwargs.items():
         if problem := gen_kwarg_problem(key, backend):

@@ -51,3 +51,45 @@ def _num(v: Any) -> float | None:
 def jsonable(rows: list[dict]) -> list[dict]:
     """lm-eval's sample rows hold numpy values and other objects: as JSON, by their str() where needed."""
     return [json.loads(json.dumps(r, default=str)) for r in rows]
+
+
+def eval_scope(tasks: list[str], limit: int) -> dict[str, Any]:
+    """What an eval covered, recorded in eval_results.json: its tasks and documents per task (-1: all)."""
+    return {"tasks": list(tasks), "limit": limit}
+
+
+def recorded_scope(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The scope of a recorded result; for one written before `scope` was recorded, from its table's task
+    names and lm-eval's recorded limit."""
+    if isinstance(results.get("scope"), dict):
+        return results["scope"]
+    tasks = sorted({row["task"] for row in results.get("comparison") or [] if "task" in row})
+    limit = ((results.get("tuned") or {}).get("config") or {}).get("limit")
+    return eval_scope(tasks, -1 if limit is None else int(limit)) if tasks else None
+
+
+def narrowing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How `new` covers less than `old` (tasks it drops, a lower limit); empty when it covers as much."""
+    reasons = []
+    dropped = [t for t in old["tasks"] if t not in new["tasks"]]
+    if dropped:
+        reasons.append(f"without {', '.join(dropped)}")
+    was, now = old["limit"], new["limit"]
+    if now >= 0 and (was < 0 or now < was):
+        reasons.append(f"limit {now} (was {'all documents' if was < 0 else was})")
+    return reasons
+
+
+def replaced_line(old: dict[str, Any], new_scope: dict[str, Any]) -> str | None:
+    """One line when a result that covers more is replaced by one that covers less, naming what it held."""
+    scope = recorded_scope(old)
+    reasons = narrowing(scope, new_scope) if scope else []
+    if not reasons:
+        return None
+    scores = [
+        f"{row['task']} {row['metric']} {row['tuned']:.4f}"
+        for row in old.get("comparison") or []
+        if isinstance(row.get("tuned"), (int, float))
+    ]
+    held = f" ({'; '.join(scores[:4])}{'; ...' if len(scores) > 4 else ''})" if scores else ""
+    return f"this narrower eval ({', '.join(reasons)}) replaces the earlier result{held}"

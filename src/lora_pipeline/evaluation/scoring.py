@@ -3,11 +3,9 @@ through the same loaded model (transformers), merged into one lm-eval-shaped res
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,10 @@ from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import split_task
 from lora_pipeline.evaluation.backends import HF_RUNTIME_ARGS, hf_gen_kwargs, vllm_model_args, vllm_model_class
+from lora_pipeline.evaluation.request_progress import track_requests
 from lora_pipeline.evaluation.results import precision_label
 from lora_pipeline.models import first_line, load_base_model
+from lora_pipeline.redaction import redact_model_args
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class Scorer:
             lm = vllm_model_class()(**args)
         except (TypeError, ValueError) as exc:
             raise StageError(
-                f"lm-eval's vllm model rejected {self.cfg.model_args}: {first_line(exc)}", field="eval.model_args"
+                f"lm-eval's vllm model rejected {redact_model_args(self.cfg.model_args)}: {first_line(exc)}",
+                field="eval.model_args",
             ) from exc
         base_record = {k: v for k, v in args.items() if k not in ("lora_local_path", "max_lora_rank")}
         results = {}
@@ -144,16 +145,18 @@ class Scorer:
             if not user_args:
                 raise  # nothing the user passed: a bug, keep the traceback
             raise StageError(
-                f"lm-eval's hf model rejected {user_args}: {first_line(exc)}", field="eval.model_args"
+                f"lm-eval's hf model rejected {redact_model_args(user_args)}: {first_line(exc)}",
+                field="eval.model_args",
             ) from exc
 
     def score(self, name: str, lm: Any, record: dict[str, Any], split_model: Any = "lm") -> dict | None:
         """One model's results (None on the non-zero ranks of a torchrun launch): lm-eval's tasks, and the
         run's split scored on `split_model` (by default the transformers model inside the hf `lm`)."""
         log.info("eval: %s model on %s", name, ", ".join(self.cfg.tasks))
+        record = redact_model_args(record)  # lm-eval writes it into eval_results.json's "config"
         results = None
         if self.tasks:
-            results = self._lm_eval(lm, record)
+            results = self._lm_eval(lm, record, name)
             if results is None:
                 return None
         elif rank() != 0:
@@ -169,14 +172,11 @@ class Scorer:
         max_tokens = split_task.max_new_tokens(self.cfg.gen_kwargs)
         return split_task.score_split(model, self.tokenizer, self.split_rows, batch, max_tokens, self.cfg.log_samples)
 
-    def _lm_eval(self, lm: Any, record: dict[str, Any]) -> dict | None:
+    def _lm_eval(self, lm: Any, record: dict[str, Any], name: str) -> dict | None:
         import lm_eval
         import lm_eval.evaluator
 
-        # No terminal: lm-eval's request bars pass disable=False, whatever TQDM_DISABLE says.
-        if not sys.stderr.isatty():
-            for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-                setattr(lm, method, functools.partial(getattr(lm, method), disable_tqdm=True))
+        track_requests(lm, name)  # our progress lines instead of lm-eval's bars, with or without a terminal
         gen_kwargs = hf_gen_kwargs(self.cfg.gen_kwargs) if self.backend == "hf" else dict(self.cfg.gen_kwargs)
         # lm-eval records `git describe` of the working directory, whatever repository that is, and
         # prints git's "fatal: not a git repository" on every run outside one: skip it.

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation.backends import MAX_TOKEN_KEYS
 from lora_pipeline.files import read_jsonl
-from lora_pipeline.tokenization import IGNORE_INDEX, encode_chat, encode_text
+from lora_pipeline.progress import TerminalLine, WorkProgress
+from lora_pipeline.tokenization import IGNORE_INDEX, encode_chat, encode_text, render_chat, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,20 @@ def score_split(
     samples = [s for s in samples if s is not None]
     if not samples:
         raise StageError(f"task {TASK!r}: no row has a token to score", field="eval.tasks")
+    chats = [s for s in samples if s["prompt_ids"] is not None]
+    live = TerminalLine() if os.isatty(2) else None
+    # requests as lm-eval counts them: each row's loss, then each chat row's greedy answer
+    progress = WorkProgress(log, f"eval: {TASK}", len(samples) + len(chats), live=live)
     with torch.no_grad():
-        for batch in _batches(samples, batch_size):
-            _losses(model, tokenizer, batch)
-        chats = [s for s in samples if s["prompt_ids"] is not None]
-        for batch in _batches(chats, batch_size):
-            _generate(model, tokenizer, batch, max_tokens)
+        try:
+            for batch in _batches(samples, batch_size):
+                _losses(model, tokenizer, batch)
+                progress.update(len(batch))
+            for batch in _batches(chats, batch_size):
+                _generate(model, tokenizer, batch, max_tokens)
+                progress.update(len(batch))
+        finally:
+            progress.close()
 
     tokens = sum(s["tokens"] for s in samples)
     loss = sum(s["nll"] for s in samples) / tokens
@@ -129,7 +139,7 @@ def _encode(tokenizer: Any, row: dict, index: int) -> dict | None:
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         prompt = None
         if last is not None:
-            text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+            text = render_chat(tokenizer, messages[:last], add_generation_prompt=True)
             prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         target = messages[last]["content"] if last is not None else None
     else:
@@ -182,7 +192,7 @@ def _generate(model: Any, tokenizer: Any, batch: list[dict], max_tokens: int | N
     if max_tokens is None:
         longest = max(len(tokenizer(s["target"], add_special_tokens=False)["input_ids"]) for s in batch)
         max_tokens = min(MAX_NEW_TOKENS, longest + EXTRA_TOKENS)
-    stops = _stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     device = _device(model)
     out = model.generate(
         input_ids=ids.to(device),
@@ -199,20 +209,6 @@ def _generate(model: Any, tokenizer: Any, batch: list[dict], max_tokens: int | N
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
         s["response"] = tokenizer.decode(row[:cut], skip_special_tokens=True)
         s["exact_match"] = float(s["response"].strip() == s["target"].strip())
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    """EOS and the chat template's end-of-turn token: the first token the template writes after an answer."""
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    probe = "PROBE-ANSWER"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], tokenize=False
-    )
-    after = text[text.rfind(probe) + len(probe) :]
-    if after.strip():
-        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-        stops += [t for t in first if t not in stops]
-    return stops
 
 
 def _sample_row(s: dict) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lora_pipeline.config import Config
+from lora_pipeline.config.loading import is_k8s_quantity
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.kubeflow.components import DEFAULT_IMAGE, DEFAULT_PACKAGE_SPEC, BuildOptions
 from lora_pipeline.stages import NAMES
@@ -74,6 +75,14 @@ def add_compile_command(
         help="Kubernetes secret with key MODEL_REGISTRY_TOKEN ('' = none; default: %(default)s)",
     )
     g.add_argument(
+        "--secret-env",
+        action="append",
+        default=[],
+        metavar="NAME=SECRET:KEY",
+        help="Set env var NAME in the training pods from key KEY of Kubernetes secret SECRET (repeatable; the "
+        "pipeline's train task and --trainjob; a multi-node train started by the pipeline does not get it)",
+    )
+    g.add_argument(
         "--workspace-size",
         default=defaults.workspace_size,
         metavar="SIZE",
@@ -86,6 +95,13 @@ def add_compile_command(
         "--submit",
         action="store_true",
         help="Create it on the cluster (kubeconfig, or KUBERNETES_SERVER_URL + KUBERNETES_AUTH_TOKEN)",
+    )
+    t.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="Most seconds --submit waits for the cluster's API server, in all (default: %(default)s)",
     )
     t.add_argument("--name", default="", help="TrainJob name (default: lora-<random>)")
     t.add_argument("--namespace", default=None, help="Namespace (default: the current context's)")
@@ -100,8 +116,42 @@ def add_compile_command(
     add_config_flags(p)
 
 
+def _check_compile_args(args: argparse.Namespace) -> None:
+    """The output path and the workspace size, checked before anything is built (kfp would raise ValueError)."""
+    if args.workspace_size and not is_k8s_quantity(args.workspace_size):
+        raise ConfigError(
+            f"not a Kubernetes quantity: {args.workspace_size!r} (e.g. 20Gi, 500Mi, 1Ti)", field="--workspace-size"
+        )
+    if not args.output:
+        return
+    out = Path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"a directory, not a file: {out}", field="--output")
+    if not out.parent.is_dir():
+        raise ConfigError(f"no such directory: {out.parent}", field="--output")
+    if not args.trainjob and not out.name.endswith((".yaml", ".yml")):
+        raise ConfigError(f"expected a .yaml file name, got {out.name!r}", field="--output")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86400:  # threading's wait overflows on huge values; a day is already no limit
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds: {text!r}")
+    return value
+
+
 def compile_command(args: argparse.Namespace, config: Config) -> int:
+    _check_compile_args(args)
+
+    from lora_pipeline.kubeflow.secret_values import parse_secret_env, refuse_secret_values
+
+    refuse_secret_values(config, args)  # before anything is written: compiled YAML is shared
+    secret_env = parse_secret_env(args.secret_env, component=args.component)
     options = BuildOptions(
+        secret_env=secret_env,
         image=args.image,
         package_spec=args.package_spec,
         pip_index_urls=tuple(args.pip_index_url),
@@ -112,7 +162,7 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
     )
     try:
         if args.trainjob:
-            return _trainjob(args, config)
+            return _trainjob(args, config, secret_env)
         from lora_pipeline.kubeflow.pipeline import compile_component, compile_pipeline
     except ImportError as exc:
         raise ConfigError(
@@ -127,7 +177,7 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _trainjob(args: argparse.Namespace, config: Config) -> int:
+def _trainjob(args: argparse.Namespace, config: Config, secret_env: tuple[tuple[str, str, str], ...]) -> int:
     from lora_pipeline.kubeflow.trainjob import TrainJobOptions, build_trainjob, submit, trainjob_yaml
 
     options = TrainJobOptions(
@@ -138,6 +188,7 @@ def _trainjob(args: argparse.Namespace, config: Config) -> int:
         pvc=args.pvc,
         dataset_dir=args.dataset_dir,
         output_dir=args.output_dir,
+        secret_env=secret_env,
     )
     trainjob = build_trainjob(config, options)
     text = trainjob_yaml(trainjob)
@@ -146,5 +197,5 @@ def _trainjob(args: argparse.Namespace, config: Config) -> int:
     elif not args.submit:
         sys.stdout.write(text)
     if args.submit and not args.dry_run:
-        print(f"submitted: TrainJob {submit(trainjob)}")
+        print(f"submitted: TrainJob {submit(trainjob, timeout=args.timeout)}")
     return 0

@@ -49,6 +49,8 @@ class BuildOptions:
     hf_token_secret: str = "hf-token"
     aws_secret: str = "aws-credentials"
     registry_token_secret: str = "model-registry-token"
+    # --secret-env: (env var, secret name, key) mounted in the train task's pod (required, not optional).
+    secret_env: tuple[tuple[str, str, str], ...] = ()
     # The pipeline workspace (a PVC per run) given to the training component as `pvc_path`; multi-node
     # training shares the dataset and output with the TrainJob's pods through it. "" = no workspace.
     workspace_size: str = "20Gi"

@@ -107,6 +107,9 @@ def _mount_secrets(task: Any, stage: str, options: BuildOptions) -> None:
         secret = getattr(options, attribute)
         if secret and stage in stages:
             kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
+    if stage == "train":  # --secret-env: what train.env_vars may not carry as a value
+        for env, secret, key in options.secret_env:
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={key: env})
 
 
 def compile_pipeline(path: Path, config: Config | None = None, options: BuildOptions | None = None) -> Path:

@@ -40,7 +40,7 @@ ARTIFACTS: dict[str, StageArtifacts] = {
 }
 
 # Train metrics shown in the KFP UI (scalars of train/metrics.json).
-TRAIN_METRICS = ("train_loss", "final_loss", "eval_loss", "steps", "train_seconds", "tokens_per_second")
+TRAIN_METRICS = ("final_loss", "mean_loss", "eval_loss", "steps", "train_seconds", "tokens_per_second")
 
 
 def config_layer(stage: str, arguments: dict[str, Any], fixed: dict[str, Any]) -> dict[str, dict[str, Any]]:

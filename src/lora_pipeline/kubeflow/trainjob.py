@@ -25,6 +25,7 @@ from typing import Any
 from lora_pipeline.config import Config, coerce, fields_of
 
 MANAGER = "lora-pipeline"  # the runtimePatches entry this package owns
+SUBMIT_TIMEOUT_S = 60.0  # compile --trainjob --submit --timeout: connecting and creating, in all
 # Train options the TrainJob itself expresses (nodes, processes, resources, metadata, env): not passed as flags.
 PLACEMENT = ("num_workers", "num_procs", "gpus_per_worker", "cpu", "memory", "labels", "annotations", "env_vars")
 
@@ -39,6 +40,7 @@ class TrainJobOptions:
     mount_path: str = "/workspace"
     dataset_dir: str = "/workspace/dataset"  # a dataset stage output (train.jsonl, eval.jsonl)
     output_dir: str = "/workspace/train"
+    secret_env: tuple[tuple[str, str, str], ...] = ()  # --secret-env: (env var, secret name, key)
 
 
 def train_command(config: Config, dataset_dir: str, output_dir: str) -> list[str]:
@@ -77,6 +79,14 @@ def build_trainjob(config: Config, options: TrainJobOptions) -> Any:
     # The SDK's own translation (resources, GPU alias, env); the runtime argument is unused for containers.
     trainer_cr = get_trainer_cr_from_custom_trainer(None, trainer)  # type: ignore[arg-type]
     trainer_cr.command = train_command(config, options.dataset_dir, options.output_dir)
+    if options.secret_env:
+        source = models.IoK8sApiCoreV1EnvVarSource
+        trainer_cr.env = (trainer_cr.env or []) + [
+            models.IoK8sApiCoreV1EnvVar(
+                name=env, valueFrom=source(secretKeyRef=models.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key))
+            )
+            for env, secret, key in options.secret_env
+        ]
     if train.num_procs != "auto":
         trainer_cr.num_proc_per_node = int(train.num_procs)
     name = options.name or "lora-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
@@ -138,22 +148,55 @@ def client_configuration() -> Any:
     return configuration
 
 
-def submit(trainjob: Any, wait: bool = False) -> str:
-    """Create the TrainJob on the cluster (untested here: no cluster). Returns its name."""
+def submit(trainjob: Any, wait: bool = False, timeout: float = SUBMIT_TIMEOUT_S) -> str:
+    """Create the TrainJob on the cluster (untested against a real cluster). Returns its name.
+
+    Connecting and creating end within `timeout` seconds, or one line: the SDK's client reads from the API
+    server with no timeout of its own before anything is sent, so the whole exchange runs under a deadline.
+    """
+    from lora_pipeline.deadline import Overdue, within
+    from lora_pipeline.errors import StageError
+
+    configuration = client_configuration()
+    where = getattr(configuration, "host", None) or "the cluster of the current kubeconfig context"
+    try:
+        client = within(timeout, lambda: _create(trainjob, configuration, timeout))
+    except Overdue:
+        raise StageError(
+            f"the Kubernetes API server ({where}) did not answer within {timeout:g} s; nothing was submitted "
+            "that this command knows of (check with kubectl get trainjobs)",
+            field="compile --submit",
+        ) from None
+    except Exception as exc:  # the kubernetes client's many failures: refused, TLS, 4xx/5xx, no kubeconfig
+        if isinstance(exc, StageError):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise StageError(
+            f"cannot submit to {where}: {type(exc).__name__}: {reason}", field="compile --submit"
+        ) from None
+    if wait:
+        client.wait_for_job_status(trainjob.metadata.name, timeout=7 * 24 * 3600)
+    return trainjob.metadata.name
+
+
+def _create(trainjob: Any, configuration: Any, timeout: float) -> Any:
     from kubeflow.common.types import KubernetesBackendConfig
     from kubeflow.trainer import TrainerClient
     from kubeflow.trainer.constants import constants
 
     client = TrainerClient(
-        KubernetesBackendConfig(namespace=trainjob.metadata.namespace, client_configuration=client_configuration())
+        KubernetesBackendConfig(namespace=trainjob.metadata.namespace, client_configuration=configuration)
     )
     backend = client.backend  # the SDK's train() builds its own spec; this sends ours, built above, unchanged
     backend.custom_api.create_namespaced_custom_object(
-        constants.GROUP, constants.VERSION, backend.namespace, constants.TRAINJOB_PLURAL, trainjob.to_dict()
+        constants.GROUP,
+        constants.VERSION,
+        backend.namespace,
+        constants.TRAINJOB_PLURAL,
+        trainjob.to_dict(),
+        _request_timeout=(min(timeout, 10.0), timeout),  # (connect, read) seconds
     )
-    if wait:
-        client.wait_for_job_status(trainjob.metadata.name, timeout=7 * 24 * 3600)
-    return trainjob.metadata.name
+    return client
 
 
 def train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path: str, task_config: Any = None) -> None:

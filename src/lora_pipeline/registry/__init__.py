@@ -100,9 +100,10 @@ def local_path(cfg: RegistryConfig | None = None) -> Path:
 def token(cfg: RegistryConfig) -> str:
     """The bearer token: registry.token, else $MODEL_REGISTRY_TOKEN. A value that came back redacted from
     run.json is no token."""
-    from lora_pipeline.redaction import is_redacted
+    from lora_pipeline.redaction import is_redacted, reveal
 
-    value = cfg.token if cfg.token and not is_redacted(cfg.token) else os.environ.get(TOKEN_ENV, "")
+    value = reveal(cfg.token)
+    value = value if value and not is_redacted(value) else os.environ.get(TOKEN_ENV, "")
     return value.strip()
 
 
@@ -112,10 +113,10 @@ def remember_secret(cfg: RegistryConfig) -> None:
     and error lines. Values shorter than 6 characters are not scrubbed (redaction's rule)."""
     import dataclasses
 
-    from lora_pipeline.redaction import is_redacted
+    from lora_pipeline.redaction import is_redacted, reveal
 
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+        value = reveal(getattr(cfg, f.name))
         if f.metadata.get("secret") and isinstance(value, str) and value and not is_redacted(value):
             os.environ[f"LORA_PIPELINE_SECRET_REGISTRY_{f.name.upper()}"] = value
 
@@ -128,7 +129,9 @@ def open_registry(cfg: RegistryConfig) -> Registry:
         return LocalRegistry(local_path(cfg))
     from lora_pipeline.registry.kubeflow import KubeflowRegistry
 
-    return KubeflowRegistry(cfg.address, cfg.port, author=cfg.author, token=token(cfg), ca_cert=cfg.ca_cert)
+    return KubeflowRegistry(
+        cfg.address, cfg.port, author=cfg.author, token=token(cfg), ca_cert=cfg.ca_cert, timeout=cfg.timeout
+    )
 
 
 def check_local(cfg: RegistryConfig, adapter: Path | None) -> None:

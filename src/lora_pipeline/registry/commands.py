@@ -18,7 +18,7 @@ _LINEAGE = (
     ("LoRA", ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora")),
     ("quantization", ("quantization",)),
     ("training", ("epochs", "steps", "effective_batch_size")),
-    ("losses", ("train_loss", "final_loss", "eval_loss")),
+    ("losses", ("final_loss", "mean_loss", "train_loss", "eval_loss")),  # train_loss: the mean, older versions
 )
 
 
@@ -84,6 +84,8 @@ def verify_model(path: Path, name: str, version: str | None = None) -> None:
 
 
 def _short(key: str) -> str:
+    if key == "train_loss":  # older versions' name for the mean over the run
+        return "mean_loss"
     for prefix in ("dataset_", "lora_"):
         if key.startswith(prefix):
             return key[len(prefix) :]

@@ -2,6 +2,8 @@
 
 The client is imported and built only here, when registering. A registry that does not answer (connection
 refused, timeouts, 5xx) is retried with backoff, then reported in one line; a refused token is not retried.
+The whole registration, retries included, ends within `registry.timeout` seconds: the client's own limit is
+5 minutes a request, with retries of its own, so each attempt runs under deadline.within().
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import warnings
 from typing import Any
 from urllib.parse import urlsplit
 
+from lora_pipeline.deadline import Overdue, within
 from lora_pipeline.errors import RegistryError
 from lora_pipeline.registry import Entry, Outcome
 from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY
@@ -20,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait before each retry: a registry pod restarting is back within ~30 s.
 RETRY_DELAYS: tuple[float, ...] = (1, 2, 4, 8, 16)
+DEFAULT_TIMEOUT_S = 60.0  # the whole registration, retries included (registry.timeout)
 _TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 INSTALL_HINT = (
     "a remote registry needs the Kubeflow Model Registry client: pip install 'lora-pipeline[kubeflow]' "
@@ -36,35 +40,51 @@ def normalise_address(address: str, port: int) -> tuple[str, int]:
 
 
 class KubeflowRegistry:
-    def __init__(self, address: str, port: int, *, author: str, token: str = "", ca_cert: str = "") -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        *,
+        author: str,
+        token: str = "",
+        ca_cert: str = "",
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.server, self.port = normalise_address(address, port)
         parts = urlsplit(self.server)
         self.where = f"{parts.scheme}://{parts.hostname}:{self.port}"
-        self.author, self._token, self.ca_cert = author, token, ca_cert
+        self.author, self._token, self.ca_cert, self.timeout = author, token, ca_cert, timeout
 
     def register(self, entry: Entry) -> Outcome:
         if entry.version == AUTO:
             raise RegistryError(
                 "auto applies to the local registry: give a version for a Model Registry", field="registry.version"
             )
-        delays = list(RETRY_DELAYS)
+        delays, attempts = list(RETRY_DELAYS), 0
+        ends = time.monotonic() + self.timeout
         while True:
+            attempts += 1
             try:
-                return self._register_once(entry)
+                return within(ends - time.monotonic(), lambda: self._register_once(entry))
+            except Overdue:
+                raise self._gave_up(f"no answer within registry.timeout, {self.timeout:g} s", attempts) from None
             except Exception as exc:
                 reason = self._transient(exc)
                 if reason is None:
                     raise self._error(exc) from None
-                if not delays:
-                    raise RegistryError(
-                        f"the Model Registry at {self.where} did not answer after {len(RETRY_DELAYS) + 1} attempts "
-                        f"({reason}); the train and eval outputs are kept: run `lora-pipeline register -o RUN_DIR` "
-                        "to register later",
-                        field="registry.address",
-                    ) from None
+                if not delays or time.monotonic() + delays[0] >= ends:
+                    raise self._gave_up(reason, attempts) from None
                 delay = delays.pop(0)
                 log.warning("register: %s at %s; retrying in %gs", reason, self.where, delay)
                 time.sleep(delay)
+
+    def _gave_up(self, reason: str, attempts: int) -> RegistryError:
+        return RegistryError(
+            f"the Model Registry at {self.where} did not answer after {attempts} attempts "
+            f"({reason}); the train and eval outputs are kept: run `lora-pipeline register -o RUN_DIR` "
+            "to register later",
+            field="registry.address",
+        )
 
     def _client(self) -> Any:
         try:

@@ -20,10 +20,14 @@ MARK = "<redacted>"  # what redact() leaves where it removed something
 
 @dataclass(frozen=True)
 class Limits:
-    """What a fetch must respect: the expected sha256 of a single file, and a size cap (0 = none)."""
+    """What a fetch must respect: the expected sha256 of a single file, a size cap (0 = none), the seconds to
+    connect and that a transfer may go without progress (`timeout`), and for the whole fetch, retries
+    included (`deadline`, 0 = none)."""
 
     sha256: str = ""
     max_bytes: int = 0
+    timeout: float = 30.0
+    deadline: float = 0.0
 
 
 class Source(Protocol):
@@ -132,25 +136,10 @@ def _verify(path: Path, expected: str, uri: str) -> None:
 
 def redact(uri: str) -> str:
     """`uri` with user:password@ and the query string replaced by a visible marker; fragments are kept, and so
-    is the query of hf:// URIs (split and revision).
+    is the query of hf:// URIs (split and revision). Parsed, never pattern-matched: see redaction.split_uri."""
+    from lora_pipeline.redaction import redact_uri
 
-    Parsed by hand rather than with urlsplit, which raises on some malformed URIs: this runs in error
-    paths, where a second exception would hide the first and might print the URI in full.
-    """
-    if "://" not in uri:
-        return uri  # a local path
-    scheme, rest = uri.split("://", 1)
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
-    if "@" in authority:
-        authority = f"{MARK}@{authority.rsplit('@', 1)[1]}"
-    tail, hash_sign, fragment = tail.partition("#")
-    path, question_mark, query = tail.partition("?")
-    if query and scheme.lower() != "hf":  # hf:// queries are split and revision, never a token
-        path = f"{path}?{MARK}"
-    else:
-        path += question_mark + query
-    return f"{scheme}://{authority}{path}{hash_sign}{fragment}"
+    return redact_uri(uri)
 
 
 def is_redacted(uri: str) -> bool:

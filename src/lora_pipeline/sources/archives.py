@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.files import unsafe_reason
 from lora_pipeline.sources import FIELD
 
 SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -37,12 +38,8 @@ def unpack(archive: Path, target: Path, max_bytes: int = 0) -> Path:
 
 
 def _inside(name: str) -> bool:
-    """A relative member path that stays inside the unpack directory once normalised."""
-    name = name.replace("\\", "/")
-    if not name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return False
-    normal = posixpath.normpath(name)
-    return normal != ".." and not normal.startswith("../")
+    """A relative member path that stays inside the unpack directory (the rules every path from data obeys)."""
+    return unsafe_reason(name) is None
 
 
 def _refuse(archive: Path, name: str, why: str) -> SourceError:

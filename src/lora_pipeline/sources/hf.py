@@ -9,11 +9,16 @@ cache. The fingerprint is the commit the revision resolves to (the cache's snaps
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.files import confined
 from lora_pipeline.sources import FIELD, Limits, redact
 
 # What is downloaded from a dataset repository: data files and the card that declares its configs.
@@ -32,7 +37,7 @@ class Ref:
 class HfSource:
     def fetch(self, uri: str, dest: Path, limits: Limits) -> Path:
         ref = parse(uri)
-        files, snapshot = _split_files(uri, ref)
+        files, snapshot = _split_files(uri, ref, limits.timeout)
         root = dest / "hf"
         for f in files:
             link = root / f.relative_to(snapshot)
@@ -78,9 +83,9 @@ def parse(uri: str) -> Ref:
     return Ref(repo, config, split, options.get("revision", [None])[-1] or None)
 
 
-def _split_files(uri: str, ref: Ref) -> tuple[list[Path], Path]:
+def _split_files(uri: str, ref: Ref, timeout: float = CHECK_TIMEOUT_S) -> tuple[list[Path], Path]:
     """(the split's data files, the snapshot directory they are in)."""
-    snapshot = _snapshot(uri, ref)
+    snapshot = _snapshot(uri, ref, timeout)
     import datasets
 
     try:
@@ -95,19 +100,20 @@ def _split_files(uri: str, ref: Ref) -> tuple[list[Path], Path]:
     if ref.split not in splits:
         known = ", ".join(splits) or "none"
         raise SourceError(f"{redact(uri)}: no split {ref.split!r} (splits: {known})", field=FIELD)
-    files = [Path(str(f).split("::")[0]) for f in splits[ref.split]]
-    outside = [f for f in files if not f.is_relative_to(snapshot)]
-    if outside:
-        raise SourceError(
-            f"{redact(uri)}: the split names files outside the repository ({outside[0].name})", field=FIELD
-        )
+    # The card's `path:` patterns are data: a file they resolve to is taken only inside the snapshot (its
+    # links may point into the repository's blob store, two levels up, and nowhere else).
+    names = [os.path.relpath(str(f).split("::")[0], snapshot) for f in splits[ref.split]]
+    what = f"dataset card data_files path (split {ref.split!r})"
+    files = [confined(snapshot, n, what=what, source=redact(uri), links_to=snapshot.parents[1]) for n in names]
     return files, snapshot
 
 
-def _snapshot(uri: str, ref: Ref) -> Path:
+def _snapshot(uri: str, ref: Ref, timeout: float) -> Path:
+    """The repository's files; a request waits at most `timeout` (dataset.timeout) for an answer, and for
+    each read of a file's bytes unless HF_HUB_DOWNLOAD_TIMEOUT says otherwise."""
     from huggingface_hub import constants, snapshot_download
 
-    with _hub_errors(uri, ref):
+    with _hub_errors(uri, ref), _download_timeout(constants, timeout):
         return Path(
             snapshot_download(
                 ref.repo,
@@ -116,8 +122,24 @@ def _snapshot(uri: str, ref: Ref) -> Path:
                 cache_dir=constants.HF_HUB_CACHE,
                 local_files_only=constants.HF_HUB_OFFLINE,
                 allow_patterns=PATTERNS,
+                etag_timeout=timeout,
             )
         )
+
+
+@contextlib.contextmanager
+def _download_timeout(constants: Any, seconds: float) -> Iterator[None]:
+    """huggingface_hub reads its download timeout from a module constant at each request (set from the
+    environment at import); the option takes its place for this fetch when the variable is not set."""
+    if "HF_HUB_DOWNLOAD_TIMEOUT" in os.environ:
+        yield
+        return
+    before = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = before
 
 
 class _hub_errors:  # noqa: N801 - used as a context manager, like contextlib's

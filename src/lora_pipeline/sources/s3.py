@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from lora_pipeline.errors import SourceError
+from lora_pipeline.errors import SourceError, UnsafePathError
+from lora_pipeline.files import confined, owned_prefix, remove_stale_temp, unsafe_reason
+from lora_pipeline.progress import Meter
 from lora_pipeline.sources import FIELD, Limits, redact
+
+log = logging.getLogger(__name__)
 
 CHECK_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 10}  # the fingerprint is the pre-flight check
 DOWNLOAD_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60}
@@ -30,7 +35,8 @@ _DENIED = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 
 class S3Source:
     def fetch(self, uri: str, dest: Path, limits: Limits) -> Path:
-        client = _client(uri, DOWNLOAD_TIMEOUTS)
+        # dataset.timeout: to connect, and the most seconds one read of the body may wait.
+        client = _client(uri, {"connect_timeout": limits.timeout, "read_timeout": limits.timeout})
         bucket, key = _parse(uri)
         objects, prefix = _objects(client, uri, FIELD)
         total = sum(o["Size"] for o in objects)
@@ -38,14 +44,17 @@ class S3Source:
             raise SourceError(
                 f"{redact(uri)} is {total} bytes, more than dataset.max_bytes ({limits.max_bytes})", field=FIELD
             )
+        meter, progress = _progress(uri, total, limits)
         if prefix is None:  # one object
-            target = dest / (PurePosixPath(key).name or "data.jsonl")
-            _download(client, uri, bucket, objects[0]["Key"], target, FIELD)
-            return target
-        root = dest / "s3"
-        for o in objects:
-            _download(client, uri, bucket, o["Key"], root / _relative(o["Key"], prefix), FIELD)
-        return root
+            name = PurePosixPath(key).name or "data.jsonl"
+            target = confined(dest, name, what="object key", source=redact(uri))
+            _download(client, uri, bucket, objects[0]["Key"], target, FIELD, progress)
+        else:
+            target = dest / "s3"
+            for o in objects:
+                _download(client, uri, bucket, o["Key"], target / _relative(o["Key"], prefix), FIELD, progress)
+        meter.close()
+        return target
 
     def fingerprint(self, uri: str) -> str:
         """An object's ETag and LastModified; for a prefix, the sha256 of its objects' keys, ETags and sizes."""
@@ -72,7 +81,8 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temp(target.parent, f".{target.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{target.name}.tmp-"), dir=target.parent))
     try:
         for o in objects:
             _download(client, uri, bucket, o["Key"], tmp / _relative(o["Key"], prefix), field)
@@ -95,9 +105,12 @@ def model_fingerprint(uri: str) -> str:
 
 
 def _parse(uri: str, field: str = FIELD) -> tuple[str, str]:
+    from lora_pipeline.redaction import split_uri
+
     rest = uri.split("://", 1)[1]
     bucket, _, key = rest.partition("/")
-    if "@" in bucket or "?" in rest:
+    parts = split_uri(uri)  # `s3://AKIA:se/cret@bucket/key` holds credentials, though its "bucket" has no '@'
+    if "@" in bucket or "?" in rest or (parts is not None and parts[1] is not None):
         raise SourceError(
             f"credentials and query strings do not belong in s3:// URIs (use the AWS_* variables): {redact(uri)}",
             field=field,
@@ -107,7 +120,7 @@ def _parse(uri: str, field: str = FIELD) -> tuple[str, str]:
     return bucket, key
 
 
-def _client(uri: str, timeouts: dict[str, int], field: str = FIELD) -> Any:
+def _client(uri: str, timeouts: dict[str, float], field: str = FIELD) -> Any:
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
@@ -157,16 +170,39 @@ def _tree_digest(objects: list[dict], prefix: str) -> str:
 def _relative(key: str, prefix: str) -> str:
     """The object's path under the prefix; refused if it would climb out of the download directory."""
     rel = key[len(prefix) :]
-    parts = PurePosixPath(rel).parts
-    if not parts or ".." in parts or rel.startswith("/"):
-        raise SourceError(f"object key {key[:100]!r} cannot be stored as a local file", field=FIELD)
+    why = unsafe_reason(rel)
+    if why:
+        raise UnsafePathError(f"object key {key[:100]!r} {why}: it cannot be stored as a local file", field=FIELD)
     return rel
 
 
-def _download(client: Any, uri: str, bucket: str, key: str, target: Path, field: str) -> None:
+def _progress(uri: str, total: int, limits: Limits) -> tuple[Meter, Callable[[int], None]]:
+    """boto3's transfer callback (bytes received since the last call): progress lines, and dataset.deadline
+    checked as the bytes arrive (raising there cancels the transfer)."""
+    from lora_pipeline.sources.http import Clock
+
+    meter = Meter(log, f"download {redact(uri)}", "B", total)
+    clock = Clock(uri, limits.timeout, limits.deadline)
+
+    def received(n: int) -> None:
+        meter.update(n)
+        clock.check()
+
+    return meter, received
+
+
+def _download(
+    client: Any,
+    uri: str,
+    bucket: str,
+    key: str,
+    target: Path,
+    field: str,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with _errors(uri, field):
-        client.download_file(bucket, key, str(target))
+        client.download_file(bucket, key, str(target), Callback=progress)
 
 
 def _code(exc: BaseException) -> str:

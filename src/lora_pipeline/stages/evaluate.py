@@ -27,9 +27,10 @@ from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import split_task
 from lora_pipeline.evaluation.checks import SPLIT_TASK, build_tasks, check_eval_options, checked_options, lm_eval_tasks
-from lora_pipeline.evaluation.results import compare, jsonable, precision_label
+from lora_pipeline.evaluation.results import compare, eval_scope, jsonable, precision_label, replaced_line
 from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start_env_info
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
+from lora_pipeline.library_notices import set_library_levels
 from lora_pipeline.models import load_tokenizer
 
 __all__ = ["check_eval_options", "compare", "evaluate_adapter", "precision_label"]
@@ -59,7 +60,7 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
 
     import torch
 
-    logging.getLogger("lm_eval").setLevel(cfg.verbosity)  # lm-eval deprecated its own verbosity arguments
+    set_library_levels(cfg.verbosity)  # lm-eval's INFO lines only at DEBUG (it deprecated its own verbosity)
     backend, task_manager = checked_options(cfg, StageError)
     tasks = lm_eval_tasks(cfg.tasks)
     if tasks:
@@ -101,11 +102,13 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     comparison = compare(results.get("base"), results["tuned"], label)
     if "tuned_full_precision" in results:
         comparison += compare(results.get("base_full_precision"), results["tuned_full_precision"], "full")
+    scope = eval_scope(cfg.tasks, cfg.limit)
+    record = {**results, "backend": backend, "quantization": quant, "chat_template": chat, "comparison": comparison}
+    replaced = _replaced(out, scope)
+    if replaced:  # a quick look (a limit, fewer tasks) never replaces a fuller result silently
+        record["replaced"] = replaced
     with atomic_dir(out) as tmp:
-        write_json_atomic(
-            {**results, "backend": backend, "quantization": quant, "chat_template": chat, "comparison": comparison},
-            tmp / "eval_results.json",
-        )
+        write_json_atomic({**record, "scope": scope}, tmp / "eval_results.json")
         if cfg.log_samples:
             for name, per_task in samples.items():
                 for task, rows in per_task.items():
@@ -115,4 +118,24 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     from lora_pipeline.report import format_table
 
     log.info("eval:\n%s", format_table(comparison))
+    if replaced:
+        log.warning("eval: %s", replaced["line"])
     return out
+
+
+def _replaced(out: Path, scope: dict[str, Any]) -> dict[str, Any] | None:
+    """What a narrower eval replaces in `out`: the line that says so, and the earlier scope and table (kept in
+    the new record). A registered version's scores are the earlier ones until it is registered again."""
+    previous = out / "eval_results.json"
+    if not previous.is_file():
+        return None
+    old = read_json(previous)
+    line = replaced_line(old, scope)
+    if line is None:
+        return None
+    registration = out.parent / "register" / "registration.json"  # a run directory's
+    if registration.is_file():
+        record = read_json(registration)
+        if record.get("status") in ("registered", "exists"):
+            line += f"; the registered {record['model_name']} {record['version']} keeps the earlier scores"
+    return {"line": line, "scope": old.get("scope"), "comparison": old.get("comparison")}

@@ -72,10 +72,26 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
         record.update(status="skipped", reason=f"registry.address is {repr(cfg.address) if cfg.address else 'empty'}")
         log.info("register: skipped (no registry address; `--registry.address local` registers in a local file)")
     else:
+        registered_before = _registered_metadata(cfg, entry, Path(out))
         outcome = open_registry(cfg).register(entry)
         record.update(outcome.to_dict())
         verb = "registered" if outcome.status == "registered" else "already registered (same content, no change)"
         log.info("register: %s %s %s in %s", entry.name, record["version"], verb, outcome.where)
+        differ = score_differences(registered_before, entry.metadata) if outcome.status == "exists" else {}
+        if differ:
+            # The registry keeps a version as first registered: say when its scores are not this run's.
+            record["registered_metadata"] = registered_before
+            record["scores_differ"] = differ
+            shown = "; ".join(
+                f"{k[5:]} {_text(v['registered'])} there, {_text(v['run'])} here" for k, v in differ.items()
+            )
+            log.warning(
+                "register: %s %s holds other eval scores than this run's eval (%s): the registry keeps its own; "
+                "a new --registry.version records these",
+                entry.name,
+                record["version"],
+                shown,
+            )
     with atomic_dir(out) as tmp:
         write_json_atomic(record, tmp / "registration.json")
     return out
@@ -91,6 +107,47 @@ def _check_eval_results(eval_dir: Path | None) -> None:
             "--registry.allow_no_eval true to register a version without scores",
             field="registry.allow_no_eval",
         )
+
+
+def _registered_metadata(cfg: RegistryConfig, entry: Entry, out: Path) -> dict[str, Any] | None:
+    """The metadata the registry holds for entry's name and version: read from the local registry, else
+    (a remote one) from this output's previous registration record of the same version."""
+    if kind(cfg) == "local":
+        from lora_pipeline.registry import local_path
+        from lora_pipeline.registry.local import LocalRegistry
+
+        path = local_path(cfg)
+        found = LocalRegistry(path).find(entry.name, entry.version) if path.exists() else None
+        return found["metadata"] if found else None
+    previous = out / "registration.json"
+    if not previous.is_file():
+        return None
+    old = read_json(previous)
+    if (old.get("model_name"), old.get("version")) != (entry.name, entry.version):
+        return None
+    return old.get("registered_metadata") or old.get("metadata")
+
+
+def score_differences(registered: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Tuned eval scores (`eval.<task>.<metric>...`) that differ between the registry and this run, by key."""
+    if not registered:
+        return {}
+    keys = [k for k in {**registered, **run} if k.startswith("eval.") and not k.endswith((".base", ".delta"))]
+    return {
+        k: {"registered": registered.get(k), "run": run.get(k)}
+        for k in sorted(keys)
+        if not _same(registered.get(k), run.get(k))
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _text(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "none" if value is None else str(value)
 
 
 def artifact_uri(adapter: Path) -> str:
@@ -124,8 +181,10 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
     metrics_file = train_dir / "metrics.json"
     if metrics_file.exists():
         metrics = read_json(metrics_file)
-        for key in ("train_loss", "final_loss", "eval_loss", "epochs", "steps", "effective_batch_size"):
+        for key in ("final_loss", "mean_loss", "eval_loss", "epochs", "steps", "effective_batch_size"):
             meta[key] = metrics.get(key)
+        if meta["mean_loss"] is None:  # a train output from before the rename called the mean `train_loss`
+            meta["mean_loss"] = metrics.get("train_loss")
         meta["quantization"] = _quantization(metrics.get("quantization"))
     results_file = Path(eval_dir) / "eval_results.json" if eval_dir else None
     if results_file and results_file.exists():

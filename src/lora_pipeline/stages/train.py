@@ -19,6 +19,7 @@ from lora_pipeline.checkpoints import (
     checkpoint_step,
     make_checkpoint_callback,
     move_epoch_checkpoints,
+    remove_incomplete_checkpoints,
     training_key,
 )
 from lora_pipeline.config import TrainConfig, parse_key_values
@@ -93,8 +94,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import transformers
 
     from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
-    from lora_pipeline.progress import make_progress_callback
-    from lora_pipeline.tokenization import PadCollator, ensure_chat_template
+    from lora_pipeline.chat_templates import apply_chat_template_option
+    from lora_pipeline.progress import TerminalLine, make_progress_callback
+    from lora_pipeline.tokenization import PadCollator
 
     threads, threads_from = cpu_threads(cfg.threads)
     torch.set_num_threads(threads)
@@ -104,7 +106,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         torch.set_flush_denormal(True)  # denormal floats (tiny weights/grads) slow CPU math by up to ~10x
     model_ref = resolve_model(cfg.model, fetch=True)
     tokenizer = load_tokenizer(model_ref, cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
+    apply_chat_template_option(tokenizer, cfg.chat_template)  # saved with the adapter's tokenizer
     # Tokenized data is kept by content (train.data_output_dir, else inside this stage's output), so a rerun
     # on the same data, tokenizer and template skips rendering and tokenizing every row.
     data_root = Path(cfg.data_output_dir) if cfg.data_output_dir else out / "data"
@@ -183,7 +185,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         use_liger_kernel=use_liger,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=not tty,
+        disable_tqdm=True,  # our own progress (below), on a terminal too: HF's bar has no loss, no tokens/s
     )
     trainer = make_trainer_class()(
         model=model,
@@ -211,10 +213,12 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     )
     epoch_dir = work / "epoch_checkpoints"
     trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir, steps_per_epoch))
-    if not tty:  # transformers would print every logged dict raw: one readable line now and then instead
-        tokens_per_step = sum(len(r["input_ids"]) for r in train_rows) / steps_per_epoch
-        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-        trainer.add_callback(make_progress_callback(tokens_per_step, log))
+    # transformers would print every logged dict raw: our progress line instead (redrawn on a terminal)
+    tokens_per_step = sum(len(r["input_ids"]) for r in train_rows) / steps_per_epoch
+    for printer in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+        trainer.remove_callback(printer)
+    live = TerminalLine() if tty else None
+    trainer.add_callback(make_progress_callback(tokens_per_step, log, live=live))
     resumed_at = checkpoint_step(resume) if resume else 0
     if resume:
         log.info("train: resuming from step %d of %d", resumed_at, steps_per_epoch * cfg.epochs)
@@ -234,8 +238,14 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:
+        if rank == 0:  # a save cut short (ENOSPC, a crash) leaves a partial checkpoint: not kept on disk
+            remove_incomplete_checkpoints(work / "checkpoints")
+        raise
     finally:
         memory_peak = peak.stop()
+        if live is not None:
+            live.close()  # an interrupted run leaves no half-drawn line
     seconds = time.perf_counter() - started
     batch_stats = trainer.batch_stats.as_dict(sum_over_processes(trainer.batch_stats.counts(), world))
     if rank != 0:  # under torchrun every rank trains; one writes
@@ -246,8 +256,10 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     # The mean of the logged losses, which a resumed run restores from its checkpoint; the Trainer's own
-    # `training_loss` averages only the steps run by the last process.
-    train_loss = sum(losses) / len(losses) if losses else None
+    # `training_loss` averages only the steps run by the last process. It includes the random-init start, so
+    # it is always labelled "mean": the final loss is where training ended.
+    mean_loss = sum(losses) / len(losses) if losses else None
+    final_loss = losses[-1] if losses else None
     total_steps = steps_per_epoch * cfg.epochs
     total_tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.epochs
     tokens_here = total_tokens * (trainer.state.global_step - resumed_at) / total_steps
@@ -272,8 +284,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         write_json_atomic(
             {
-                "train_loss": train_loss,
-                "final_loss": losses[-1] if losses else None,
+                "final_loss": final_loss,
+                "mean_loss": mean_loss,
                 "eval_loss": evals[-1] if evals else None,
                 "steps": trainer.state.global_step,
                 "resumed_from_step": resumed_at or None,
@@ -313,9 +325,20 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         write_loss_chart(history, tmp / "loss_chart.html", title=f"LoRA training loss: {model_ref}")
     shutil.rmtree(work, ignore_errors=True)
     log.info(
-        "train: loss %.4f after %d steps in %.1fs -> %s", train_loss or 0.0, trainer.state.global_step, seconds, out
+        "train: %s after %d steps in %.1fs -> %s",
+        loss_summary(final_loss, mean_loss),
+        trainer.state.global_step,
+        seconds,
+        out,
     )
     return out
+
+
+def loss_summary(final: float | None, mean: float | None) -> str:
+    """`final loss 0.5123 (mean over the run 1.3754)`: the summary line leads with where training ended."""
+    if final is None:
+        return "no loss logged"
+    return f"final loss {final:.4f}" + (f" (mean over the run {mean:.4f})" if mean is not None else "")
 
 
 def tokens_in(rows: list[dict]) -> int:
