@@ -144,11 +144,13 @@ class LocalRegistry:
             "LEFT JOIN model_artifact a ON a.version_id = v.id"
         )
         with self._db() as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'model_version'").fetchone():
+                return []  # created by a racing first registration that has not committed its schema yet
             if name is None:
                 rows = db.execute(query + " ORDER BY m.name, v.id").fetchall()
             else:
                 rows = db.execute(query + " WHERE m.name = ? ORDER BY v.id", (name,)).fetchall()
-        return [{**dict(r), "metadata": json.loads(r["metadata"])} for r in rows]
+        return [{**dict(r), "metadata": _metadata(r["metadata"])} for r in rows]
 
     def find(self, name: str, version: str) -> dict[str, Any] | None:
         for row in self.versions(name):
@@ -168,6 +170,16 @@ class LocalRegistry:
                 return row
         known = ", ".join(r["version"] for r in found)
         raise RegistryError(f"{name} has no version {version!r} (versions: {known})", field="models")
+
+
+def _metadata(text: str) -> dict[str, Any]:
+    """A version's metadata as recorded; a row edited or damaged outside lora-pipeline reads as empty (and so
+    has no digest: never the same content)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _recorded_digest(metadata: str) -> str | None:
