@@ -277,8 +277,10 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size")
 
     r = config.registry
-    if not _SEMVER.match(r.version):
-        raise ConfigError(f"not a semantic version (major.minor.patch): {r.version!r}", field="registry.version")
+    if not (_SEMVER.match(r.version) or r.version == "auto"):
+        raise ConfigError(
+            f"not a semantic version (major.minor.patch) nor auto: {r.version!r}", field="registry.version"
+        )
     for name in ("model_name", "author", "format_name"):
         if not getattr(r, name).strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")

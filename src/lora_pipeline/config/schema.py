@@ -470,7 +470,12 @@ class RegistryConfig:
     port: int = param(8080, "Model registry server port", kfp="phase_04_registry_opt_port", min=1, max=65535)
     author: str = param("pipeline", "Author name for the registered model", kfp="phase_04_registry_man_reg_author")
     model_name: str = param("lora-model", "Model name in registry", kfp="phase_04_registry_man_reg_name")
-    version: str = param("1.0.0", "Semantic version (major.minor.patch)", kfp="phase_04_registry_man_reg_version")
+    version: str = param(
+        "1.0.0",
+        "Semantic version (major.minor.patch); 'auto' (local registry) = the version holding the same adapter "
+        "content, else the next free patch",
+        kfp="phase_04_registry_man_reg_version",
+    )
     description: str = param("", "Model description", kfp="phase_04_registry_opt_description")
     format_name: str = param(
         "pytorch", "Model format (pytorch, onnx, tensorflow)", kfp="phase_04_registry_opt_format_name"
@@ -485,6 +490,9 @@ class RegistryConfig:
         secret=True,
     )
     ca_cert: str = param("", "PEM CA bundle to verify an https registry with; empty = the system CAs", cache=False)
+    allow_no_eval: bool = param(
+        False, "Register a run whose eval did not complete (its version then carries no scores)", cache=False
+    )
     timeout: float = param(
         60.0,
         "Most seconds a Model Registry may take to register, retries included; then one line, outputs kept",

@@ -6,6 +6,7 @@ tokenizer), `metrics.json` and `loss_chart.html`. Loss is on the assistant's tok
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -265,6 +266,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     eval_seconds = sum(h["eval_runtime"] for h in history if "eval_runtime" in h and h.get("step", 0) > resumed_at)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
+        canonical_adapter_config(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
         if cfg.merge:
             from lora_pipeline.export import export_merged
@@ -355,3 +357,13 @@ def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch:
     )
     log.warning("train: %s", message)
     return [message]
+
+
+def canonical_adapter_config(adapter: Path) -> None:
+    """PEFT writes `target_modules` from a set, in an order that changes with the interpreter's hash seed:
+    sorted, the same training gives the same bytes, so the registry recognises it as the same content."""
+    path = Path(adapter) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
