@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from lora_pipeline.cli_options import flag_name
 from lora_pipeline.config import SECTIONS, fields_of, kfp_parameters
 
 
@@ -18,7 +19,7 @@ def test_run_help_lists_every_parameter_with_default_and_spec_name() -> None:
     text = " ".join(out.stdout.split())  # argparse wraps lines
     for section in SECTIONS:
         for f in fields_of(section):
-            assert f"--{section}.{f.name}" in text
+            assert flag_name(section, f) in text
     assert "Rank of the low-rank matrices (4, 8, 16, 32, 64) (default: 16)" in text
     kfp = run_cli("run", "--help-kfp").stdout  # the spec's names: a table of their own
     for kfp_name in kfp_parameters():

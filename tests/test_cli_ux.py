@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 
 from lora_pipeline import cli
 from lora_pipeline.carryover import was_demo
+from lora_pipeline.cli_options import flag_name
 from lora_pipeline.config import SECTIONS, fields_of, from_dict
 from lora_pipeline.config.schema import HELP_GROUPS, option_group
 from lora_pipeline.stages import STAGES
 
-ALL_FLAGS = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s)]
-NOT_BOOL = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s) if "bool" not in str(f.type)]
+ALL_FLAGS = [flag_name(s, f) for s in SECTIONS for f in fields_of(s)]
+NOT_BOOL = [flag_name(s, f) for s in SECTIONS for f in fields_of(s) if "bool" not in str(f.type)]
 
 
 def call(argv: list[str]) -> int:
@@ -63,7 +64,9 @@ def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     ],
 )
 def test_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
-    commands = ", ".join(f"'{c}'" for c in ["run", "demo", *(s.name for s in STAGES), "compile", "models"])
+    commands = ", ".join(
+        f"'{c}'" for c in ["run", "demo", *(s.name for s in STAGES), "compile", "models", "export", "chat", "preview"]
+    )
     expected = expected.format(commands=commands, stages=", ".join(f"'{s.name}'" for s in STAGES))
     assert one_error_line(capsys, argv).endswith(expected)
 
@@ -191,10 +194,10 @@ def test_was_demo(tmp_path: Path, invocations: list, expected: bool) -> None:
 # --- point 8: help ---------------------------------------------------------------------------------------
 
 # Lines at 80 columns before the groups (all 4 sections on every command, KFP names inline, each help in a
-# column of its own): run 302, demo 302, dataset 306, train 306, eval 306, register 307. After: run 200,
-# demo 199, dataset 51, train 130, eval 53, register 51 (issue 22 added 7 train knobs, 2 lines each); the
-# bounds leave room for a few more options.
-HELP_LINES = {"run": 205, "demo": 205, "dataset": 65, "train": 140, "eval": 65, "register": 65}
+# column of its own): run 302, demo 302, dataset 306, train 306, eval 306, register 307. After: run 179,
+# demo 178, dataset 51, train 116, eval 53, register 51; the bounds leave room for options added since
+# (sources, chat template, registry, training knobs).
+HELP_LINES = {"run": 240, "demo": 240, "dataset": 80, "train": 160, "eval": 70, "register": 70}
 
 
 def help_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *argv: str) -> str:
@@ -239,11 +242,11 @@ def test_run_help_groups_follow_the_schema(capsys, monkeypatch) -> None:
     titles = [title for _, title in HELP_GROUPS.values()]
     assert [t for t in groups if t in titles] == titles  # every group, in order
     for key, (_, title) in HELP_GROUPS.items():
-        expected = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s) if option_group(s, f) == key]
+        expected = [flag_name(s, f) for s in SECTIONS for f in fields_of(s) if option_group(s, f) == key]
         assert groups[title] == expected and expected
     k8s = HELP_GROUPS["kubernetes"][1]
     assert "Kubernetes only" in k8s
-    applies = [f"--{s}.{f.name}" for s in SECTIONS for f in fields_of(s) if f.metadata.get("applies") == "kubernetes"]
+    applies = [flag_name(s, f) for s in SECTIONS for f in fields_of(s) if f.metadata.get("applies") == "kubernetes"]
     assert groups[k8s] == applies
 
 
@@ -260,7 +263,7 @@ def test_help_kfp_is_a_table_of_spec_names(capsys, monkeypatch, command: str) ->
     assert rows[0] == ["option", "KFP", "pipeline", "parameter", "component", "input"]
     section = {"train": "train", "eval": "eval"}.get(command)
     expected = [
-        [f"--{s}.{f.name}", f.metadata.get("kfp", "-"), f.metadata.get("component", "-")]
+        [flag_name(s, f), f.metadata.get("kfp", "-"), f.metadata.get("component", "-")]
         for s in SECTIONS
         for f in fields_of(s)
         if ("kfp" in f.metadata or "component" in f.metadata) and section in (None, s)

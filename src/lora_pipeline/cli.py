@@ -34,6 +34,7 @@ from lora_pipeline.preflight import preflight
 from lora_pipeline.redaction import install_log_filter, redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
+from lora_pipeline.tool_commands import TOOL_COMMANDS, add_tool_commands, own_data, preview_color
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_command(sub, add_config_flags)
     sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
+    from lora_pipeline.export import add_export_command
+
+    add_export_command(sub)
+    add_tool_commands(sub, add_config_flags)
     return parser
 
 
@@ -312,14 +317,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.command == "models":
         from lora_pipeline.registry import local_path
-        from lora_pipeline.registry.commands import list_models, show_model
+        from lora_pipeline.registry.commands import list_models, show_model, verify_model
 
         path = Path(args.path).expanduser() if args.path else local_path()
         if args.models_command == "list":
             print(list_models(path))
         else:
             print(show_model(path, args.name, args.version))
+            verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
         return 0
+    if args.command in TOOL_COMMANDS:
+        return _tool_command(args)
+    if args.command == "export":
+        from lora_pipeline.export import export_command
+
+        return export_command(args)
     if args.command == "compile":
         from lora_pipeline.kubeflow.command import compile_command
 
@@ -361,6 +373,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     )
     pipeline.print_summary(manifest)
     return 0
+
+
+def _tool_command(args: argparse.Namespace) -> int:
+    """`chat` and `preview`: read a run directory (its recorded config, for preview), run no stage."""
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.command == "chat":
+        from lora_pipeline.chat import chat_command
+
+        return chat_command(run_dir, args.prompt, args.max_new_tokens, args.temperature, args.system)
+    from lora_pipeline import pipeline
+    from lora_pipeline.preview import preview_command
+
+    base = pipeline.recorded_config(run_dir) if run_dir and run_dir.is_dir() else None
+    if args.demo or (base is None and run_dir and was_demo(run_dir)):
+        from lora_pipeline.demo import demo_config
+
+        base = demo_config()
+    config = resolve_config(args, base)
+    return preview_command(config, run_dir, own_data(args), args.rows, sys.stdout, preview_color(args))
 
 
 def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> int:

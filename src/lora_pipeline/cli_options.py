@@ -77,14 +77,21 @@ def add_config_flags(
             group = groups.get(option_group(section, f))
             # A bare boolean flag (`--train.save_epoch`) means true; any other flag needs its value.
             arity = {"nargs": "?", "const": "true"} if _is_bool(section, f.name) else {}
+            if "flag" in f.metadata:  # a repeatable flag, one list item each (`--dataset.source URI[@WEIGHT]`)
+                arity = {"action": "append"}
             (group or p).add_argument(
-                f"--{section}.{f.name}",
+                flag_name(section, f),
                 dest=f"cfg:{section}.{f.name}",
-                metavar=_metavar(section, f.name),
+                metavar=f.metadata.get("metavar") or _metavar(section, f.name),
                 default=argparse.SUPPRESS,
                 help=_flag_help(section, f, defaults or {}) if group else argparse.SUPPRESS,
                 **arity,
             )
+
+
+def flag_name(section: str, f: dataclasses.Field) -> str:
+    """`--section.option`; a list given one item per flag is named for its item (`--dataset.source`)."""
+    return f"--{section}.{f.metadata.get('flag', f.name)}"
 
 
 def _flag_help(section: str, f: dataclasses.Field, defaults: dict[str, dict[str, Any]]) -> str:

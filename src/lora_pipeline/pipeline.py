@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
-from lora_pipeline.config import Config, from_dict, is_local_uri, kubernetes_only, local_path, output_options
+from lora_pipeline.chat_templates import template_fingerprint
+from lora_pipeline.config import (
+    Config,
+    data_locations,
+    from_dict,
+    is_local_uri,
+    kubernetes_only,
+    local_path,
+    output_options,
+)
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
@@ -67,17 +76,21 @@ def _record(path: Path, fields: tuple[tuple[str, type], ...] = ()) -> dict[str, 
     return data
 
 
+def _recorded_only(config: Config) -> list[str]:
+    """The dataset locations (data_uri, sources, eval_uri) that came from run.json with their credentials
+    removed: they cannot be fetched again."""
+    return [option for option, uri in data_locations(config.dataset) if is_redacted(uri)]
+
+
 def source_is_recorded_only(config: Config) -> bool:
-    """True when data_uri came from run.json with its credentials removed: it cannot be fetched again."""
-    return bool(config.dataset.data_uri) and is_redacted(config.dataset.data_uri)
+    return bool(_recorded_only(config))
 
 
 def check_recorded_source(config: Config, run_dir: Path, stages: tuple[str, ...]) -> None:
-    if "dataset" in stages and source_is_recorded_only(config) and _recorded_key(run_dir, "dataset") is None:
-        raise ConfigError(
-            "the recorded URI had credentials, which are never stored: give --dataset.data_uri again",
-            field="dataset.data_uri",
-        )
+    lost = _recorded_only(config)
+    if "dataset" in stages and lost and _recorded_key(run_dir, "dataset") is None:
+        flag = "--dataset.source" if lost[0].startswith("dataset.sources") else f"--{lost[0]}"
+        raise ConfigError(f"the recorded URI had credentials, which are never stored: give {flag} again", field=lost[0])
 
 
 # --- cache keys ---------------------------------------------------------------------------------------
@@ -88,9 +101,17 @@ def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: s
     payload: dict[str, Any] = {"stage": stage.name, "options": output_options(section), "version": __version__}
     if stage.name == "dataset":
         payload["options"]["data_uri"] = scrub(section.data_uri or "")  # credentials do not change the data
+        if section.sources or section.eval_uri:  # absent otherwise: a plain data_uri run keeps its cache key
+            payload["options"]["sources"] = [{**s, "uri": scrub(s["uri"])} for s in section.sources]
+            payload["options"]["eval_uri"] = scrub(section.eval_uri or "")
+        else:
+            payload["options"].pop("sources", None)
+            payload["options"].pop("eval_uri", None)
         payload["source"] = source_fingerprint
     elif stage.name == "train":
         payload["model_files"] = _model_fingerprint(section.model)
+        if section.chat_template:  # a Jinja file is keyed by its text, as the model by its files
+            payload["chat_template"] = template_fingerprint(section.chat_template)
     elif stage.name == "eval" and section.include_path:
         payload["tasks_files"] = _tree_digest(Path(section.include_path))
     payload["upstream"] = [_recorded_key(run_dir, up) for up in stage.upstream]

@@ -11,19 +11,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lora_pipeline.chat_templates import BUILTIN_TEMPLATES, no_template_message
 from lora_pipeline.errors import StageError
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
-# Used only when a tokenizer has no template of its own (base models): ChatML, as Qwen uses.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# Used only for an adapter saved without a template (trained before `train.chat_template` existed, when a base
+# without one was trained on ChatML): eval scores it the same way.
+DEFAULT_CHAT_TEMPLATE = BUILTIN_TEMPLATES["chatml"]
 
 
 def ensure_chat_template(tokenizer: Any) -> bool:
@@ -33,13 +30,17 @@ def ensure_chat_template(tokenizer: Any) -> bool:
     if getattr(tokenizer, "chat_template", None):
         return False
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    log.warning("the tokenizer has no chat template: using ChatML")
+    log.warning("the adapter's tokenizer has no chat template: using ChatML, as it was trained")
     return True
 
 
 def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The conversation through the model's chat template. A template is code shipped with the model: one that
-    raises (`raise_exception(...)`, a syntax error, a missing variable) is one StageError naming it."""
+    raises (`raise_exception(...)`, a syntax error, a missing variable) is one StageError naming it; a tokenizer
+    without one is a StageError naming `train.chat_template`."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise StageError(no_template_message(name), field="train.chat_template")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja2's errors, and whatever the template's expressions raise
@@ -72,16 +73,37 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
 
 def encode_chat(tokenizer: Any, messages: list[dict], max_seq_len: int) -> dict[str, list[int]] | None:
     """input_ids/labels for one conversation, truncated to max_seq_len; None when no target token is left."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-    ids = enc["input_ids"][:max_seq_len]
-    labels = []
-    for token_id, (start, end) in zip(ids, enc["offset_mapping"][:max_seq_len], strict=False):
-        inside = any(s <= start and end <= e and end > start for s, e in spans)
-        labels.append(token_id if inside else IGNORE_INDEX)
+    _, _, ids, labels = chat_tokens(tokenizer, messages, max_seq_len)
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": ids, "labels": labels}
+
+
+def chat_tokens(
+    tokenizer: Any, messages: list[dict], max_seq_len: int
+) -> tuple[str, list[tuple[int, int]], list[int], list[int]]:
+    """The rendered text, and its kept tokens' character offsets, ids and labels (what `preview` shows)."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids = enc["input_ids"][:max_seq_len]
+    offsets = [tuple(o) for o in enc["offset_mapping"][:max_seq_len]]
+    labels = []
+    for token_id, (start, end) in zip(ids, offsets, strict=False):
+        inside = any(s <= start and end <= e and end > start for s, e in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return text, offsets, ids, labels
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS and the chat template's end-of-turn token: the first token the template writes after an answer."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    probe = "PROBE-ANSWER"
+    text = render_chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}])
+    after = text[text.rfind(probe) + len(probe) :]
+    if after.strip():
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        stops += [t for t in first if t not in stops]
+    return stops
 
 
 def encode_text(tokenizer: Any, text: str, max_seq_len: int) -> dict[str, list[int]] | None:

@@ -2,6 +2,7 @@
 
 from lora_pipeline.config.loading import (
     coerce,
+    data_locations,
     dump_yaml,
     from_dict,
     is_local_uri,
@@ -33,6 +34,7 @@ __all__ = [
     "RegistryConfig",
     "TrainConfig",
     "coerce",
+    "data_locations",
     "dump_yaml",
     "field_type",
     "fields_of",

@@ -11,6 +11,7 @@ import types
 import typing
 from typing import Any
 
+from lora_pipeline.config.mix import parse_sources
 from lora_pipeline.config.schema import SECTIONS, Config, field_type, fields_of
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.redaction import MARK, Secret, is_redacted
@@ -59,6 +60,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             if isinstance(value, (dict, list, bool)):
                 raise ValueError
             return str(value)
+        if origin is list and typing.get_args(base) == (dict,):  # dataset.sources: its own one-line errors
+            return parse_sources(value, name)
         if origin is list:
             return _parse_list(value)
         if origin is dict:
@@ -186,7 +189,8 @@ def restore_secrets(config: Config, stages: tuple[str, ...]) -> Config:
     """Replace the `<redacted>` placeholders that a config restored from run.json holds, for the sections of
     `stages`, so that no placeholder is ever used as a value: an env_vars value comes from the environment
     variable of the same name; anything else must be given again (one ConfigError naming the option).
-    dataset.data_uri is checked by the pipeline (a cached dataset stage does not need it)."""
+    The dataset's locations (data_uri, sources, eval_uri) are checked by the pipeline (a cached dataset stage
+    does not need them)."""
     t = config.train
     if "train" in stages and MARK in t.env_vars:
         items = []
@@ -211,7 +215,8 @@ def restore_secrets(config: Config, stages: tuple[str, ...]) -> Config:
     for section_name in (sections[s] for s in stages if s in sections):
         for f in fields_of(section_name):
             value = getattr(getattr(config, section_name), f.name)
-            if f"{section_name}.{f.name}" != "dataset.data_uri" and isinstance(value, str) and is_redacted(value):
+            recorded_uri = f"{section_name}.{f.name}" in ("dataset.data_uri", "dataset.eval_uri")
+            if not recorded_uri and isinstance(value, str) and is_redacted(value):
                 raise ConfigError(
                     f"the recorded value had credentials, which are never stored: give --{section_name}.{f.name} again",
                     field=f"{section_name}.{f.name}",
@@ -238,9 +243,9 @@ def validate(config: Config) -> Config:
         for f in fields_of(section_name):
             _check_field(f"{section_name}.{f.name}", getattr(section, f.name), f.metadata)
 
-    uri = config.dataset.data_uri
-    if uri and is_local_uri(uri) and not os.path.exists(local_path(uri)):
-        raise ConfigError(f"file not found: {local_path(uri)}", field="dataset.data_uri")
+    for where, uri in data_locations(config.dataset):
+        if uri and is_local_uri(uri) and not os.path.exists(local_path(uri)):
+            raise ConfigError(f"file not found: {local_path(uri)}{_weight_hint(uri)}", field=where)
 
     d = config.dataset
     for key in d.columns:
@@ -280,12 +285,29 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size")
 
     r = config.registry
-    if not _SEMVER.match(r.version):
-        raise ConfigError(f"not a semantic version (major.minor.patch): {r.version!r}", field="registry.version")
+    if not (_SEMVER.match(r.version) or r.version == "auto"):
+        raise ConfigError(
+            f"not a semantic version (major.minor.patch) nor auto: {r.version!r}", field="registry.version"
+        )
     for name in ("model_name", "author", "format_name"):
         if not getattr(r, name).strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")
     return config
+
+
+def data_locations(d: Any) -> list[tuple[str, str]]:
+    """(option, URI) of every location the dataset stage reads: data_uri, each source, eval_uri."""
+    found = [("dataset.data_uri", d.data_uri)] if d.data_uri else []
+    found += [(f"dataset.sources[{i}]", s["uri"]) for i, s in enumerate(d.sources, 1)]
+    return found + ([("dataset.eval_uri", d.eval_uri)] if d.eval_uri else [])
+
+
+def _weight_hint(uri: str) -> str:
+    """`data.jsonl@x` that does not exist where `data.jsonl` does: the text after `@` was meant as a weight."""
+    head, sep, tail = uri.rpartition("@")
+    if sep and head and os.path.exists(local_path(head)):
+        return f" (a weight after the last @ must be a number > 0, got {tail!r})"
+    return ""
 
 
 def is_k8s_quantity(text: str) -> bool:

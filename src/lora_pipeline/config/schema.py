@@ -53,6 +53,19 @@ class DatasetConfig:
         "[REQUIRED] Dataset location (hf://dataset, s3://bucket/path, https://url, local path)",
         kfp="phase_01_dataset_man_data_uri",
     )
+    # Not spec parameters: a compiled pipeline fixes them in its dataset component (`compile -c YAML`).
+    sources: list[dict] = param(
+        [],
+        "Data sources mixed into the training data, each URI[@WEIGHT] (the flag is repeatable; YAML: a list of "
+        "{uri, weight}). Weight w takes round(w x rows) of the source's rows: a seeded sample for w < 1, every row "
+        "int(w) times plus a seeded sample of the rest for w > 1. data_uri, when set, is one more source of weight 1",
+        flag="source",
+        metavar="URI[@WEIGHT]",
+    )
+    eval_uri: str | None = param(
+        None,
+        "Separate eval set (any location data_uri takes): eval.jsonl is its rows, and data_split does not apply",
+    )
     data_split: float = param(
         0.9,
         "Train/eval split (0.9 = 90%/10%, 1.0 = no split)",
@@ -399,6 +412,13 @@ class TrainConfig:
         "", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs", group="resources"
     )
     trust_remote_code: bool = param(False, "Run the model repository's own code (off unless asked for)")
+    chat_template: str = param(
+        "",
+        "Chat template for a base model without one (it replaces the model's own if set): chatml, llama3, mistral, "
+        "zephyr, or a Jinja file (read where the train stage runs). Saved with the adapter's tokenizer, so eval, "
+        "chat and export use it too. Empty: the model's own; a chat dataset on a model without one is refused",
+        group="optimisation",
+    )
     threads: int = param(
         0,
         "CPU threads for torch (0 = OMP_NUM_THREADS if set, else the cores this process may use)",
@@ -461,7 +481,12 @@ class RegistryConfig:
     port: int = param(8080, "Model registry server port", kfp="phase_04_registry_opt_port", min=1, max=65535)
     author: str = param("pipeline", "Author name for the registered model", kfp="phase_04_registry_man_reg_author")
     model_name: str = param("lora-model", "Model name in registry", kfp="phase_04_registry_man_reg_name")
-    version: str = param("1.0.0", "Semantic version (major.minor.patch)", kfp="phase_04_registry_man_reg_version")
+    version: str = param(
+        "1.0.0",
+        "Semantic version (major.minor.patch); 'auto' (local registry) = the version holding the same adapter "
+        "content, else the next free patch",
+        kfp="phase_04_registry_man_reg_version",
+    )
     description: str = param("", "Model description", kfp="phase_04_registry_opt_description")
     format_name: str = param(
         "pytorch", "Model format (pytorch, onnx, tensorflow)", kfp="phase_04_registry_opt_format_name"
@@ -476,6 +501,9 @@ class RegistryConfig:
         secret=True,
     )
     ca_cert: str = param("", "PEM CA bundle to verify an https registry with; empty = the system CAs", cache=False)
+    allow_no_eval: bool = param(
+        False, "Register a run whose eval did not complete (its version then carries no scores)", cache=False
+    )
     timeout: float = param(
         60.0,
         "Most seconds a Model Registry may take to register, retries included; then one line, outputs kept",

@@ -20,7 +20,7 @@ from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation.backends import MAX_TOKEN_KEYS
 from lora_pipeline.files import read_jsonl
 from lora_pipeline.progress import TerminalLine, WorkProgress
-from lora_pipeline.tokenization import IGNORE_INDEX, encode_chat, encode_text, render_chat
+from lora_pipeline.tokenization import IGNORE_INDEX, encode_chat, encode_text, render_chat, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _generate(model: Any, tokenizer: Any, batch: list[dict], max_tokens: int | N
     if max_tokens is None:
         longest = max(len(tokenizer(s["target"], add_special_tokens=False)["input_ids"]) for s in batch)
         max_tokens = min(MAX_NEW_TOKENS, longest + EXTRA_TOKENS)
-    stops = _stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     device = _device(model)
     out = model.generate(
         input_ids=ids.to(device),
@@ -209,18 +209,6 @@ def _generate(model: Any, tokenizer: Any, batch: list[dict], max_tokens: int | N
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
         s["response"] = tokenizer.decode(row[:cut], skip_special_tokens=True)
         s["exact_match"] = float(s["response"].strip() == s["target"].strip())
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    """EOS and the chat template's end-of-turn token: the first token the template writes after an answer."""
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    probe = "PROBE-ANSWER"
-    text = render_chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}])
-    after = text[text.rfind(probe) + len(probe) :]
-    if after.strip():
-        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-        stops += [t for t in first if t not in stops]
-    return stops
 
 
 def _sample_row(s: dict) -> dict:

@@ -92,6 +92,8 @@ def _strings(config: Config) -> list[tuple[str, str]]:
         for f in fields_of(section):
             value = getattr(getattr(config, section), f.name)
             values = value.values() if isinstance(value, dict) else _as_list(value)
+            # a list of mappings (dataset.sources' {uri, weight}): their strings too
+            values = [w for v in values for w in (v.values() if isinstance(v, dict) else [v])]
             found += [(f"{section}.{f.name}", v) for v in values if isinstance(v, str)]
     return found
 

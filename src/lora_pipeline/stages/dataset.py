@@ -10,6 +10,7 @@ offsets (8 bytes a row); the split is then written by copying lines out of the s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -19,8 +20,10 @@ import random
 import tempfile
 from array import array
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from lora_pipeline import mixing
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.errors import DataError, LoraPipelineError
 from lora_pipeline.files import atomic_dir, owned_prefix, remove_stale_temp, write_json_atomic
@@ -38,56 +41,143 @@ FETCH_PREFIX = "lora-pipeline-fetch-"  # downloads in TMPDIR, removed when the s
 def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
     from lora_pipeline import sources
 
-    if not cfg.data_uri:
-        raise DataError("required: a dataset location", field="dataset.data_uri")
-    limits = sources.Limits(sha256=cfg.sha256, max_bytes=cfg.max_bytes, timeout=cfg.timeout, deadline=cfg.deadline)
+    train_locations, eval_location = mixing.training_locations(cfg), mixing.eval_location(cfg)
+    if not train_locations:
+        raise DataError("required: a dataset location (or dataset.sources)", field="dataset.data_uri")
+    locations = [*train_locations, *filter(None, [eval_location])]
     remove_stale_temp(Path(tempfile.gettempdir()), FETCH_PREFIX)  # a killed run's download, never cleaned
+    with atomic_dir(out) as tmp, _Spool(tmp / ".rows.spool") as spool:
+        parts = []
+        for loc in locations:
+            cap = cfg.subset if loc.weight == 1.0 and loc is not eval_location else 0
+            sha = cfg.sha256 if loc.option == mixing.URI_FIELD else ""
+            limits = sources.Limits(sha256=sha, max_bytes=cfg.max_bytes, timeout=cfg.timeout, deadline=cfg.deadline)
+            with mixing.about(loc, len(locations) > 1):
+                parts.append(_read_location(loc, cfg, limits, spool, cap))
+        train_parts = parts[: len(train_locations)]
+        _check_mapping(cfg.columns, set().union(*(p.tally.columns for p in parts)), [n for p in parts for n in p.names])
+        for part in parts:
+            with mixing.about(part.loc, len(locations) > 1):
+                _check_counts(cfg, part.tally, sources.redact(part.loc.uri))
+        order, mixed = mixing.mixed_rows([(p.start, p.end) for p in train_parts], [p.loc.weight for p in train_parts],
+                                         cfg.seed)  # fmt: skip
+        if cfg.subset:
+            order = order[: cfg.subset]
+        random.Random(cfg.seed).shuffle(order)  # the same permutation as shuffling a list of the rows
+        n_train = len(order) if eval_location else _train_size(len(order), cfg.data_split)
+        spool.write_lines(order[:n_train], tmp / "train.jsonl")
+        if eval_location:
+            spool.write_lines(range(parts[-1].start, parts[-1].end), tmp / "eval.jsonl")
+        else:
+            spool.write_lines(order[n_train:], tmp / "eval.jsonl")
+        n_eval = parts[-1].end - parts[-1].start if eval_location else len(order) - n_train
+        record = _record(cfg, parts, train_parts, mixed, order, n_train, n_eval)
+        write_json_atomic(record, tmp / "dataset.json")
+    dropped = _Tally(0)
+    for part in parts:
+        dropped.add(part.tally)
+    if dropped.dropped:
+        log.warning("dataset: dropped %s", dropped.summary())
+    log.info("dataset: %d train rows, %d eval rows -> %s", n_train, n_eval, out)
+    return out
+
+
+@dataclass
+class _Part:
+    """One location read into the spool: its rows are spool indices [start, end)."""
+
+    loc: mixing.Location
+    names: list[str]
+    formats: dict[str, str | None]
+    sha256: str
+    tally: _Tally
+    start: int
+    end: int
+
+
+def _read_location(loc: mixing.Location, cfg: DatasetConfig, limits: object, spool: _Spool, cap: int) -> _Part:
+    """Fetch, read and validate one location (the same code for data_uri, each source and eval_uri)."""
+    from lora_pipeline import sources
+
+    shown = sources.redact(loc.uri)
     with (
         tempfile.TemporaryDirectory(prefix=owned_prefix(FETCH_PREFIX)) as download_dir,
-        _named_as_source(download_dir, sources.redact(cfg.data_uri)),
-        atomic_dir(out) as tmp,
+        _named_as_source(download_dir, shown),
     ):
-        path = sources.fetch(cfg.data_uri, Path(download_dir), limits)
-        files = data_files(path, sources.redact(cfg.data_uri))
+        path = sources.fetch(loc.uri, Path(download_dir), limits)  # type: ignore[arg-type]
+        files = data_files(path, shown)
         names = [_label(f, path) for f in files]
-        tally = _Tally(cfg.subset)
-        with _Spool(tmp / ".rows.spool") as spool:
-            formats = {name: _read_file(f, name, cfg, spool, tally) for f, name in zip(files, names, strict=True)}
-            _check_mapping(cfg.columns, tally.columns, names)
-            _check_counts(cfg, tally, sources.redact(cfg.data_uri))
-            order = array("q", range(len(spool)))
-            random.Random(cfg.seed).shuffle(order)  # the same permutation as shuffling a list of the rows
-            n_train = _train_size(len(order), cfg.data_split)
-            spool.write_lines(order[:n_train], tmp / "train.jsonl")
-            spool.write_lines(order[n_train:], tmp / "eval.jsonl")
-        n_used = len(order)
-        write_json_atomic(
-            {
-                "source": sources.redact(cfg.data_uri),
-                "files": names,
-                "formats": formats,
-                "sha256": _sha256(files),
-                "rows_read": tally.read,  # before `subset`
-                "rows_valid": tally.valid,
-                "rows_used": n_used,
-                "train_rows": n_train,
-                "eval_rows": n_used - n_train,
-                "dropped": {r: {"count": n, "first_rows": tally.first[r]} for r, n in tally.dropped.items()},
-                "config": {
-                    "data_split": cfg.data_split,
-                    "subset": cfg.subset,
-                    "seed": cfg.seed,
-                    "format": cfg.format,
-                    "columns": cfg.columns,
-                    "max_bad_rows": cfg.max_bad_rows,
-                },
-            },
-            tmp / "dataset.json",
-        )
-    if tally.dropped:
-        log.warning("dataset: dropped %s", tally.summary())
-    log.info("dataset: %d train rows, %d eval rows -> %s", n_train, n_used - n_train, out)
-    return out
+        tally, start = _Tally(cap), len(spool)
+        formats = {name: _read_file(f, name, cfg, spool, tally) for f, name in zip(files, names, strict=True)}
+        return _Part(loc, names, formats, _sha256(files), tally, start, len(spool))
+
+
+def _record(
+    cfg: DatasetConfig, parts: list[_Part], train_parts: list[_Part], mixed: list[int], order: array, n_train: int,
+    n_eval: int,
+) -> dict:  # fmt: skip
+    """dataset.json: the spec's fields over the training locations, then each location's own counts."""
+    from lora_pipeline import sources
+
+    used = _rows_per_part(train_parts, order)
+    trained = _rows_per_part(train_parts, order[:n_train])
+    dropped = _Tally(0)
+    for part in parts:
+        dropped.add(part.tally)
+    one = len(train_parts) == 1
+    record = {
+        "source": ", ".join(sources.redact(p.loc.uri) for p in train_parts),  # data_uri alone: as it was
+        "files": [n for p in train_parts for n in p.names],
+        "formats": {k: v for p in train_parts for k, v in p.formats.items()},
+        # several sources: the sha256 of their sha256s, in order
+        "sha256": train_parts[0].sha256 if one else hashlib.sha256("".join(
+            p.sha256 for p in train_parts).encode()).hexdigest(),
+        "rows_read": sum(p.tally.read for p in train_parts),  # before `subset`
+        "rows_valid": sum(p.tally.valid for p in train_parts),
+        "rows_used": len(order),
+        "train_rows": n_train,
+        "eval_rows": n_eval,
+        "dropped": {r: {"count": n, "first_rows": dropped.first[r]} for r, n in dropped.dropped.items()},
+        "config": {
+            "data_split": None if cfg.eval_uri else cfg.data_split,
+            "subset": cfg.subset,
+            "seed": cfg.seed,
+            "format": cfg.format,
+            "columns": cfg.columns,
+            "max_bad_rows": cfg.max_bad_rows,
+        },
+    }  # fmt: skip
+    if not mixing.is_plain(cfg):
+        record["sources"] = [
+            {**_counts(p), "weight": p.loc.weight, "rows_mixed": m, "rows_used": u, "train_rows": t, "eval_rows": u - t}
+            for p, m, u, t in zip(train_parts, mixed, used, trained, strict=True)
+        ]
+    if cfg.eval_uri:
+        record["eval_source"] = {**_counts(parts[-1]), "eval_rows": n_eval}
+    return record
+
+
+def _counts(part: _Part) -> dict:
+    from lora_pipeline import sources
+
+    t = part.tally
+    return {
+        "option": part.loc.option,
+        "uri": sources.redact(part.loc.uri),
+        "files": part.names,
+        "sha256": part.sha256,
+        "rows_read": t.read,
+        "rows_valid": t.valid,
+        "rows_dropped": t.read - t.valid,
+    }
+
+
+def _rows_per_part(parts: list[_Part], indices: Iterable[int]) -> list[int]:
+    starts = [p.start for p in parts]
+    counts = [0] * len(parts)
+    for i in indices:
+        counts[bisect.bisect_right(starts, i) - 1] += 1
+    return counts
 
 
 def _train_size(n: int, split: float) -> int:
@@ -100,8 +190,8 @@ def _train_size(n: int, split: float) -> int:
 class _Tally:
     """Rows read, kept and dropped (count and first row names per reason): O(reasons) memory, not O(rows)."""
 
-    def __init__(self, subset: int) -> None:
-        self.subset = subset
+    def __init__(self, cap: int) -> None:
+        self.cap = cap  # rows of this location kept in the spool (0 = all): `subset` for a source of weight 1
         self.read = self.valid = 0
         self.dropped: dict[str, int] = {}
         self.first: dict[str, list[str]] = {}
@@ -112,6 +202,12 @@ class _Tally:
         examples = self.first.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLES:
             examples.append(where)
+
+    def add(self, other: _Tally) -> None:
+        for reason, n in other.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            self.first.setdefault(reason, []).extend(other.first[reason])
+            del self.first[reason][MAX_EXAMPLES:]
 
     def summary(self) -> str:
         return "; ".join(f"{n} rows: {r} (first: {self.first[r][0]})" for r, n in self.dropped.items()) or "empty"
@@ -150,7 +246,7 @@ def _read_file(f: Path, name: str, cfg: DatasetConfig, spool: _Spool, tally: _Ta
             tally.drop(str(exc), f"{name}:{i}")
             continue
         tally.valid += 1
-        if not tally.subset or len(spool) < tally.subset:
+        if not tally.cap or tally.valid <= tally.cap:
             spool.add(row)
     meter.close()
     return fmt

@@ -6,6 +6,7 @@ tokenizer), `metrics.json` and `loss_chart.html`. Loss is on the assistant's tok
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -104,8 +105,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import transformers
 
     from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
+    from lora_pipeline.chat_templates import apply_chat_template_option
     from lora_pipeline.progress import TerminalLine, make_progress_callback
-    from lora_pipeline.tokenization import PadCollator, ensure_chat_template
+    from lora_pipeline.tokenization import PadCollator
 
     threads, threads_from = cpu_threads(cfg.threads)
     torch.set_num_threads(threads)
@@ -115,7 +117,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         torch.set_flush_denormal(True)  # denormal floats (tiny weights/grads) slow CPU math by up to ~10x
     model_ref = resolve_model(cfg.model, fetch=True)
     tokenizer = load_tokenizer(model_ref, cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
+    apply_chat_template_option(tokenizer, cfg.chat_template)  # saved with the adapter's tokenizer
     # Tokenized data is kept by content (train.data_output_dir, else inside this stage's output), so a rerun
     # on the same data, tokenizer and template skips rendering and tokenizing every row.
     data_root = Path(cfg.data_output_dir) if cfg.data_output_dir else out / "data"
@@ -282,6 +284,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     best = restore_best(model, work, history) if cfg.load_best_model_at_end else None
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
+        canonical_adapter_config(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
         if cfg.merge:
             from lora_pipeline.export import export_merged
@@ -381,3 +384,13 @@ def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch:
     )
     log.warning("train: %s", message)
     return [message]
+
+
+def canonical_adapter_config(adapter: Path) -> None:
+    """PEFT writes `target_modules` from a set, in an order that changes with the interpreter's hash seed:
+    sorted, the same training gives the same bytes, so the registry recognises it as the same content."""
+    path = Path(adapter) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
