@@ -54,6 +54,9 @@ class BuildOptions:
     # The pipeline workspace (a PVC per run) given to the training component as `pvc_path`; multi-node
     # training shares the dataset and output with the TrainJob's pods through it. "" = no workspace.
     workspace_size: str = "20Gi"
+    # --cluster-secret: the Kubernetes secret with KUBERNETES_SERVER_URL, KUBERNETES_AUTH_TOKEN (and optional
+    # ca.crt, KUBERNETES_NAMESPACE) a multi-node train submits its TrainJob with; "" = the pod's service account.
+    cluster_secret: str = ""
 
 
 def component_source(stage: str, config: Config | None = None) -> str:

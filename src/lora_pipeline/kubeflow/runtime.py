@@ -74,7 +74,7 @@ def run_component(stage: str, arguments: dict[str, Any], fixed: dict[str, Any]) 
         config_file.write_text(yaml.safe_dump(layer, sort_keys=False))
         config_file.chmod(0o600)
         if stage == "train" and int(layer["train"].get("num_workers", 1)) > 1:
-            from lora_pipeline.kubeflow.trainjob import train_on_cluster
+            from lora_pipeline.kubeflow.trainjob_run import train_on_cluster
 
             pvc_path, task_config = arguments.get("pvc_path") or "", arguments.get("kubernetes_config")
             train_on_cluster(config_file, inputs["dataset"], out, pvc_path, task_config)

@@ -21,7 +21,8 @@ def _strip(node: object) -> object:
 
 
 def main(path: str, tag: str, commit: str) -> None:
-    crd = yaml.safe_load(open(path))
+    with open(path) as f:
+        crd = yaml.safe_load(f)
     versions = [{"name": v["name"], "served": v["served"], "storage": v["storage"],
                  "schema": {"openAPIV3Schema": _strip(v["schema"]["openAPIV3Schema"])}}
                 for v in crd["spec"]["versions"]]  # fmt: skip
