@@ -218,6 +218,16 @@ def test_compiled_pipeline_gives_the_train_task_node_settings_and_the_cluster_se
             ("remote", "KUBERNETES_AUTH_TOKEN", "KUBERNETES_AUTH_TOKEN")} <= mounted  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["Remote", "remote_cluster", "-x", "a" * 254])
+def test_a_bad_cluster_secret_name_is_one_line(name: str, tmp_path: Path, capsys: Any) -> None:
+    from lora_pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compile", "-o", str(tmp_path / "p.yaml"), "--cluster-secret", name])
+    assert exit_info.value.code == 2 and "--cluster-secret" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+
+
 def test_rbac_grants_what_the_training_pod_asks() -> None:
     rules: dict[tuple[str, str], set[str]] = {}
     for doc in yaml.safe_load_all((Path(__file__).parents[1] / "deploy" / "trainjob-rbac.yaml").read_text()):

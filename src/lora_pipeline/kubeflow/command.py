@@ -122,11 +122,20 @@ def _add_cluster_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--cluster-secret",
         default="",
+        type=_secret_name,
         metavar="NAME",
         help="Kubernetes secret with keys KUBERNETES_SERVER_URL, KUBERNETES_AUTH_TOKEN[, ca.crt, "
         "KUBERNETES_NAMESPACE]: the cluster a multi-node train submits its TrainJob to ('' = the train pod's "
         "service account, see deploy/trainjob-rbac.yaml)",
     )
+
+
+def _secret_name(text: str) -> str:
+    import re
+
+    if text and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(f"not a Kubernetes secret name (lowercase, digits, '-', '.'): {text!r}")
+    return text
 
 
 def _check_compile_args(args: argparse.Namespace) -> None:
