@@ -19,11 +19,13 @@ from lora_pipeline.errors import StageError
 
 def resolve_model(model: str, fetch: bool = False) -> str:
     """A local model path becomes absolute (the adapter records it as its base); a hub id stays as is; an
-    s3:// prefix becomes its local copy in the model cache (downloaded when `fetch`, reused by content)."""
-    if model.startswith("s3://"):
+    s3:// prefix or an oci:// image becomes its local copy in the model cache (downloaded when `fetch`, reused
+    by content)."""
+    from lora_pipeline import sources
+
+    if model.startswith(sources.MODEL_SCHEMES):
         if not fetch:
             return model
-        from lora_pipeline import sources
 
         return str(sources.fetch_model(model, model_cache_dir()).resolve())
     path = Path(local_path(model))
@@ -35,7 +37,8 @@ def resolve_model(model: str, fetch: bool = False) -> str:
 
 
 def model_cache_dir() -> Path:
-    """Where models fetched from s3:// are kept ($LORA_PIPELINE_HOME/models, default ~/.cache/lora-pipeline)."""
+    """Where models fetched from s3:// and oci:// are kept ($LORA_PIPELINE_HOME/models, default
+    ~/.cache/lora-pipeline)."""
     home = os.environ.get("LORA_PIPELINE_HOME") or Path.home() / ".cache" / "lora-pipeline"
     return Path(home) / "models"
 

@@ -1,0 +1,282 @@
+"""oci:// base models against the reference registry (Debian's docker-registry) on loopback, Basic auth on and
+off: a modelcar image trained from, an ORAS artifact, layers with whiteouts from a multi-platform index, a wrong
+password, a missing tag, an unreachable registry, a tampered blob, a transfer cut midway, and layers whose
+entries reach outside. The registry binary is required (scripts/test.sh installs it): without it these fail."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import posixpath
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_pipeline import sources
+from lora_pipeline.cli import main
+from lora_pipeline.errors import SourceError, UnsafePathError
+from lora_pipeline.files import read_json
+from lora_pipeline.sources import oci
+from lora_pipeline.sources.oci_layers import _link_target
+from oci_registry import OCI_INDEX, TAR, CuttingProxy, Registry, free_port, model_layer, tar_layer
+
+PASSWORD = "s3cret-Pa55word"
+
+
+@pytest.fixture(scope="module")
+def open_registry(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    registry = Registry(tmp_path_factory.mktemp("open-registry"))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    registry = Registry(tmp_path_factory.mktemp("auth-registry"), "puller", PASSWORD)
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(oci.SECRET_ENV, raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))  # empty: anonymous
+    monkeypatch.setenv("LORA_PIPELINE_HOME", str(tmp_path / "home"))
+
+
+def _secret(host: str, user: str = "puller", password: str = PASSWORD) -> str:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return json.dumps({"auths": {host: {"auth": token}}})
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def test_modelcar_image_trains_with_pull_secret(
+    demo_assets, auth_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    base = tar_layer([("bin", None), ("bin/sh", b"#!busybox"), ("models", None), ("models/README", b"old")])
+    auth_registry.push_image("demo", "1", [base, model_layer(demo_assets.model_dir)])
+    monkeypatch.setenv(oci.SECRET_ENV, _secret(auth_registry.host))
+    uri = f"oci://{auth_registry.host}/demo:1"
+    run = tmp_path / "run"
+    common = ["-o", str(run), "--dataset.data_uri", str(demo_assets.data_file), "--dataset.subset", "16"]
+    assert main(["dataset", *common]) == 0
+    flags = ["--train.model", uri, "--train.epochs", "1", "--train.effective_batch_size", "8"]
+    assert main(["train", *common, *flags, "--train.lora_load_in_4bit", "false", "--train.threads", "1"]) == 0
+    base_path = Path(read_json(run / "train" / "adapter" / "adapter_config.json")["base_model_name_or_path"])
+    assert base_path.parent == tmp_path / "home" / "models" and base_path.name.startswith("oci-")
+    expected = sorted(p.name for p in demo_assets.model_dir.iterdir() if p.is_file())
+    assert _files(base_path) == sorted([*expected, ".complete", "README"])  # /models only, not the base's /bin
+    everything = capsys.readouterr()
+    for path in [*run.rglob("*"), *base_path.rglob("*")]:
+        if path.is_file():
+            assert PASSWORD.encode() not in path.read_bytes(), path
+    assert PASSWORD not in everything.out + everything.err
+
+
+def test_index_layers_and_whiteouts_apply_in_order(open_registry: Registry, tmp_path: Path) -> None:
+    lower = tar_layer(
+        [("models/config.json", b"{}"), ("models/old.bin", b"o"), ("models/sub/x", b"x"), ("etc/keep", b"k")]
+    )
+    upper = tar_layer(
+        [("./models/.wh.old.bin", b""), ("models/sub/.wh..wh..opq", b""), ("models/sub/y", b"y"),
+         ("models/link", "sub/y"), ("models/abs", "/models/sub/y")]
+    )  # fmt: skip
+    amd64, _ = open_registry.push_image("layered", "amd64", [lower, upper])
+    arm64, _ = open_registry.push_image("layered", "arm64", [tar_layer([("models/config.json", b"[]")])])
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": oci.ACCEPT.split(", ")[1],
+                "digest": d,
+                "size": 1,
+                "platform": {"os": "linux", "architecture": a},
+            }
+            for d, a in ((arm64, "arm64"), (amd64, "amd64"))
+        ],
+    }
+    open_registry.push_manifest("layered", "multi", index, OCI_INDEX)
+    uri = f"oci://{open_registry.host}/layered:multi"
+    assert sources.model_fingerprint(uri) == f"oci:{amd64}"
+    path = sources.fetch_model(uri, tmp_path / "cache")
+    assert _files(path) == [".complete", "config.json", "sub/y"]
+    assert (path / "link").read_bytes() == b"y" and (path / "abs").read_bytes() == b"y"  # links kept inside
+    (path / "config.json").write_text("marked")  # cached by digest: the second pull downloads nothing
+    assert sources.fetch_model(f"oci://{open_registry.host}/layered@{amd64}", tmp_path / "cache") == path
+    assert (path / "config.json").read_text() == "marked"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temporary leftovers
+
+
+def test_oras_artifact(demo_assets, open_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import oras.client
+
+    monkeypatch.chdir(demo_assets.model_dir)
+    names = sorted(p.name for p in demo_assets.model_dir.iterdir() if p.is_file())
+    client = oras.client.OrasClient(hostname=open_registry.host, insecure=True)
+    client.push(target=f"{open_registry.host}/artifact:v1", files=names, disable_path_validation=True, quiet=True)
+    path = sources.fetch_model(f"oci://{open_registry.host}/artifact:v1", tmp_path / "cache")
+    assert _files(path) == sorted([*names, ".complete"])
+    assert (path / "config.json").read_bytes() == (demo_assets.model_dir / "config.json").read_bytes()
+
+
+PREFLIGHT_CASES = [
+    # id, password, reference, what the one line says
+    ("wrong password", "not-it", "demo:1", "access denied: oci://{host}/demo:1 (HTTP 401"),
+    ("no credentials", None, "demo:1", "access denied: oci://{host}/demo:1 (HTTP 401"),
+    ("missing tag", PASSWORD, "demo:no-such-tag", "not found: oci://{host}/demo:no-such-tag"),
+    ("missing repository", PASSWORD, "nothing:1", "not found: oci://{host}/nothing:1"),
+    ("unreachable", PASSWORD, "demo:1", "cannot connect: oci://127.0.0.1:{port}/demo:1 (connection refused"),
+    ("userinfo", PASSWORD, "demo:1", "credentials and query strings do not belong in oci:// references"),
+    ("bad reference", PASSWORD, "Demo::1", "not an OCI reference"),
+]
+
+
+@pytest.mark.parametrize(
+    ("password", "ref", "expected"), [c[1:] for c in PREFLIGHT_CASES], ids=[c[0] for c in PREFLIGHT_CASES]
+)
+def test_preflight_refuses_in_one_line(
+    demo_assets, auth_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+    password: str | None, ref: str, expected: str,
+) -> None:  # fmt: skip
+    auth_registry.push_image("demo", "1", [model_layer(demo_assets.model_dir)])
+    port = free_port()
+    host = f"127.0.0.1:{port}" if "unreachable" in expected or "connect" in expected else auth_registry.host
+    if password:
+        monkeypatch.setenv(oci.SECRET_ENV, _secret(host, password=password))
+    uri = f"oci://{host}/{ref}"
+    if "do not belong" in expected:
+        uri = f"oci://puller:{PASSWORD}@{host}/{ref}"
+    run = tmp_path / "run"
+    code = main(["run", "-o", str(run), "--dataset.data_uri", str(demo_assets.data_file), "--train.model", uri])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("lora-pipeline: error: train.model: ")
+    assert expected.format(host=host, port=port) in err[0]
+    assert PASSWORD not in err[0] and "not-it" not in err[0]
+    assert not run.exists()
+
+
+def test_tampered_blob_is_refused(open_registry: Registry, tmp_path: Path) -> None:
+    _, (layer,) = open_registry.push_image("tampered", "1", [tar_layer([("models/config.json", b"{}" * 100)])])
+    blob = open_registry.blob_path(layer)
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0xFF  # same size, other bytes
+    blob.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=rf"^train.model: digest mismatch: layer {layer} of oci://"):
+        sources.fetch_model(f"oci://{open_registry.host}/tampered:1", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cut_transfer_fails_cleanly_then_the_next_pull_succeeds(open_registry: Registry, tmp_path: Path) -> None:
+    open_registry.push_image("cut", "1", [tar_layer([("models/config.json", os.urandom(4096).hex().encode())])])
+    proxy = CuttingProxy(open_registry.port)
+    try:
+        uri = f"oci://127.0.0.1:{proxy.port}/cut:1"
+        with pytest.raises(
+            SourceError, match=r"^train.model: transfer failed: oci://.*/cut:1 \(IncompleteRead.*3 attempts"
+        ):
+            sources.fetch_model(uri, tmp_path / "cache")
+        assert list((tmp_path / "cache").iterdir()) == []
+        proxy.cut = False
+        path = sources.fetch_model(uri, tmp_path / "cache")
+        assert _files(path) == [".complete", "config.json"]
+    finally:
+        proxy.close()
+
+
+UNSAFE_LAYERS = [
+    ("dot-dot", [("models/config.json", b"{}"), ("../evil", b"x")], "climbs out"),
+    ("absolute", [("/evil", b"x")], "climbs out|absolute"),
+    ("link out", [("models/config.json", b"{}"), ("models/up", "../../../evil")], "links outside the image"),
+    ("whiteout of its folder", [("models/config.json", b"{}"), ("models/.wh..", b"")], "names no entry"),
+    ("whiteout out", [("models/config.json", b"{}"), ("models/.wh...", b"")], "names no entry"),
+]
+
+
+@pytest.mark.parametrize(("entries", "why"), [c[1:] for c in UNSAFE_LAYERS], ids=[c[0] for c in UNSAFE_LAYERS])
+def test_layer_entries_outside_are_refused(open_registry: Registry, tmp_path: Path, entries: list, why: str) -> None:
+    repo = "unsafe"
+    open_registry.push_image(repo, "1", [tar_layer(entries, gzip=False)], media=TAR)
+    with pytest.raises(UnsafePathError, match=rf"^train.model: oci://.*: .*({why}).*refused"):
+        sources.fetch_model(f"oci://{open_registry.host}/{repo}:1", tmp_path / "cache")
+    assert not (tmp_path / "evil").exists() and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_device_file_is_refused(open_registry: Registry, tmp_path: Path) -> None:
+    layer = tar_layer([("models/config.json", b"{}"), ("models/null", b"")], gzip=False, kind=tarfile.CHRTYPE)
+    open_registry.push_image("device", "1", [layer], media=TAR)
+    with pytest.raises(UnsafePathError, match=r"is not a file, directory or link \(device or fifo\); refused"):
+        sources.fetch_model(f"oci://{open_registry.host}/device:1", tmp_path / "cache")
+
+
+CREDENTIAL_CASES = [
+    # id, config content, expected (user, password) for registry.example:5000
+    ("auth", {"auths": {"registry.example:5000": {"auth": base64.b64encode(b"u:p:w").decode()}}}, ("u", "p:w")),
+    ("fields", {"auths": {"https://registry.example:5000/v1/": {"username": "u", "password": "p"}}}, ("u", "p")),
+    ("other host", {"auths": {"registry.example": {"username": "u", "password": "p"}}}, None),
+    ("no auths", {"credsStore": "desktop"}, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"), [c[1:] for c in CREDENTIAL_CASES], ids=[c[0] for c in CREDENTIAL_CASES]
+)
+def test_credentials_from_env_or_docker_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content, expected
+) -> None:
+    monkeypatch.setenv(oci.SECRET_ENV, json.dumps(content))
+    assert oci.credentials("registry.example:5000") == expected
+    monkeypatch.delenv(oci.SECRET_ENV)
+    (tmp_path / "docker-config").mkdir()
+    (tmp_path / "docker-config" / "config.json").write_text(json.dumps(content))
+    assert oci.credentials("registry.example:5000") == expected
+
+
+def test_unreadable_pull_secret_is_named_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(oci.SECRET_ENV, '{"auths": "hunter2-not-json')
+    with pytest.raises(SourceError) as caught:
+        oci.credentials("h:1")
+    assert (
+        str(caught.value) == f'train.model: {oci.SECRET_ENV} is not a docker config.json (a JSON object with "auths")'
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "plain", "scheme"),
+    [
+        ("127.0.0.1:5000", "", "http"),
+        ("localhost", "", "http"),
+        ("quay.io", "", "https"),
+        ("reg.svc:5000", "1", "http"),
+    ],
+)
+def test_http_only_for_loopback_or_when_told(
+    monkeypatch: pytest.MonkeyPatch, host: str, plain: str, scheme: str
+) -> None:
+    monkeypatch.setenv(oci.PLAIN_HTTP_ENV, plain)
+    ref = oci.parse(f"oci://{host}/org/model:v1")
+    assert (ref.scheme, ref.host, ref.repo, ref.ref) == (scheme, host, "org/model", "v1")
+
+
+_SEGMENT = st.sampled_from(["a", "b", "..", ".", "", "models"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_SEGMENT, min_size=1, max_size=4), st.lists(_SEGMENT, min_size=1, max_size=5), st.booleans())
+def test_symlink_targets_stay_inside(name: list[str], link: list[str], absolute: bool) -> None:
+    entry = "/".join(s for s in name if s not in ("..", ".", "")) or "x"
+    target = ("/" if absolute else "") + "/".join(link)
+    try:
+        kept = _link_target(Path("/root"), entry, target, "oci://h/r:t")
+    except UnsafePathError:
+        return
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(entry), kept))
+    assert not resolved.startswith("/") and resolved != ".." and not resolved.startswith("../")
