@@ -182,3 +182,52 @@ class CuttingProxy:
 
     def close(self) -> None:
         self.server.close()
+
+
+class BearerFront:
+    """A token-auth front for `upstream` (as Docker Hub, Quay or Harbor answer): 401 with a Bearer challenge
+    naming a token realm on the same server, which gives `token` for Basic `user`:`password`; requests with
+    that token are forwarded to the registry."""
+
+    def __init__(self, upstream: str, user: str, password: str, token: str) -> None:
+        import http.server
+
+        basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.startswith("/token"):
+                    front.token_queries.append(self.path)
+                    ok = self.headers.get("Authorization") == basic
+                    self._answer(200 if ok else 401, json.dumps({"token": token}).encode() if ok else b"{}")
+                elif self.headers.get("Authorization") != f"Bearer {token}":
+                    realm = f"http://127.0.0.1:{front.port}/token"
+                    challenge = f'Bearer realm="{realm}",service="front",scope="repository:demo:pull"'
+                    self._answer(401, b"{}", {"WWW-Authenticate": challenge})
+                else:
+                    request = urllib.request.Request(
+                        f"http://{upstream}{self.path}", headers={"Accept": self.headers.get("Accept", "")}
+                    )
+                    with urllib.request.urlopen(request, timeout=10) as resp:
+                        self._answer(resp.status, resp.read(), {"Content-Type": resp.headers.get("Content-Type", "")})
+
+            def _answer(self, code: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.token_queries: list[str] = []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

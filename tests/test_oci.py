@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_pipeline import sources
+from lora_pipeline import files, sources
 from lora_pipeline.cli import main
 from lora_pipeline.errors import SourceError, UnsafePathError
 from lora_pipeline.files import read_json
 from lora_pipeline.sources import oci
 from lora_pipeline.sources.oci_layers import _link_target
-from oci_registry import OCI_INDEX, TAR, CuttingProxy, Registry, free_port, model_layer, tar_layer
+from oci_registry import OCI_INDEX, TAR, BearerFront, CuttingProxy, Registry, free_port, model_layer, tar_layer
 
 PASSWORD = "s3cret-Pa55word"
 
@@ -127,6 +127,33 @@ def test_oras_artifact(demo_assets, open_registry: Registry, tmp_path: Path, mon
     assert (path / "config.json").read_bytes() == (demo_assets.model_dir / "config.json").read_bytes()
 
 
+def test_bearer_token_from_the_realm(demo_assets, open_registry: Registry, tmp_path: Path, monkeypatch) -> None:
+    open_registry.push_image("demo", "bearer", [model_layer(demo_assets.model_dir)])
+    front = BearerFront(open_registry.host, "puller", PASSWORD, "tok-123")
+    try:
+        host = f"127.0.0.1:{front.port}"
+        monkeypatch.setenv(oci.SECRET_ENV, _secret(host))
+        path = sources.fetch_model(f"oci://{host}/demo:bearer", tmp_path / "cache")
+        assert (path / "config.json").read_bytes() == (demo_assets.model_dir / "config.json").read_bytes()
+        assert front.token_queries[0] == "/token?service=front&scope=repository%3Ademo%3Apull"
+        monkeypatch.setenv(oci.SECRET_ENV, _secret(host, password="wrong"))
+        with pytest.raises(SourceError, match=r"access denied: .* \(HTTP 401 from the token service; "):
+            sources.model_fingerprint(f"oci://{host}/demo:bearer")
+    finally:
+        front.close()
+
+
+def test_pull_deadline_is_kept(open_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    open_registry.push_image("slow", "1", [tar_layer([("models/config.json", b"{}")])])
+    uri = f"oci://{open_registry.host}/slow:1"
+    monkeypatch.setenv(oci.DEADLINE_ENV, "1e-9")
+    with pytest.raises(SourceError, match=r"^train.model: gave up: oci://.*/slow:1 \(not done within 1e-09 s\)"):
+        sources.fetch_model(uri, tmp_path / "cache")
+    monkeypatch.setenv(oci.DEADLINE_ENV, "soon")
+    with pytest.raises(SourceError, match=rf"^train.model: {oci.DEADLINE_ENV} must be a number of seconds"):
+        sources.fetch_model(uri, tmp_path / "cache")
+
+
 PREFLIGHT_CASES = [
     # id, password, reference, what the one line says
     ("wrong password", "not-it", "demo:1", "access denied: oci://{host}/demo:1 (HTTP 401"),
@@ -176,7 +203,9 @@ def test_tampered_blob_is_refused(open_registry: Registry, tmp_path: Path) -> No
 
 
 def test_cut_transfer_fails_cleanly_then_the_next_pull_succeeds(open_registry: Registry, tmp_path: Path) -> None:
-    open_registry.push_image("cut", "1", [tar_layer([("models/config.json", os.urandom(4096).hex().encode())])])
+    digest, _ = open_registry.push_image(
+        "cut", "1", [tar_layer([("models/config.json", os.urandom(4096).hex().encode())])]
+    )
     proxy = CuttingProxy(open_registry.port)
     try:
         uri = f"oci://127.0.0.1:{proxy.port}/cut:1"
@@ -186,7 +215,10 @@ def test_cut_transfer_fails_cleanly_then_the_next_pull_succeeds(open_registry: R
             sources.fetch_model(uri, tmp_path / "cache")
         assert list((tmp_path / "cache").iterdir()) == []
         proxy.cut = False
+        stale = tmp_path / "cache" / f".oci-{digest[7:39]}.tmp-{2**22 + 1}-{files._HOST}-x"  # a killed pull's
+        stale.mkdir(parents=True)
         path = sources.fetch_model(uri, tmp_path / "cache")
+        assert not stale.exists()
         assert _files(path) == [".complete", "config.json"]
     finally:
         proxy.close()

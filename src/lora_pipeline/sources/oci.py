@@ -8,7 +8,7 @@ pulled over the OCI distribution API and cached by manifest digest.
   by registry host[:port]. Never in the URI, never printed, never stored in the cache.
 - Auth: Basic, or a Bearer token from the WWW-Authenticate realm (Docker Hub, Quay, GHCR, Harbor).
 - Limits: TIMEOUT_S to connect and per read, CHECK_DEADLINE_S for the pre-flight check, PULL_DEADLINE_S
-  ($LORA_PIPELINE_OCI_DEADLINE) for a whole pull, retries included.
+  (or $LORA_PIPELINE_OCI_DEADLINE) for a whole pull, retries included.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ SECRET_ENV = "OCI_PULL_SECRET_MODEL_DOWNLOAD"
 PLAIN_HTTP_ENV = "LORA_PIPELINE_OCI_PLAIN_HTTP"
 TIMEOUT_S = 30.0
 CHECK_DEADLINE_S = 60.0
-PULL_DEADLINE_S = float(os.environ.get("LORA_PIPELINE_OCI_DEADLINE") or 4 * 3600)
+DEADLINE_ENV = "LORA_PIPELINE_OCI_DEADLINE"
+PULL_DEADLINE_S = 4 * 3600.0
 RETRIES = 3
 BLOCK = 1 << 20
 PLATFORM = ("linux", "amd64")
@@ -287,7 +288,7 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     Made in a temporary directory (blobs verified against their digests as they stream) and renamed into place
     with a `.complete` mark: an interrupted pull leaves nothing that is used, and its leftovers are removed by
     the next pull, which starts over."""
-    session = Session(parse(uri), PULL_DEADLINE_S)
+    session = Session(parse(uri), _pull_deadline())
     digest, manifest = resolve(session)
     target = Path(cache_dir) / f"oci-{digest.split(':', 1)[1][:32]}"
     if (target / ".complete").is_file():
@@ -311,6 +312,18 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _pull_deadline() -> float:
+    text = os.environ.get(DEADLINE_ENV, "").strip()
+    try:
+        seconds = float(text) if text else PULL_DEADLINE_S
+        assert seconds > 0
+    except (ValueError, AssertionError):
+        raise SourceError(
+            f"{DEADLINE_ENV} must be a number of seconds above 0, not {text[:40]!r}", field=FIELD
+        ) from None
+    return seconds
 
 
 def _download_blob(session: Session, layer: dict, folder: Path) -> Path:
