@@ -6,6 +6,7 @@ entries reach outside. The registry binary is required (scripts/test.sh installs
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import posixpath
@@ -312,3 +313,35 @@ def test_symlink_targets_stay_inside(name: list[str], link: list[str], absolute:
         return
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(entry), kept))
     assert not resolved.startswith("/") and resolved != ".." and not resolved.startswith("../")
+
+
+_NAMES = st.lists(
+    st.sampled_from(["models", "a", "b", "..", ".", "", ".wh.a", ".wh..wh..opq", "/"]), min_size=1, max_size=4
+)
+_ENTRY = st.tuples(st.sampled_from(["file", "dir", "symlink", "hardlink"]), _NAMES, _NAMES)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(_ENTRY, min_size=1, max_size=6))
+def test_any_layer_stays_inside_or_is_refused(tmp_path_factory: pytest.TempPathFactory, entries: list) -> None:
+    import io
+
+    from lora_pipeline.sources.oci_layers import apply_layer
+
+    work = tmp_path_factory.mktemp("layer")
+    root, blob = work / "root", work / "layer.tar"
+    root.mkdir()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tf:
+        for kind, name, link in entries:
+            info = tarfile.TarInfo("/".join(name))
+            info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                         "hardlink": tarfile.LNKTYPE}[kind]  # fmt: skip
+            info.linkname = "/".join(link)
+            tf.addfile(info, io.BytesIO(b"") if kind == "file" else None)
+    blob.write_bytes(buffer.getvalue())
+    with contextlib.suppress(SourceError):
+        apply_layer(blob, {"mediaType": TAR, "digest": "sha256:x"}, root, "oci://h/r:t")
+    assert sorted(p.name for p in work.iterdir()) == ["layer.tar", "root"]  # nothing written beside root
+    for path in root.rglob("*"):  # every link leads inside (a loop inside is harmless: realpath stops there)
+        assert Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)), path

@@ -38,11 +38,16 @@ def apply_layer(blob: Path, layer: dict, root: Path, source: str) -> None:
         return
     if "zstd" in media:
         raise SourceError(f"{source}: zstd-compressed layers are not supported ({media})", field=FIELD)
+    digest = str(layer.get("digest", "?"))
     if not tarfile.is_tarfile(blob):
-        raise SourceError(f"{source}: layer {layer.get('digest', '?')} is not a tar archive ({media})", field=FIELD)
-    with tarfile.open(blob, "r:*") as tf:
-        for member in tf:
-            _apply_entry(tf, member, root, source)
+        raise SourceError(f"{source}: layer {digest} is not a tar archive ({media})", field=FIELD)
+    try:
+        with tarfile.open(blob, "r:*") as tf:
+            for member in tf:
+                _apply_entry(tf, member, root, source)
+    except (tarfile.TarError, EOFError, OSError) as exc:  # a truncated archive; a file where a folder must be
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise SourceError(f"{source}: cannot apply layer {digest} ({detail[:200]})", field=FIELD) from None
 
 
 def _apply_entry(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path, source: str) -> None:
@@ -87,7 +92,10 @@ def _apply_entry(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path, source: st
         linked = m.linkname.replace("\\", "/").lstrip("/")  # a hard link names a path from the layer's root
         if unsafe_reason(linked):
             raise UnsafePathError(f"{source}: layer entry {ascii(name)[:120]} links outside the image", field=FIELD)
-        shutil.copyfile(confined(root, linked, what="hard link", source=source, field=FIELD), path)
+        original = confined(root, linked, what="hard link", source=source, field=FIELD)
+        if not original.is_file():
+            raise UnsafePathError(f"{source}: layer entry {ascii(name)[:120]} links to no file; refused", field=FIELD)
+        shutil.copyfile(original, path)
     else:
         raise UnsafePathError(
             f"{source}: layer entry {ascii(name)[:120]} is not a file, directory or link (device or fifo); refused",
