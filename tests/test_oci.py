@@ -345,3 +345,12 @@ def test_any_layer_stays_inside_or_is_refused(tmp_path_factory: pytest.TempPathF
     assert sorted(p.name for p in work.iterdir()) == ["layer.tar", "root"]  # nothing written beside root
     for path in root.rglob("*"):  # every link leads inside (a loop inside is harmless: realpath stops there)
         assert Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)), path
+
+
+def test_compile_refuses_oci_userinfo_and_names_the_pull_secret(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "p.yaml"
+    uri = f"oci://puller:{PASSWORD}@quay.io/org/model:1"
+    code = main(["compile", "-o", str(out), "--dataset.data_uri", "s3://b/x.jsonl", "--train.model", uri])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and PASSWORD not in err
+    assert "--secret-env OCI_PULL_SECRET_MODEL_DOWNLOAD=SECRET:.dockerconfigjson for oci://" in err
