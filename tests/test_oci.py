@@ -257,6 +257,7 @@ CREDENTIAL_CASES = [
     ("other host", {"auths": {"registry.example": {"username": "u", "password": "p"}}}, None),
     ("no auths", {"credsStore": "desktop"}, None),
 ]
+HUB = {"auths": {"https://index.docker.io/v1/": {"username": "u", "password": "p"}}}
 
 
 @pytest.mark.parametrize(
@@ -267,6 +268,8 @@ def test_credentials_from_env_or_docker_config(
 ) -> None:
     monkeypatch.setenv(oci.SECRET_ENV, json.dumps(content))
     assert oci.credentials("registry.example:5000") == expected
+    monkeypatch.setenv(oci.SECRET_ENV, json.dumps(HUB))  # `docker login`'s key for Docker Hub
+    assert oci.credentials("docker.io") == ("u", "p") and oci.credentials("registry.example:5000") is None
     monkeypatch.delenv(oci.SECRET_ENV)
     (tmp_path / "docker-config").mkdir()
     (tmp_path / "docker-config" / "config.json").write_text(json.dumps(content))
@@ -297,6 +300,13 @@ def test_http_only_for_loopback_or_when_told(
     monkeypatch.setenv(oci.PLAIN_HTTP_ENV, plain)
     ref = oci.parse(f"oci://{host}/org/model:v1")
     assert (ref.scheme, ref.host, ref.repo, ref.ref) == (scheme, host, "org/model", "v1")
+    monkeypatch.delenv(oci.PLAIN_HTTP_ENV)
+    hub = oci.parse("oci://docker.io/busybox")
+    assert (hub.repo, hub.ref, hub.url("manifests", "latest")) == (
+        "library/busybox",
+        "latest",
+        "https://registry-1.docker.io/v2/library/busybox/manifests/latest",
+    )
 
 
 _SEGMENT = st.sampled_from(["a", "b", "..", ".", "", "models"])
@@ -354,3 +364,33 @@ def test_compile_refuses_oci_userinfo_and_names_the_pull_secret(tmp_path: Path, 
     err = capsys.readouterr().err
     assert code == 2 and not out.exists() and PASSWORD not in err
     assert "--secret-env OCI_PULL_SECRET_MODEL_DOWNLOAD=SECRET:.dockerconfigjson for oci://" in err
+
+
+def test_server_errors_are_retried_then_named(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    answers: list[str] = []
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            answers.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"oci://127.0.0.1:{server.server_address[1]}/demo:1"
+        with pytest.raises(
+            SourceError, match=r"^train.model: registry error: oci://.*/demo:1 \(HTTP 503; 3 attempts\)$"
+        ):
+            sources.model_fingerprint(uri)
+        assert answers == ["/v2/demo/manifests/1"] * 3
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -69,7 +69,8 @@ class Reference:
     scheme: str
 
     def url(self, kind: str, ref: str) -> str:
-        return f"{self.scheme}://{self.host}/v2/{self.repo}/{kind}/{ref}"
+        host = "registry-1.docker.io" if self.host == "docker.io" else self.host  # Docker Hub's API host
+        return f"{self.scheme}://{host}/v2/{self.repo}/{kind}/{ref}"
 
 
 def parse(uri: str) -> Reference:
@@ -89,10 +90,12 @@ def parse(uri: str) -> Reference:
         raise SourceError(
             f"not an OCI reference (oci://registry[:port]/repository[:tag][@sha256:...]): {redact(uri)}", field=FIELD
         )
-    host = match["host"]
+    host, repo = match["host"], match["repo"]
+    if host == "docker.io" and "/" not in repo:
+        repo = f"library/{repo}"  # Docker Hub's official images
     plain = os.environ.get(PLAIN_HTTP_ENV, "").lower() in ("1", "true", "yes")
     scheme = "http" if plain or _LOOPBACK.match(host.rsplit(":", 1)[0] if "]" not in host else host) else "https"
-    return Reference(uri, host, match["repo"], match["digest"] or match["tag"] or "latest", scheme)
+    return Reference(uri, host, repo, match["digest"] or match["tag"] or "latest", scheme)
 
 
 def credentials(host: str) -> tuple[str, str] | None:
@@ -111,7 +114,7 @@ def credentials(host: str) -> tuple[str, str] | None:
     except (ValueError, AttributeError, AssertionError):
         raise SourceError(f'{origin} is not a docker config.json (a JSON object with "auths")', field=FIELD) from None
     for key, entry in auths.items():
-        if _registry_host(key) != host.lower() or not isinstance(entry, dict):
+        if _registry_host(key) not in _HOST_KEYS.get(host.lower(), (host.lower(),)) or not isinstance(entry, dict):
             continue
         user, password = entry.get("username"), entry.get("password")
         if entry.get("auth"):
@@ -128,9 +131,16 @@ def credentials(host: str) -> tuple[str, str] | None:
     return None
 
 
+_HOST_KEYS = {"docker.io": ("docker.io", "index.docker.io", "registry-1.docker.io")}  # `docker login`'s keys
+
+
 def _registry_host(key: str) -> str:
     """`https://host:port/v1/` and `host:port` both name the registry `host:port`."""
     return key.lower().split("://", 1)[-1].split("/", 1)[0]
+
+
+class ServerError(OSError):
+    """A 5xx answer, retried like a network failure."""
 
 
 @dataclass
@@ -164,6 +174,8 @@ class Session:
                 exc.close()
                 if exc.code == 401 and attempt == 1 and self._negotiate(challenge):
                     continue
+                if exc.code >= 500:  # the registry's passing trouble: _network retries it
+                    raise ServerError(f"HTTP {exc.code}") from None
                 raise self._error(exc.code) from None
         raise AssertionError("unreachable")
 
@@ -231,7 +243,8 @@ def _network(session: Session, call):  # noqa: ANN001, ANN202 - a thunk and its 
             else:
                 detail = type(reason).__name__ if not str(reason) else str(reason)[:200]
             if n == RETRIES:
-                why = f"{'cannot connect' if connecting else 'transfer failed'}: {uri} ({detail}; {RETRIES} attempts)"
+                summary = "registry error" if isinstance(reason, ServerError) else "transfer failed"
+                why = f"{'cannot connect' if connecting else summary}: {uri} ({detail}; {RETRIES} attempts)"
                 raise SourceError(why, field=FIELD) from None
             log.warning("oci: %s (%s), retry %d/%d", uri, detail, n, RETRIES - 1)
             time.sleep(min(0.5 * 2**n, max(0.0, session.remaining())))
