@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import posixpath
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -79,6 +80,14 @@ def test_modelcar_image_trains_with_pull_secret(
         if path.is_file():
             assert PASSWORD.encode() not in path.read_bytes(), path
     assert PASSWORD not in everything.out + everything.err
+    assert read_json(run / "train" / "metrics.json")["base_model_uri"] == uri
+
+    # An eval pod is not the train pod: where the recorded base is not here, it is fetched again by digest.
+    from lora_pipeline.models import recorded_base
+
+    shutil.rmtree(base_path)
+    assert recorded_base(str(base_path), uri) == str(base_path) and (base_path / "config.json").is_file()
+    assert recorded_base(str(base_path), None) == str(base_path)
 
 
 def test_index_layers_and_whiteouts_apply_in_order(open_registry: Registry, tmp_path: Path) -> None:

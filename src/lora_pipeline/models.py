@@ -36,6 +36,17 @@ def resolve_model(model: str, fetch: bool = False) -> str:
     return model
 
 
+def recorded_base(base_ref: str, source: object) -> str:
+    """The base an adapter was trained on: its recorded path, or, where that is not here (an eval pod is not the
+    train pod), the s3:// or oci:// model it was fetched from (`source`, metrics.json's base_model_uri), fetched
+    again into this machine's cache: the same content, as the cache is keyed by ETags or manifest digest."""
+    from lora_pipeline import sources
+
+    if isinstance(source, str) and source.startswith(sources.MODEL_SCHEMES) and not Path(base_ref).is_dir():
+        return resolve_model(source, fetch=True)
+    return base_ref
+
+
 def model_cache_dir() -> Path:
     """Where models fetched from s3:// and oci:// are kept ($LORA_PIPELINE_HOME/models, default
     ~/.cache/lora-pipeline)."""
