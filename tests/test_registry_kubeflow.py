@@ -22,7 +22,7 @@ from lora_pipeline.preflight import check_registry  # noqa: E402
 from lora_pipeline.registry import kubeflow  # noqa: E402
 from lora_pipeline.stages.register import register_adapter  # noqa: E402
 from registry_standin import StandIn  # noqa: E402
-from test_register import make_run  # noqa: E402
+from test_register import digest_of, make_run, retrain_in_place  # noqa: E402
 
 TOKEN = "tok-7d3f9a1c5e"
 
@@ -87,7 +87,7 @@ def test_duplicate_version_same_artifact_is_a_no_op_and_another_is_refused(tmp_p
     assert again["model_version_id"] == first["model_version_id"]
     posts = [path for method, path in server.requests if method == "POST"]
     assert len(posts) == 3  # model, version, artifact: all from the first registration
-    with pytest.raises(RegistryError, match="already registered .* with another artifact") as err:
+    with pytest.raises(RegistryError, match="1.0.0 already exists at .* with other content") as err:
         register(make_run(tmp_path / "other"), server)
     assert err.value.field == "registry.version"
     assert [a["uri"] for a in server.artifacts.values()] == [first["uri"]]  # nothing overwritten
@@ -190,3 +190,25 @@ def test_https_with_a_private_ca_and_a_refused_certificate(tmp_path: Path) -> No
             register(make_run(tmp_path / "other"), server, version="2.0.0")
         assert err.value.field == "registry.ca_cert"
         assert len(server.versions) == 1
+
+
+def test_the_digest_is_recorded_and_decides_no_change(tmp_path: Path, server: StandIn) -> None:
+    """A retrain in place keeps the artifact's URI: only the recorded digest tells the content changed."""
+    run_dir = make_run(tmp_path / "run")
+    first = register(run_dir, server)
+    (version,) = server.versions.values()
+    assert version["customProperties"]["artifact_sha256"]["string_value"] == digest_of(run_dir / "train" / "adapter")
+    assert first["artifact_sha256"] == digest_of(run_dir / "train" / "adapter")
+    retrain_in_place(run_dir)
+    with pytest.raises(RegistryError, match="1.0.0 already exists at .* with other content") as err:
+        register(run_dir, server)
+    assert err.value.field == "registry.version" and "no change" not in str(err.value)
+    assert len(server.versions) == 1 and len(server.artifacts) == 1  # nothing added, nothing overwritten
+    (version,) = server.versions.values()
+    assert version["customProperties"]["lora_r"]["int_value"] == "8"
+
+
+def test_auto_is_refused_in_one_line_by_a_model_registry(tmp_path: Path, server: StandIn) -> None:
+    with pytest.raises(RegistryError, match="auto applies to the local registry") as err:
+        register(make_run(tmp_path / "run"), server, version="auto")
+    assert "\n" not in str(err.value) and server.requests == []

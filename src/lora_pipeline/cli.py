@@ -317,13 +317,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.command == "models":
         from lora_pipeline.registry import local_path
-        from lora_pipeline.registry.commands import list_models, show_model
+        from lora_pipeline.registry.commands import list_models, show_model, verify_model
 
         path = Path(args.path).expanduser() if args.path else local_path()
         if args.models_command == "list":
             print(list_models(path))
         else:
             print(show_model(path, args.name, args.version))
+            verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
         return 0
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)

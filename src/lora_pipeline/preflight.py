@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lora_pipeline.config import Config, is_local_uri, local_path
+from lora_pipeline.config import Config, RegistryConfig, is_local_uri, local_path
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.sources import MODEL_SCHEMES
 
@@ -39,6 +39,10 @@ def preflight(
 
             fingerprint = mixing.fingerprint(config.dataset)
     if "train" in stages:
+        from lora_pipeline.train_options import check_train_options
+
+        # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
+        check_train_options(config.train, config.dataset.data_split < 1.0 if "dataset" in stages else None)
         check_model(config.train.model)
         check_model_fits(config)
         from lora_pipeline.chat_templates import check_chat_template
@@ -51,8 +55,10 @@ def preflight(
         from lora_pipeline.registry import check_local, token
 
         check_registry(config.registry.address, config.registry.port, token(config.registry))
-        if out_field == "-o":  # a run directory: its adapter's URI is known before training
-            check_local(config.registry, Path(out) / "train" / "adapter")
+        # a run directory: its adapter is known before training
+        check_local(config.registry, Path(out) / "train" / "adapter" if out_field == "-o" else None)
+        if out_field == "-o" and "eval" not in stages:
+            check_eval_completed(config.registry, Path(out))
     if "eval" in stages:
         from lora_pipeline.stages.evaluate import check_eval_options
 
@@ -195,6 +201,27 @@ def _check_hub_model(ref: str, field: str) -> None:
             "use a local directory, or HF_HUB_OFFLINE=1 with the model in the HF cache",
             field=field,
         ) from None
+
+
+def check_eval_completed(cfg: RegistryConfig, run_dir: Path) -> None:
+    """`register -o RUN` registers scores: the run's last eval must have completed, unless
+    registry.allow_no_eval. A failed eval leaves an older eval's results behind, so run.json decides."""
+    from lora_pipeline.registry import kind
+
+    if cfg.allow_no_eval or kind(cfg) == "none":
+        return
+    try:
+        status = json.loads((run_dir / "run.json").read_text())["stages"]["eval"]["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        status = None  # no run record (a run directory put together by hand): the results file decides
+    results = run_dir / "eval" / "eval_results.json"
+    if status not in (None, "ran", "cached") or not results.is_file():
+        state = f"its last eval {status}" if status not in (None, "ran", "cached") else f"no {results.name}"
+        raise ConfigError(
+            f"no completed eval in {run_dir} ({state}): run `lora-pipeline eval -o RUN_DIR` first, or set "
+            "--registry.allow_no_eval true to register a version without scores",
+            field="registry.allow_no_eval",
+        )
 
 
 def check_registry(address: str, port: int, token: str = "") -> None:

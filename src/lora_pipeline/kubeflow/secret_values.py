@@ -37,6 +37,8 @@ def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
     for name, value in parse_key_values(config.train.env_vars).items():
         if value and not safe_env_name(name) and (looks_secret(name) or name in _MOUNTED):
             _refuse("train.env_vars", f"{name} looks like a secret, and its value", _MOUNTED.get(name, _OTHER_ENV))
+        if value:  # a tracker's URI may carry them (MLFLOW_TRACKING_URI=https://user:pass@host)
+            _refuse_uri("train.env_vars", value, _MOUNTED.get(name, _OTHER_ENV))
     for key, value in config.eval.model_args.items():
         if value not in (None, "") and not safe_model_arg(key) and looks_secret(key):
             hint = "--hf-token-secret NAME (lm-eval reads HF_TOKEN from the environment)"

@@ -1,10 +1,12 @@
-"""`lora-pipeline models list|show`: what the local registry holds, as text."""
+"""`lora-pipeline models list|show`: what the local registry holds, as text; `show` verifies the content."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.errors import RegistryError
+from lora_pipeline.registry.artifacts import DIGEST_KEY, verify
 from lora_pipeline.registry.local import LocalRegistry
 
 # Lineage fields of `models show`, in reading order: (label, metadata keys shown on that line).
@@ -48,6 +50,11 @@ def show_model(path: Path, name: str, version: str | None = None) -> str:
         f"{r['model']} {r['version']}  (registered {r['created']} by {r['author'] or '-'})",
         f"  {'adapter':<15} {r['uri']}  [{r['format_name']} {r['format_version']}]",
     ]
+    digest = meta.pop(DIGEST_KEY, None)
+    if digest:
+        lines.append(f"  {'content':<15} sha256 {digest}  {'CHANGED' if verify(r['uri'], digest) else 'OK'}")
+    else:
+        lines.append(f"  {'content':<15} not verified (registered before digests were recorded)")
     if r["description"]:
         lines.append(f"  {'description':<15} {r['description']}")
     for label, keys in _LINEAGE:
@@ -65,6 +72,15 @@ def show_model(path: Path, name: str, version: str | None = None) -> str:
             lines.append(f"  {'':<15} {key[5:]:<30} {_value(base):>8} {_value(meta[key]):>8} {delta_text:>8}")
     lines.append(f"  {'ids':<15} model {r['model_id']}, version {r['version_id']}, artifact {r['artifact_id']}")
     return "\n".join(lines)
+
+
+def verify_model(path: Path, name: str, version: str | None = None) -> None:
+    """Raise one line when a version's files no longer have the digest recorded at registration."""
+    r = LocalRegistry(path).version(name, version)
+    digest = r["metadata"].get(DIGEST_KEY)
+    problem = verify(r["uri"], digest) if digest else None
+    if problem:
+        raise RegistryError(f"{r['model']} {r['version']}: {problem}", field="models")
 
 
 def _short(key: str) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from lora_pipeline.deadline import Overdue, within
 from lora_pipeline.errors import RegistryError
 from lora_pipeline.registry import Entry, Outcome
+from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ class KubeflowRegistry:
         self.author, self._token, self.ca_cert, self.timeout = author, token, ca_cert, timeout
 
     def register(self, entry: Entry) -> Outcome:
+        if entry.version == AUTO:
+            raise RegistryError(
+                "auto applies to the local registry: give a version for a Model Registry", field="registry.version"
+            )
         delays, attempts = list(RETRY_DELAYS), 0
         ends = time.monotonic() + self.timeout
         while True:
@@ -133,10 +138,14 @@ class KubeflowRegistry:
                 )
             )
             status = "registered"
-        if artifact.uri != entry.uri:
+        recorded = (version.custom_properties or {}).get(DIGEST_KEY)
+        if (recorded or status == "exists") and recorded != entry.digest:
+            # "no change" is decided by content: the same URI may hold a retrained adapter by now
+            held = f"sha256 {str(recorded)[:12]}…" if recorded else "no recorded digest"
             raise RegistryError(
-                f"{entry.name} {entry.version} is already registered at {self.where} with another artifact "
-                f"({artifact.uri}); nothing was overwritten: set a new --registry.version",
+                f"{entry.name} {entry.version} already exists at {self.where} with other content ({held}, "
+                f"{artifact.uri}; this adapter sha256 {entry.digest[:12]}…); nothing was overwritten: "
+                "set a new --registry.version",
                 field="registry.version",
             )
         return Outcome(status, str(model.id), str(version.id), str(artifact.id), self.where)
