@@ -60,6 +60,10 @@ def _apply_entry(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path, source: st
     why = unsafe_reason(name)
     if why:
         raise UnsafePathError(f"{source}: layer entry {ascii(name)[:120]} {why}; refused", field=FIELD)
+    # `models/.` is `models`: a symbolic link's depth (its relative target) is counted on the normal form
+    name = posixpath.normpath(name)
+    if name == ".":
+        return
     base = posixpath.basename(name)
     parent = posixpath.dirname(name)
     if base == OPAQUE:  # the directory's contents from lower layers are hidden
