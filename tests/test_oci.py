@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lora_pipeline import files, sources
@@ -342,6 +342,7 @@ _ENTRY = st.tuples(st.sampled_from(["file", "dir", "symlink", "hardlink"]), _NAM
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(_ENTRY, min_size=1, max_size=6))
+@example([("symlink", ["models", "."], ["/"])])  # found by this test: a link one level above the image
 def test_any_layer_stays_inside_or_is_refused(tmp_path_factory: pytest.TempPathFactory, entries: list) -> None:
     import io
 
