@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from lora_pipeline.config import Config, RegistryConfig, is_local_uri, local_path
 from lora_pipeline.errors import ConfigError
+from lora_pipeline.sources import MODEL_SCHEMES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -85,8 +86,8 @@ def check_output_dir(path: Path, field: str) -> None:
 
 def check_model(ref: str, field: str = "train.model") -> None:
     """The base model resolves to a config, a tokenizer and intact weights, locally or in the HF cache/Hub,
-    or (s3://) its objects can be listed with the credentials at hand."""
-    if ref.startswith("s3://"):
+    or (s3://, oci://) it resolves with the credentials at hand."""
+    if ref.startswith(MODEL_SCHEMES):
         from lora_pipeline import sources
 
         sources.model_fingerprint(ref)
@@ -100,9 +101,9 @@ def check_model(ref: str, field: str = "train.model") -> None:
 
 def check_model_fits(config: Config) -> None:
     """The base model's parts agree and the train options fit it (see model_checks), for a model whose files
-    are here: a local directory or one in the Hugging Face cache. An s3:// model is checked once fetched."""
+    are here: a local directory or one in the Hugging Face cache. An s3:// or oci:// model is checked once fetched."""
     ref = config.train.model
-    if ref.startswith("s3://"):
+    if ref.startswith(MODEL_SCHEMES):
         return
     path = Path(local_path(ref))
     if not (is_local_uri(ref) and path.is_dir()):
@@ -119,7 +120,7 @@ def check_model_fits(config: Config) -> None:
 
 def _model_files(ref: str) -> Path | None:
     """The directory holding a base model's files, when they are here (local, or in the Hugging Face cache)."""
-    if ref.startswith("s3://"):
+    if ref.startswith(MODEL_SCHEMES):
         return None
     path = Path(local_path(ref))
     if is_local_uri(ref) and path.is_dir():

@@ -77,8 +77,9 @@ def parse_secret_env(items: list[str], component: str | None = None) -> tuple[tu
 def _refuse_uri(field: str, value: str, hint: str = "") -> None:
     what = uri_credentials(value)
     if what:
-        default = "--aws-secret NAME for s3://, --hf-token-secret NAME for hf:// and https://huggingface.co (a " \
-            "pre-signed URL cannot be compiled)"  # fmt: skip
+        default = "--aws-secret NAME for s3://, --hf-token-secret NAME for hf:// and https://huggingface.co, " \
+            "--secret-env OCI_PULL_SECRET_MODEL_DOWNLOAD=SECRET:.dockerconfigjson for oci:// (a pre-signed URL " \
+            "cannot be compiled)"  # fmt: skip
         _refuse(field, f"the credentials in the URI ({what})", hint or default)
 
 

@@ -107,6 +107,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
     from lora_pipeline.chat_templates import apply_chat_template_option
     from lora_pipeline.progress import TerminalLine, make_progress_callback
+    from lora_pipeline.sources import MODEL_SCHEMES
     from lora_pipeline.tokenization import PadCollator
 
     threads, threads_from = cpu_threads(cfg.threads)
@@ -344,6 +345,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "device": "cuda" if cuda else "cpu",
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "base_model": model_ref,
+                "base_model_uri": cfg.model if cfg.model.startswith(MODEL_SCHEMES) else None,  # eval refetches it
                 "warnings": notes,
                 "versions": package_versions(VERSIONED),
                 "history": history,
