@@ -137,11 +137,16 @@ def test_token_from_the_environment(tmp_path: Path, server: StandIn, monkeypatch
 
 
 def test_preflight_reaches_the_registry_and_wants_a_token_for_https(server: StandIn) -> None:
-    check_registry(server.url, server.port)  # answers: fine
+    check_registry(server.url, server.port, token=TOKEN)  # answers: fine
     with pytest.raises(ConfigError, match="is https: set --registry.token") as err:
         check_registry(f"127.0.0.1:{server.port}", 8080)  # a bare host means https, and there is no token
     assert err.value.field == "registry.token"
-    check_registry(f"https://127.0.0.1:{server.port}", 443, token=TOKEN)
+    with pytest.raises(ConfigError, match=r"refused the request \(HTTP 401\)") as err:
+        check_registry(server.url, server.port)  # the API probe is refused without the token: before training
+    assert err.value.field == "registry.token" and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="TLS with") as err:
+        check_registry(f"https://127.0.0.1:{server.port}", 443, token=TOKEN)  # a plain-http server
+    assert err.value.field == "registry.ca_cert"
     for address in ("", "local", "none"):
         check_registry(address, 1)  # nothing to reach
 

@@ -40,6 +40,9 @@ class Entry:
     format_version: str = "1.0"
     metadata: dict[str, Scalar] = field(default_factory=dict)
     digest: str = ""  # sha256 of the adapter's files (artifacts.tree_digest)
+    # train.merge's merged model: a second artifact of the same version, with its own digest
+    merged_uri: str = ""
+    merged_digest: str = ""
 
     def __post_init__(self) -> None:
         # Both registries keep the digest in the version's metadata: Kubeflow's custom properties have room
