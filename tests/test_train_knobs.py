@@ -153,7 +153,6 @@ def logged_losses(metrics: dict) -> dict[int, float]:
 @pytest.mark.integration
 def test_tensorboard_event_files_hold_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
     import tensorboardX  # noqa: F401  (the dev extra installs it: missing must fail, not skip)
-
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["tensorboard"], max_steps=3)
     assert metrics["trackers"] == ["tensorboard"]
@@ -164,7 +163,6 @@ def test_tensorboard_event_files_hold_the_losses(demo_assets, dataset, tmp_path,
 @pytest.mark.integration
 def test_mlflow_store_holds_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
     import mlflow
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "knobs")
