@@ -185,7 +185,7 @@ class LocalRegistry:
             ).fetchone()
             if row is None:
                 self.version(name, version)  # one line naming what there is
-            uris = {r[0] for r in db.execute(_URIS + " WHERE version_id = ?", (row["id"], row["id"]))}
+            uris = {r[0] for r in db.execute(_URIS, (row["id"], row["id"]))}
             for table in ("version_artifact", "model_artifact"):
                 db.execute(f"DELETE FROM {table} WHERE version_id = ?", (row["id"],))
             db.execute("DELETE FROM model_version WHERE id = ?", (row["id"],))
