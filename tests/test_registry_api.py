@@ -18,7 +18,7 @@ from lora_pipeline.config import RegistryConfig  # noqa: E402
 from lora_pipeline.errors import ConfigError, RegistryError  # noqa: E402
 from lora_pipeline.files import read_json  # noqa: E402
 from lora_pipeline.preflight import check_registry  # noqa: E402
-from lora_pipeline.registry import kubeflow  # noqa: E402
+from lora_pipeline.registry import kubeflow, mr_api  # noqa: E402
 from lora_pipeline.registry.local import LocalRegistry  # noqa: E402
 from lora_pipeline.stages.register import register_adapter  # noqa: E402
 from registry_standin import APIS, DOCS, StandIn, document, schema_errors  # noqa: E402
@@ -66,9 +66,12 @@ def test_registers_through_the_client_in_the_servers_own_api_version(tmp_path: P
     assert record["status"] == "registered"
     (version,) = server.versions.values()
     assert version["customProperties"]["base_model"]["string_value"] == "/models/base"
-    served = [path for _, path in server.requests if path.startswith(server.prefix + "/")]
-    other = [p for p in APIS if p != server.api]
-    assert served and not any(f"/api/model_registry/{o}/registered_model" in p for o in other for p in served[1:])
+    asked = mr_api.APIS[: mr_api.APIS.index(server.api) + 1]  # detection asks v1 first, then v1alpha3
+    probes = len(asked)
+    probed = [path for _, path in server.requests[:probes]]
+    assert probed == [f"/api/model_registry/{a}/registered_models" for a in asked]
+    after = [path for _, path in server.requests[probes:]]
+    assert len(after) > 3 and all(path.startswith(server.prefix + "/") for path in after)  # the client's calls
     check_registry(server.url, server.port, token=TOKEN)  # pre-flight detects it too
 
 
