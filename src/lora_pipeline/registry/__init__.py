@@ -1,7 +1,8 @@
 """Model registries: the local SQLite file (the default) and the Kubeflow Model Registry, behind one Protocol.
 
 Both follow Kubeflow's model: a registered model has versions, a version has a model artifact (the adapter's
-URI), and name+version is unique. A version records its adapter's digest (`artifact_sha256`), and registering
+URI; with train.merge a second one, the merged model, each with its own digest, only ever added), and
+name+version is unique. A version records its adapter's digest (`artifact_sha256`), and registering
 is idempotent by content: the same name+version with the same digest is a no-op that reports the existing
 ids; other content is refused and nothing is overwritten. The local registry registers its own immutable copy.
 

@@ -1,4 +1,5 @@
-"""The Kubeflow Model Registry, through its official Python client (`model-registry`).
+"""The Kubeflow Model Registry, through its official Python client (`model-registry`), for servers of REST
+API v1 or v1alpha3 (detected on first contact: mr_api.py says how and why one client serves both).
 
 The client is imported and built only here, when registering. A registry that does not answer (connection
 refused, timeouts, 5xx) is retried with backoff, then reported in one line; a refused token is not retried.
