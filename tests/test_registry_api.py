@@ -191,7 +191,7 @@ def test_kubeflow_holds_the_merged_model_as_a_second_artifact(tmp_path: Path, se
     assert len(server.artifacts) == 2 and by_name["lora-model-merged"]["uri"] == str(merged.resolve())
 
 
-def test_local_registry_holds_the_merged_model_too(tmp_path: Path) -> None:
+def test_local_registry_holds_the_merged_model_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run, db = make_run(tmp_path / "run"), tmp_path / "reg" / "registry.db"
     register_adapter(RegistryConfig(address="local", path=str(db)), run / "train", run / "eval", run / "register")
     registry = LocalRegistry(db)
@@ -200,6 +200,9 @@ def test_local_registry_holds_the_merged_model_too(tmp_path: Path) -> None:
     register_adapter(RegistryConfig(address="local", path=str(db)), run / "train", run / "eval", run / "register")
     (extra,) = registry.artifacts(registry.version("lora-model")["version_id"])  # added to the same version
     assert extra["name"] == "lora-model-merged" and Path(extra["uri"]).parent.parent == db.parent / "blobs"
+    assert main(["models", "--path", str(db), "show", "lora-model"]) == 0
+    shown = capsys.readouterr().out
+    assert f"merged          {extra['uri']}" in shown and f"sha256 {extra['digest']}  OK" in shown
     add_merged(run, b"another merge")
     with pytest.raises(RegistryError, match="nothing was replaced"):
         register_adapter(RegistryConfig(address="local", path=str(db)), run / "train", run / "eval", run / "register")
