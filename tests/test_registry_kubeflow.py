@@ -1,5 +1,6 @@
-"""The register stage against a Kubeflow Model Registry: the real `model-registry` client talking to a stand-in
-server on loopback whose request bodies are checked against the client's own OpenAPI models."""
+"""The register stage against a Kubeflow Model Registry: the real `model-registry` client talking to stand-in
+servers on loopback (API v1 and v1alpha3) whose requests and responses are checked against the server's
+published OpenAPI documents."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from lora_pipeline.files import read_json  # noqa: E402
 from lora_pipeline.preflight import check_registry  # noqa: E402
 from lora_pipeline.registry import kubeflow  # noqa: E402
 from lora_pipeline.stages.register import register_adapter  # noqa: E402
-from registry_standin import StandIn  # noqa: E402
+from registry_standin import APIS, StandIn  # noqa: E402
 from test_register import digest_of, make_run, retrain_in_place  # noqa: E402
 
 TOKEN = "tok-7d3f9a1c5e"
@@ -35,11 +36,11 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_PIPELINE_SECRET_REGISTRY_TOKEN", "")  # pipeline.run sets it from registry.token
 
 
-@pytest.fixture
-def server():
-    with StandIn(token=TOKEN, lifetime=60) as standin:
+@pytest.fixture(params=APIS)
+def server(request: pytest.FixtureRequest):
+    with StandIn(token=TOKEN, lifetime=60, api=request.param) as standin:
         yield standin
-    assert standin.invalid == []  # every body the client sent matched its own OpenAPI models
+    assert standin.invalid == []  # every request and response matched that API version's OpenAPI document
 
 
 def register(run_dir: Path, server: StandIn, **options) -> dict:
@@ -137,11 +138,16 @@ def test_token_from_the_environment(tmp_path: Path, server: StandIn, monkeypatch
 
 
 def test_preflight_reaches_the_registry_and_wants_a_token_for_https(server: StandIn) -> None:
-    check_registry(server.url, server.port)  # answers: fine
+    check_registry(server.url, server.port, token=TOKEN)  # answers: fine
     with pytest.raises(ConfigError, match="is https: set --registry.token") as err:
         check_registry(f"127.0.0.1:{server.port}", 8080)  # a bare host means https, and there is no token
     assert err.value.field == "registry.token"
-    check_registry(f"https://127.0.0.1:{server.port}", 443, token=TOKEN)
+    with pytest.raises(ConfigError, match=r"refused the request \(HTTP 401\)") as err:
+        check_registry(server.url, server.port)  # the API probe is refused without the token: before training
+    assert err.value.field == "registry.token" and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="TLS with") as err:
+        check_registry(f"https://127.0.0.1:{server.port}", 443, token=TOKEN)  # a plain-http server
+    assert err.value.field == "registry.ca_cert"
     for address in ("", "local", "none"):
         check_registry(address, 1)  # nothing to reach
 

@@ -7,6 +7,7 @@ run that fails pre-flight leaves no trace on disk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -16,12 +17,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lora_pipeline.config import Config, RegistryConfig, is_local_uri, local_path
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.errors import ConfigError, RegistryError
 from lora_pipeline.sources import MODEL_SCHEMES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+log = logging.getLogger(__name__)
 
 
 def preflight(
@@ -54,7 +57,7 @@ def preflight(
     if "register" in stages:
         from lora_pipeline.registry import check_local, token
 
-        check_registry(config.registry.address, config.registry.port, token(config.registry))
+        check_registry(config.registry.address, config.registry.port, token(config.registry), config.registry.ca_cert)
         # a run directory: its adapter is known before training
         check_local(config.registry, Path(out) / "train" / "adapter" if out_field == "-o" else None)
         if out_field == "-o" and "eval" not in stages:
@@ -224,9 +227,10 @@ def check_eval_completed(cfg: RegistryConfig, run_dir: Path) -> None:
         )
 
 
-def check_registry(address: str, port: int, token: str = "") -> None:
+def check_registry(address: str, port: int, token: str = "", ca_cert: str = "") -> None:
     """Empty/`local` (the local registry file) and `none` (no registration) reach nothing. Any other address
-    is a Kubeflow Model Registry: it must answer on its port, and over https it needs a token."""
+    is a Kubeflow Model Registry: it must answer on its port, over https it needs a token, and it must serve
+    a Model Registry API version that lora-pipeline speaks (v1 or v1alpha3)."""
     if address.strip().lower() in ("", "local", "none"):
         return
     import importlib.util
@@ -254,3 +258,12 @@ def check_registry(address: str, port: int, token: str = "") -> None:
             f"{url} is https: set --registry.token or MODEL_REGISTRY_TOKEN (http:// for a registry without auth)",
             field="registry.token",
         )
+    from lora_pipeline.registry import mr_api
+
+    base = f"{parts.scheme}://{host}:{port}"
+    try:
+        mr_api.detect(base, token, ca_cert, timeout=10)
+    except ConnectionError as exc:  # up but not answering yet: register retries it, within registry.timeout
+        log.warning("pre-flight: the Model Registry at %s did not answer (%s); register will retry", base, exc)
+    except RegistryError as exc:
+        raise ConfigError(str(exc).removeprefix(f"{exc.field}: "), field=exc.field) from None

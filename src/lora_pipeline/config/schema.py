@@ -489,9 +489,14 @@ class RegistryConfig:
     )
     description: str = param("", "Model description", kfp="phase_04_registry_opt_description")
     format_name: str = param(
-        "pytorch", "Model format (pytorch, onnx, tensorflow)", kfp="phase_04_registry_opt_format_name"
+        "pytorch",
+        "Model format name of the registered artifacts (adapter, and merged model with train.merge): pytorch, "
+        "onnx, tensorflow",
+        kfp="phase_04_registry_opt_format_name",
     )
-    format_version: str = param("1.0", "Model format version", kfp="phase_04_registry_opt_format_version")
+    format_version: str = param(
+        "1.0", "Model format version of the registered artifacts", kfp="phase_04_registry_opt_format_version"
+    )
     # Not spec parameters: a bearer token (a secret: never recorded, so not in the cache key either), a CA
     # bundle for a registry behind a private CA, and where the local registry lives.
     token: str = param(

@@ -16,7 +16,7 @@ from typing import Any
 from lora_pipeline import __version__
 from lora_pipeline.config import Config
 from lora_pipeline.kubeflow.parameters import component_parameters, fixed_values
-from lora_pipeline.kubeflow.runtime import ARTIFACTS
+from lora_pipeline.kubeflow.runtime import ARTIFACTS, RUN_INPUTS
 from lora_pipeline.stages import BY_NAME
 
 # Python 3.11 with CUDA torch already installed, so `pip install lora-pipeline` adds only the pure-Python rest.
@@ -74,6 +74,8 @@ def component_source(stage: str, config: Config | None = None) -> str:
     params += [f"{p.name}: {p.annotation} = {p.default!r}" for p in component_parameters(stage, config)]
     if train:
         params.append("kubernetes_config: TaskConfig = None")
+    if stage == "register":  # the pipeline run, from KFP's placeholders: recorded on the version (provenance)
+        params += [f"{name}: str = ''" for name in RUN_INPUTS]
     signature = ",\n    ".join(params)
     return (
         f"def {FUNCTION_NAMES[stage]}(\n    {signature},\n){' -> str' if train else ''}:\n"

@@ -66,6 +66,8 @@ def build_pipeline(config: Config | None = None, options: BuildOptions | None = 
             if stage.name == "train":
                 arguments["pvc_path"] = dsl.WORKSPACE_PATH_PLACEHOLDER if options.workspace_size else ""
             if stage.name == "register":
+                arguments["pipeline_run_id"] = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+                arguments["pipeline_run_name"] = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
                 # Registration is skipped, not failed, without an address: the task does not run at all.
                 with dsl.If(by_field["registry", "address"] != "", name="registry-address-set"):
                     tasks[stage.name] = components[stage.name](**arguments)

@@ -1,7 +1,8 @@
 """Model registries: the local SQLite file (the default) and the Kubeflow Model Registry, behind one Protocol.
 
 Both follow Kubeflow's model: a registered model has versions, a version has a model artifact (the adapter's
-URI), and name+version is unique. A version records its adapter's digest (`artifact_sha256`), and registering
+URI; with train.merge a second one, the merged model, each with its own digest, only ever added), and
+name+version is unique. A version records its adapter's digest (`artifact_sha256`), and registering
 is idempotent by content: the same name+version with the same digest is a no-op that reports the existing
 ids; other content is refused and nothing is overwritten. The local registry registers its own immutable copy.
 
@@ -40,6 +41,9 @@ class Entry:
     format_version: str = "1.0"
     metadata: dict[str, Scalar] = field(default_factory=dict)
     digest: str = ""  # sha256 of the adapter's files (artifacts.tree_digest)
+    # train.merge's merged model: a second artifact of the same version, with its own digest
+    merged_uri: str = ""
+    merged_digest: str = ""
 
     def __post_init__(self) -> None:
         # Both registries keep the digest in the version's metadata: Kubeflow's custom properties have room

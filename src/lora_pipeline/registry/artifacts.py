@@ -20,6 +20,7 @@ from lora_pipeline.errors import RegistryError
 
 AUTO = "auto"
 DIGEST_KEY = "artifact_sha256"  # the version metadata key that holds the digest, in both registries
+MERGED_SUFFIX = "-merged"  # the merged model's artifact name: the registered model's name + this
 _RELEASE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
 _CHUNK = 1 << 20
 
@@ -100,3 +101,8 @@ def next_patch(versions: Iterable[str]) -> str:
         return "1.0.0"
     major, minor, patch = max(releases)
     return f"{major}.{minor}.{patch + 1}"
+
+
+def merged_name(model_name: str) -> str:
+    """The name of a version's second artifact, the merged model (the adapter's artifact is `model_name`)."""
+    return model_name + MERGED_SUFFIX

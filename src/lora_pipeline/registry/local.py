@@ -9,6 +9,7 @@ A version records its adapter's digest; the registry keeps its own copy of the a
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from typing import Any
 
 from lora_pipeline.errors import RegistryError
 from lora_pipeline.registry import Entry, Outcome
-from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY, next_patch, store
+from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY, merged_name, next_patch, store
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: version_artifact, a version's further artifacts (the merged model)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS registered_model (
     id INTEGER PRIMARY KEY,
@@ -46,6 +47,17 @@ CREATE TABLE IF NOT EXISTS model_artifact (
     format_name TEXT NOT NULL,
     format_version TEXT NOT NULL,
     created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS version_artifact (
+    id INTEGER PRIMARY KEY,
+    version_id INTEGER NOT NULL REFERENCES model_version(id),
+    name TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    format_name TEXT NOT NULL,
+    format_version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    created TEXT NOT NULL,
+    UNIQUE (version_id, name)
 );
 """
 
@@ -122,6 +134,7 @@ class LocalRegistry:
             found = next((r for r in rows if r["name"] == version), None)
             if found is not None:
                 _check_same_content(entry, version, digests[version])
+                _add_merged(db, entry, found["vid"], version, now)
                 return Outcome("exists", str(model_id), str(found["vid"]), str(found["aid"]), str(self.path), version)
             version_id = db.execute(
                 "INSERT INTO model_version (model_id, name, author, description, metadata, created) "
@@ -133,6 +146,7 @@ class LocalRegistry:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (version_id, entry.name, entry.uri, entry.format_name, entry.format_version, now),
             ).lastrowid
+            _add_merged(db, entry, version_id, version, now)
         return Outcome("registered", str(model_id), str(version_id), str(artifact_id), str(self.path), version)
 
     def versions(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -152,6 +166,41 @@ class LocalRegistry:
                 rows = db.execute(query + " WHERE m.name = ? ORDER BY v.id", (name,)).fetchall()
         return [{**dict(r), "metadata": _metadata(r["metadata"])} for r in rows]
 
+    def artifacts(self, version_id: str | int) -> list[dict[str, Any]]:
+        """A version's further artifacts (the merged model), oldest first."""
+        with self._db() as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'version_artifact'").fetchone():
+                return []  # a registry file from before further artifacts
+            rows = db.execute("SELECT * FROM version_artifact WHERE version_id = ? ORDER BY id", (int(version_id),))
+            return [dict(r) for r in rows.fetchall()]
+
+    def delete(self, name: str, version: str) -> list[Path]:
+        """Remove a version (and its model when it was the last), then the copies no other version uses;
+        returns the copies removed. The rows go in one transaction, the copies after it commits."""
+        with self._db(write=True) as db:
+            row = db.execute(
+                "SELECT v.id, v.model_id FROM model_version v JOIN registered_model m ON m.id = v.model_id "
+                "WHERE m.name = ? AND v.name = ?",
+                (name, version),
+            ).fetchone()
+            if row is None:
+                self.version(name, version)  # one line naming what there is
+            uris = {r[0] for r in db.execute(_URIS, (row["id"], row["id"]))}
+            for table in ("version_artifact", "model_artifact"):
+                db.execute(f"DELETE FROM {table} WHERE version_id = ?", (row["id"],))
+            db.execute("DELETE FROM model_version WHERE id = ?", (row["id"],))
+            if not db.execute("SELECT 1 FROM model_version WHERE model_id = ?", (row["model_id"],)).fetchone():
+                db.execute("DELETE FROM registered_model WHERE id = ?", (row["model_id"],))
+            still_used = {r[0] for r in db.execute(_URIS.replace(" WHERE version_id = ?", ""))}
+        removed = []
+        for uri in sorted(uris - still_used):
+            path = Path(uri)
+            # only the registry's own copies go, never files a run wrote
+            if path.parent.parent.resolve() == self.blobs.resolve() and path.is_dir():
+                shutil.rmtree(path)
+                removed.append(path)
+        return removed
+
     def find(self, name: str, version: str) -> dict[str, Any] | None:
         for row in self.versions(name):
             if row["version"] == version:
@@ -170,6 +219,33 @@ class LocalRegistry:
                 return row
         known = ", ".join(r["version"] for r in found)
         raise RegistryError(f"{name} has no version {version!r} (versions: {known})", field="models")
+
+
+_URIS = (
+    "SELECT uri FROM model_artifact WHERE version_id = ? UNION SELECT uri FROM version_artifact WHERE version_id = ?"
+)
+
+
+def _add_merged(db: sqlite3.Connection, entry: Entry, version_id: int, version: str, now: str) -> None:
+    """The merged model as the version's further artifact: added once with its own digest, never replaced."""
+    if not entry.merged_uri:
+        return
+    name = merged_name(entry.name)
+    held = db.execute(
+        "SELECT uri, digest FROM version_artifact WHERE version_id = ? AND name = ?", (version_id, name)
+    ).fetchone()
+    if held is None:
+        db.execute(
+            "INSERT INTO version_artifact (version_id, name, uri, format_name, format_version, digest, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (version_id, name, entry.merged_uri, entry.format_name, entry.format_version, entry.merged_digest, now),
+        )
+    elif held["digest"] != entry.merged_digest:
+        raise RegistryError(
+            f"{entry.name} {version} already holds a merged model with other content (sha256 {held['digest'][:12]}…, "
+            f"this one {entry.merged_digest[:12]}…); nothing was replaced: set a new --registry.version, or auto",
+            field="registry.version",
+        )
 
 
 def _metadata(text: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ _KFP_MOUNTS = {"/minio/": "s3://", "/s3/": "s3://", "/gcs/": "gs://"}
 # adapter_config.json key -> metadata name
 _LORA_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
 _LORA_KEYS.update(use_rslora="use_rslora", use_dora="use_dora")
+# metadata key -> env var that the KFP register component sets from its pipeline-run inputs (kubeflow/runtime.py)
+_RUN_ENV = {"pipeline_run_id": "LORA_PIPELINE_KFP_RUN_ID", "pipeline_run_name": "LORA_PIPELINE_KFP_RUN_NAME"}
 
 
 def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None, out: Path) -> Path:
@@ -40,10 +43,16 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
     registering = kind(cfg) != "none"
     if registering and not cfg.allow_no_eval:
         _check_eval_results(eval_dir)
+    merged = Path(train_dir) / "merged"  # train.merge's output: the version's second artifact
+    merged_uri, merged_digest = "", ""
     if kind(cfg) == "local":  # the local registry registers its own immutable copy, by content
         uri, digest = LocalRegistry(local_path(cfg)).store(adapter)
+        if merged.is_dir():
+            merged_uri, merged_digest = LocalRegistry(local_path(cfg)).store(merged)
     else:
         uri, digest = artifact_uri(adapter), tree_digest(adapter)
+        if merged.is_dir():
+            merged_uri, merged_digest = artifact_uri(merged), tree_digest(merged)
     entry = Entry(
         name=cfg.model_name,
         version=cfg.version,
@@ -54,6 +63,8 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
         format_version=cfg.format_version,
         metadata=version_metadata(train_dir, eval_dir),
         digest=digest,
+        merged_uri=merged_uri,
+        merged_digest=merged_digest,
     )
     record: dict[str, Any] = {
         "model_name": entry.name,
@@ -65,6 +76,7 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
         "uri": entry.uri,
         "source": str(adapter.resolve()),
         DIGEST_KEY: digest,
+        **({"merged_uri": merged_uri, "merged_sha256": merged_digest} if merged_uri else {}),
         "metadata": entry.metadata,
         "registry_kind": kind(cfg),
     }
@@ -186,6 +198,8 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
         if meta["mean_loss"] is None:  # a train output from before the rename called the mean `train_loss`
             meta["mean_loss"] = metrics.get("train_loss")
         meta["quantization"] = _quantization(metrics.get("quantization"))
+    for key, env in _RUN_ENV.items():  # inside KFP: the pipeline run that registered this version
+        meta[key] = os.environ.get(env, "").strip()
     results_file = Path(eval_dir) / "eval_results.json" if eval_dir else None
     if results_file and results_file.exists():
         for row in read_json(results_file).get("comparison", []):
