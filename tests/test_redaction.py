@@ -54,3 +54,12 @@ def test_log_filter_scrubs_messages_and_their_arguments(monkeypatch, args) -> No
     record = logging.LogRecord("lib", logging.WARNING, __file__, 1, args[0], (args[1],), None)
     assert ScrubFilter().filter(record)
     assert "secret99" not in record.getMessage() and "hf_abcdefgh123" not in record.getMessage()
+
+
+@pytest.mark.parametrize("name", ["PWD", "OLDPWD", "XDG_SESSION_TYPE", "SSH_AUTH_SOCK"])
+def test_the_shells_own_variables_are_not_secrets(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A user's working directory stays readable in error lines (PWD's name reads like a password's)."""
+    monkeypatch.setenv(name, "/home/someone/project-dir")
+    monkeypatch.setenv("DB_PASSWORD", "hunter2-hunter2")
+    assert scrub("cannot read /home/someone/project-dir/x.jsonl") == "cannot read /home/someone/project-dir/x.jsonl"
+    assert "hunter2" not in scrub("login hunter2-hunter2 failed")

@@ -1,5 +1,6 @@
-"""The register stage against a Kubeflow Model Registry: the real `model-registry` client talking to a stand-in
-server on loopback whose request bodies are checked against the client's own OpenAPI models."""
+"""The register stage against a Kubeflow Model Registry: the real `model-registry` client talking to stand-in
+servers on loopback (API v1 and v1alpha3) whose requests and responses are checked against the server's
+published OpenAPI documents."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from lora_pipeline.files import read_json  # noqa: E402
 from lora_pipeline.preflight import check_registry  # noqa: E402
 from lora_pipeline.registry import kubeflow  # noqa: E402
 from lora_pipeline.stages.register import register_adapter  # noqa: E402
-from registry_standin import StandIn  # noqa: E402
-from test_register import make_run  # noqa: E402
+from registry_standin import APIS, StandIn  # noqa: E402
+from test_register import digest_of, make_run, retrain_in_place  # noqa: E402
 
 TOKEN = "tok-7d3f9a1c5e"
 
@@ -35,11 +36,11 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_PIPELINE_SECRET_REGISTRY_TOKEN", "")  # pipeline.run sets it from registry.token
 
 
-@pytest.fixture
-def server():
-    with StandIn(token=TOKEN, lifetime=60) as standin:
+@pytest.fixture(params=APIS)
+def server(request: pytest.FixtureRequest):
+    with StandIn(token=TOKEN, lifetime=60, api=request.param) as standin:
         yield standin
-    assert standin.invalid == []  # every body the client sent matched its own OpenAPI models
+    assert standin.invalid == []  # every request and response matched that API version's OpenAPI document
 
 
 def register(run_dir: Path, server: StandIn, **options) -> dict:
@@ -87,7 +88,7 @@ def test_duplicate_version_same_artifact_is_a_no_op_and_another_is_refused(tmp_p
     assert again["model_version_id"] == first["model_version_id"]
     posts = [path for method, path in server.requests if method == "POST"]
     assert len(posts) == 3  # model, version, artifact: all from the first registration
-    with pytest.raises(RegistryError, match="already registered .* with another artifact") as err:
+    with pytest.raises(RegistryError, match="1.0.0 already exists at .* with other content") as err:
         register(make_run(tmp_path / "other"), server)
     assert err.value.field == "registry.version"
     assert [a["uri"] for a in server.artifacts.values()] == [first["uri"]]  # nothing overwritten
@@ -137,11 +138,16 @@ def test_token_from_the_environment(tmp_path: Path, server: StandIn, monkeypatch
 
 
 def test_preflight_reaches_the_registry_and_wants_a_token_for_https(server: StandIn) -> None:
-    check_registry(server.url, server.port)  # answers: fine
+    check_registry(server.url, server.port, token=TOKEN)  # answers: fine
     with pytest.raises(ConfigError, match="is https: set --registry.token") as err:
         check_registry(f"127.0.0.1:{server.port}", 8080)  # a bare host means https, and there is no token
     assert err.value.field == "registry.token"
-    check_registry(f"https://127.0.0.1:{server.port}", 443, token=TOKEN)
+    with pytest.raises(ConfigError, match=r"refused the request \(HTTP 401\)") as err:
+        check_registry(server.url, server.port)  # the API probe is refused without the token: before training
+    assert err.value.field == "registry.token" and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="TLS with") as err:
+        check_registry(f"https://127.0.0.1:{server.port}", 443, token=TOKEN)  # a plain-http server
+    assert err.value.field == "registry.ca_cert"
     for address in ("", "local", "none"):
         check_registry(address, 1)  # nothing to reach
 
@@ -190,3 +196,25 @@ def test_https_with_a_private_ca_and_a_refused_certificate(tmp_path: Path) -> No
             register(make_run(tmp_path / "other"), server, version="2.0.0")
         assert err.value.field == "registry.ca_cert"
         assert len(server.versions) == 1
+
+
+def test_the_digest_is_recorded_and_decides_no_change(tmp_path: Path, server: StandIn) -> None:
+    """A retrain in place keeps the artifact's URI: only the recorded digest tells the content changed."""
+    run_dir = make_run(tmp_path / "run")
+    first = register(run_dir, server)
+    (version,) = server.versions.values()
+    assert version["customProperties"]["artifact_sha256"]["string_value"] == digest_of(run_dir / "train" / "adapter")
+    assert first["artifact_sha256"] == digest_of(run_dir / "train" / "adapter")
+    retrain_in_place(run_dir)
+    with pytest.raises(RegistryError, match="1.0.0 already exists at .* with other content") as err:
+        register(run_dir, server)
+    assert err.value.field == "registry.version" and "no change" not in str(err.value)
+    assert len(server.versions) == 1 and len(server.artifacts) == 1  # nothing added, nothing overwritten
+    (version,) = server.versions.values()
+    assert version["customProperties"]["lora_r"]["int_value"] == "8"
+
+
+def test_auto_is_refused_in_one_line_by_a_model_registry(tmp_path: Path, server: StandIn) -> None:
+    with pytest.raises(RegistryError, match="auto applies to the local registry") as err:
+        register(make_run(tmp_path / "run"), server, version="auto")
+    assert "\n" not in str(err.value) and server.requests == []

@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_models_command(sub: Any) -> None:
-    """`models list` / `models show NAME [VERSION]`: the local registry (`--registry.address local`)."""
+    """`models list` / `models show NAME [VERSION]` / `models delete NAME VERSION`: the local registry
+    (`--registry.address local`)."""
     p = sub.add_parser(
-        "models", help="List or show the models in the local registry", description=_add_models_command.__doc__
+        "models", help="List, show or delete the models in the local registry", description=_add_models_command.__doc__
     )
     p.add_argument(
         "--path",
@@ -102,11 +103,14 @@ def _add_models_command(sub: Any) -> None:
         help="Registry file (default: $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
         "else ~/.local/share/lora-pipeline/registry.db)",
     )
-    what = p.add_subparsers(dest="models_command", metavar="list|show", parser_class=_Parser, required=True)
+    what = p.add_subparsers(dest="models_command", metavar="list|show|delete", parser_class=_Parser, required=True)
     what.add_parser("list", help="Every registered version: name, version, base model, date, main score")
     show = what.add_parser("show", help="One version's lineage: base model, dataset, LoRA settings, losses, scores")
     show.add_argument("name")
     show.add_argument("version", nargs="?", default=None, help="default: the latest registered version")
+    delete = what.add_parser("delete", help="Remove a version, and the adapter copies that only it used")
+    delete.add_argument("name")
+    delete.add_argument("version")
 
 
 _DEMO_SETS = ". It sets the model, data, eval task and local registry itself; options override them"
@@ -317,13 +321,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.command == "models":
         from lora_pipeline.registry import local_path
-        from lora_pipeline.registry.commands import list_models, show_model
+        from lora_pipeline.registry.commands import list_models, show_model, verify_model
 
         path = Path(args.path).expanduser() if args.path else local_path()
         if args.models_command == "list":
             print(list_models(path))
+        elif args.models_command == "delete":
+            from lora_pipeline.registry.commands import delete_model
+
+            print(delete_model(path, args.name, args.version))
         else:
             print(show_model(path, args.name, args.version))
+            verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
         return 0
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)

@@ -19,11 +19,13 @@ from lora_pipeline.errors import StageError
 
 def resolve_model(model: str, fetch: bool = False) -> str:
     """A local model path becomes absolute (the adapter records it as its base); a hub id stays as is; an
-    s3:// prefix becomes its local copy in the model cache (downloaded when `fetch`, reused by content)."""
-    if model.startswith("s3://"):
+    s3:// prefix or an oci:// image becomes its local copy in the model cache (downloaded when `fetch`, reused
+    by content)."""
+    from lora_pipeline import sources
+
+    if model.startswith(sources.MODEL_SCHEMES):
         if not fetch:
             return model
-        from lora_pipeline import sources
 
         return str(sources.fetch_model(model, model_cache_dir()).resolve())
     path = Path(local_path(model))
@@ -34,8 +36,20 @@ def resolve_model(model: str, fetch: bool = False) -> str:
     return model
 
 
+def recorded_base(base_ref: str, source: object) -> str:
+    """The base an adapter was trained on: its recorded path, or, where that is not here (an eval pod is not the
+    train pod), the s3:// or oci:// model it was fetched from (`source`, metrics.json's base_model_uri), fetched
+    again into this machine's cache: the same content, as the cache is keyed by ETags or manifest digest."""
+    from lora_pipeline import sources
+
+    if isinstance(source, str) and source.startswith(sources.MODEL_SCHEMES) and not Path(base_ref).is_dir():
+        return resolve_model(source, fetch=True)
+    return base_ref
+
+
 def model_cache_dir() -> Path:
-    """Where models fetched from s3:// are kept ($LORA_PIPELINE_HOME/models, default ~/.cache/lora-pipeline)."""
+    """Where models fetched from s3:// and oci:// are kept ($LORA_PIPELINE_HOME/models, default
+    ~/.cache/lora-pipeline)."""
     home = os.environ.get("LORA_PIPELINE_HOME") or Path.home() / ".cache" / "lora-pipeline"
     return Path(home) / "models"
 

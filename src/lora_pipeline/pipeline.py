@@ -34,6 +34,7 @@ from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
 from lora_pipeline.registry import remember_secret
+from lora_pipeline.sources import MODEL_SCHEMES
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,8 @@ def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: s
 
 def _model_fingerprint(model: str) -> Any:
     """A local base model by its config and weight file sizes (hashing GBs of weights per run is too slow);
-    an s3:// model by its objects' ETags."""
-    if model.startswith("s3://"):
+    an s3:// model by its objects' ETags, an oci:// one by its manifest digest."""
+    if model.startswith(MODEL_SCHEMES):
         from lora_pipeline import sources
 
         return sources.model_fingerprint(model)

@@ -7,6 +7,7 @@ run that fails pre-flight leaves no trace on disk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -15,12 +16,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lora_pipeline.config import Config, is_local_uri, local_path
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.config import Config, RegistryConfig, is_local_uri, local_path
+from lora_pipeline.errors import ConfigError, RegistryError
+from lora_pipeline.sources import MODEL_SCHEMES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+log = logging.getLogger(__name__)
 
 
 def preflight(
@@ -38,6 +42,10 @@ def preflight(
 
             fingerprint = mixing.fingerprint(config.dataset)
     if "train" in stages:
+        from lora_pipeline.train_options import check_train_options
+
+        # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
+        check_train_options(config.train, config.dataset.data_split < 1.0 if "dataset" in stages else None)
         check_model(config.train.model)
         check_model_fits(config)
         from lora_pipeline.chat_templates import check_chat_template
@@ -49,9 +57,11 @@ def preflight(
     if "register" in stages:
         from lora_pipeline.registry import check_local, token
 
-        check_registry(config.registry.address, config.registry.port, token(config.registry))
-        if out_field == "-o":  # a run directory: its adapter's URI is known before training
-            check_local(config.registry, Path(out) / "train" / "adapter")
+        check_registry(config.registry.address, config.registry.port, token(config.registry), config.registry.ca_cert)
+        # a run directory: its adapter is known before training
+        check_local(config.registry, Path(out) / "train" / "adapter" if out_field == "-o" else None)
+        if out_field == "-o" and "eval" not in stages:
+            check_eval_completed(config.registry, Path(out))
     if "eval" in stages:
         from lora_pipeline.stages.evaluate import check_eval_options
 
@@ -79,8 +89,8 @@ def check_output_dir(path: Path, field: str) -> None:
 
 def check_model(ref: str, field: str = "train.model") -> None:
     """The base model resolves to a config, a tokenizer and intact weights, locally or in the HF cache/Hub,
-    or (s3://) its objects can be listed with the credentials at hand."""
-    if ref.startswith("s3://"):
+    or (s3://, oci://) it resolves with the credentials at hand."""
+    if ref.startswith(MODEL_SCHEMES):
         from lora_pipeline import sources
 
         sources.model_fingerprint(ref)
@@ -94,9 +104,9 @@ def check_model(ref: str, field: str = "train.model") -> None:
 
 def check_model_fits(config: Config) -> None:
     """The base model's parts agree and the train options fit it (see model_checks), for a model whose files
-    are here: a local directory or one in the Hugging Face cache. An s3:// model is checked once fetched."""
+    are here: a local directory or one in the Hugging Face cache. An s3:// or oci:// model is checked once fetched."""
     ref = config.train.model
-    if ref.startswith("s3://"):
+    if ref.startswith(MODEL_SCHEMES):
         return
     path = Path(local_path(ref))
     if not (is_local_uri(ref) and path.is_dir()):
@@ -113,7 +123,7 @@ def check_model_fits(config: Config) -> None:
 
 def _model_files(ref: str) -> Path | None:
     """The directory holding a base model's files, when they are here (local, or in the Hugging Face cache)."""
-    if ref.startswith("s3://"):
+    if ref.startswith(MODEL_SCHEMES):
         return None
     path = Path(local_path(ref))
     if is_local_uri(ref) and path.is_dir():
@@ -196,9 +206,31 @@ def _check_hub_model(ref: str, field: str) -> None:
         ) from None
 
 
-def check_registry(address: str, port: int, token: str = "") -> None:
+def check_eval_completed(cfg: RegistryConfig, run_dir: Path) -> None:
+    """`register -o RUN` registers scores: the run's last eval must have completed, unless
+    registry.allow_no_eval. A failed eval leaves an older eval's results behind, so run.json decides."""
+    from lora_pipeline.registry import kind
+
+    if cfg.allow_no_eval or kind(cfg) == "none":
+        return
+    try:
+        status = json.loads((run_dir / "run.json").read_text())["stages"]["eval"]["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        status = None  # no run record (a run directory put together by hand): the results file decides
+    results = run_dir / "eval" / "eval_results.json"
+    if status not in (None, "ran", "cached") or not results.is_file():
+        state = f"its last eval {status}" if status not in (None, "ran", "cached") else f"no {results.name}"
+        raise ConfigError(
+            f"no completed eval in {run_dir} ({state}): run `lora-pipeline eval -o RUN_DIR` first, or set "
+            "--registry.allow_no_eval true to register a version without scores",
+            field="registry.allow_no_eval",
+        )
+
+
+def check_registry(address: str, port: int, token: str = "", ca_cert: str = "") -> None:
     """Empty/`local` (the local registry file) and `none` (no registration) reach nothing. Any other address
-    is a Kubeflow Model Registry: it must answer on its port, and over https it needs a token."""
+    is a Kubeflow Model Registry: it must answer on its port, over https it needs a token, and it must serve
+    a Model Registry API version that lora-pipeline speaks (v1 or v1alpha3)."""
     if address.strip().lower() in ("", "local", "none"):
         return
     import importlib.util
@@ -226,3 +258,12 @@ def check_registry(address: str, port: int, token: str = "") -> None:
             f"{url} is https: set --registry.token or MODEL_REGISTRY_TOKEN (http:// for a registry without auth)",
             field="registry.token",
         )
+    from lora_pipeline.registry import mr_api
+
+    base = f"{parts.scheme}://{host}:{port}"
+    try:
+        mr_api.detect(base, token, ca_cert, timeout=10)
+    except ConnectionError as exc:  # up but not answering yet: register retries it, within registry.timeout
+        log.warning("pre-flight: the Model Registry at %s did not answer (%s); register will retry", base, exc)
+    except RegistryError as exc:
+        raise ConfigError(str(exc).removeprefix(f"{exc.field}: "), field=exc.field) from None

@@ -69,6 +69,15 @@ _HOST_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*)(:\d*)?$")
 _TOKEN_END = re.compile(r"[\s'\"`]")
 _MIN_ENV_SECRET = 6  # secret env values shorter than this are not scrubbed from text: too many false hits
 _MIN_REMEMBERED = 4
+# Variables every shell or desktop sets whose names read like a credential's (PWD: "pwd", *SESSION*: "session",
+# SSH_AUTH_SOCK: "auth") but hold a directory or an id: scrubbing them would hide the working directory in
+# every error line.
+_SHELL_ENV = frozenset(
+    {
+        "PWD", "OLDPWD", "SSH_AUTH_SOCK", "SESSION_MANAGER", "DBUS_SESSION_BUS_ADDRESS", "DESKTOP_SESSION",
+        "XDG_SESSION_ID", "XDG_SESSION_TYPE", "XDG_SESSION_CLASS", "XDG_SESSION_DESKTOP", "GDMSESSION",
+    }
+)  # fmt: skip
 _remembered: set[str] = set()
 
 
@@ -253,7 +262,9 @@ def _remember_value(key: str, value: Any) -> None:
 def secret_values() -> list[str]:
     """The secrets known now, longest first: secret env variables' values and the remembered ones."""
     values = {os.environ.get(name, "") for name in SECRET_ENV} | {
-        v for k, v in os.environ.items() if k.isupper() and looks_secret(k) and not safe_env_name(k)
+        v
+        for k, v in os.environ.items()
+        if k.isupper() and looks_secret(k) and not safe_env_name(k) and k not in _SHELL_ENV
     }
     values = {v for v in values if len(v) >= _MIN_ENV_SECRET} | _remembered
     return sorted(values, key=len, reverse=True)

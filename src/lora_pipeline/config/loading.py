@@ -160,10 +160,18 @@ def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config
             if key not in known:
                 hint = _closest(key, known)
                 raise ConfigError("unknown option" + (f" (did you mean {hint}?)" if hint else ""), field=name)
-            value = coerce(value, field_type(section_name, key), name)
+            value = coerce(_bool_choice(section_name, key, value), field_type(section_name, key), name)
             setattr(section, key, _as_secret(value) if _is_secret_field(section_name, key) else value)
         setattr(config, section_name, section)
     return config
+
+
+def _bool_choice(section: str, key: str, value: Any) -> Any:
+    """YAML's `true`/`false` for a text option whose choices include them (auto|true|false): their text."""
+    choices = next(f.metadata.get("choices") for f in fields_of(section) if f.name == key) or ()
+    if isinstance(value, bool) and {"true", "false"} <= set(choices):
+        return str(value).lower()
+    return value
 
 
 def _is_secret_field(section: str, key: str) -> bool:
@@ -277,8 +285,10 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size")
 
     r = config.registry
-    if not _SEMVER.match(r.version):
-        raise ConfigError(f"not a semantic version (major.minor.patch): {r.version!r}", field="registry.version")
+    if not (_SEMVER.match(r.version) or r.version == "auto"):
+        raise ConfigError(
+            f"not a semantic version (major.minor.patch) nor auto: {r.version!r}", field="registry.version"
+        )
     for name in ("model_name", "author", "format_name"):
         if not getattr(r, name).strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")

@@ -219,6 +219,17 @@ class TrainConfig:
         min=0.0,
         cache=False,
     )
+    max_steps: int = param(0, "Stop after N optimizer steps, overriding epochs (0 = off)", min=-1)
+    weight_decay: float = param(0.0, "AdamW weight decay (biases, norms excluded)", min=0.0)
+    eval_steps: int = param(0, "Evaluate every N steps (0 = at each epoch's end)", min=0)
+    load_best_model_at_end: bool = param(False, "Write the lowest-eval-loss adapter, not the last")
+    early_stopping_patience: int = param(0, "Stop after N evals without a lower eval loss (0 = off)", min=0)
+    gradient_checkpointing: str = param(
+        "auto", "Recompute activations: auto (CUDA, if it saves memory), true, false", choices=("auto", "true", "false")
+    )
+    report_to: list[str] = param(
+        ["none"], "Trackers: tensorboard, mlflow, wandb or none", group="resources", cache=False
+    )
     use_liger: bool = param(
         True,
         "Enable Liger kernel optimizations (CUDA with liger-kernel; elsewhere the portable path, said at INFO)",
@@ -470,12 +481,22 @@ class RegistryConfig:
     port: int = param(8080, "Model registry server port", kfp="phase_04_registry_opt_port", min=1, max=65535)
     author: str = param("pipeline", "Author name for the registered model", kfp="phase_04_registry_man_reg_author")
     model_name: str = param("lora-model", "Model name in registry", kfp="phase_04_registry_man_reg_name")
-    version: str = param("1.0.0", "Semantic version (major.minor.patch)", kfp="phase_04_registry_man_reg_version")
+    version: str = param(
+        "1.0.0",
+        "Semantic version (major.minor.patch); 'auto' (local registry) = the version holding the same adapter "
+        "content, else the next free patch",
+        kfp="phase_04_registry_man_reg_version",
+    )
     description: str = param("", "Model description", kfp="phase_04_registry_opt_description")
     format_name: str = param(
-        "pytorch", "Model format (pytorch, onnx, tensorflow)", kfp="phase_04_registry_opt_format_name"
+        "pytorch",
+        "Model format name of the registered artifacts (adapter, and merged model with train.merge): pytorch, "
+        "onnx, tensorflow",
+        kfp="phase_04_registry_opt_format_name",
     )
-    format_version: str = param("1.0", "Model format version", kfp="phase_04_registry_opt_format_version")
+    format_version: str = param(
+        "1.0", "Model format version of the registered artifacts", kfp="phase_04_registry_opt_format_version"
+    )
     # Not spec parameters: a bearer token (a secret: never recorded, so not in the cache key either), a CA
     # bundle for a registry behind a private CA, and where the local registry lives.
     token: str = param(
@@ -485,6 +506,9 @@ class RegistryConfig:
         secret=True,
     )
     ca_cert: str = param("", "PEM CA bundle to verify an https registry with; empty = the system CAs", cache=False)
+    allow_no_eval: bool = param(
+        False, "Register a run whose eval did not complete (its version then carries no scores)", cache=False
+    )
     timeout: float = param(
         60.0,
         "Most seconds a Model Registry may take to register, retries included; then one line, outputs kept",

@@ -43,7 +43,8 @@ def demo_config() -> dict[str, Any]:
     layer.setdefault("train", {})["model"] = str(assets.model_dir)
     layer.setdefault("eval", {}).update(tasks=[assets.task_name], include_path=str(assets.task_dir))
     # The embedded local registry, so the demo shows registration end to end (`lora-pipeline models list`).
-    layer["registry"] = {"address": "local", "model_name": "demo-topic"}
+    # `auto`: a second demo on this machine (another clone or run directory) gets its own version.
+    layer["registry"] = {"address": "local", "model_name": "demo-topic", "version": "auto"}
     return layer
 
 

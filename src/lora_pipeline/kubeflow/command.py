@@ -100,7 +100,7 @@ def add_compile_command(
         default=[],
         metavar="NAME=SECRET:KEY",
         help="Set env var NAME in the training pods from key KEY of Kubernetes secret SECRET (repeatable; the "
-        "pipeline's train task and --trainjob; a multi-node train started by the pipeline does not get it)",
+        "pipeline's train task and --trainjob; and every node of a multi-node train)",
     )
     g.add_argument(
         "--workspace-size",
@@ -120,6 +120,7 @@ def add_compile_command(
         default=defaults.workspace_access_mode,
         help="Workspace PVC access mode; multi-node training needs ReadWriteMany (default: %(default)s)",
     )
+    _add_cluster_flags(g)
     t = p.add_argument_group("multi-node training as a Kubeflow Trainer TrainJob (train.num_workers nodes)")
     t.add_argument("--trainjob", action="store_true", help="Write the TrainJob for the train options instead")
     t.add_argument("--dry-run", action="store_true", help="Only print it (the default; --submit creates it)")
@@ -146,6 +147,27 @@ def add_compile_command(
     )
     t.add_argument("--output-dir", default="/workspace/train", help="Train stage output (default: %(default)s)")
     add_config_flags(p)
+
+
+def _add_cluster_flags(g: argparse._ArgumentGroup) -> None:
+    """Where the pipeline's multi-node train submits its TrainJob (docs/kubeflow.md)."""
+    g.add_argument(
+        "--cluster-secret",
+        default="",
+        type=_secret_name,
+        metavar="NAME",
+        help="Kubernetes secret with keys KUBERNETES_SERVER_URL, KUBERNETES_AUTH_TOKEN[, ca.crt, "
+        "KUBERNETES_NAMESPACE]: the cluster a multi-node train submits its TrainJob to ('' = the train pod's "
+        "service account, see deploy/trainjob-rbac.yaml)",
+    )
+
+
+def _secret_name(text: str) -> str:
+    import re
+
+    if text and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(f"not a Kubernetes secret name (lowercase, digits, '-', '.'): {text!r}")
+    return text
 
 
 def _check_compile_args(args: argparse.Namespace) -> None:
@@ -200,10 +222,11 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
         aws_secret=args.aws_secret,
         registry_token_secret=args.registry_token_secret,
         workspace_size=args.workspace_size,
+        cluster_secret=args.cluster_secret,
     )
     try:
         if args.trainjob:
-            return _trainjob(args, config, secret_env)
+            return _trainjob(args, config, options)
         from lora_pipeline.kubeflow.pipeline import compile_component, compile_pipeline
     except ImportError as exc:
         raise ConfigError(
@@ -223,9 +246,12 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _trainjob(args: argparse.Namespace, config: Config, secret_env: tuple[tuple[str, str, str], ...]) -> int:
+def _trainjob(args: argparse.Namespace, config: Config, build: BuildOptions) -> int:
+    from lora_pipeline.kubeflow.pipeline import train_secret_refs
     from lora_pipeline.kubeflow.trainjob import TrainJobOptions, build_trainjob, submit, trainjob_yaml
 
+    # A TrainJob has no component to carry an embedded wheel in: its nodes run the image as it is.
+    package_spec = "" if build.package_spec == EMBED else build.package_spec
     options = TrainJobOptions(
         image=args.image,
         name=args.name,
@@ -234,10 +260,16 @@ def _trainjob(args: argparse.Namespace, config: Config, secret_env: tuple[tuple[
         pvc=args.pvc,
         dataset_dir=args.dataset_dir,
         output_dir=args.output_dir,
-        secret_env=secret_env,
+        secret_env=build.secret_env,
+        optional_secret_env=train_secret_refs(build),  # the nodes get what the pipeline's train pod gets
+        package_spec=package_spec,
+        pip_index_urls=build.pip_index_urls,
     )
     trainjob = build_trainjob(config, options)
     text = trainjob_yaml(trainjob)
+    if build.package_spec == EMBED:
+        note = f"# The nodes run {args.image} as it is (an embedded wheel cannot travel in a TrainJob):\n"
+        text = note + "# build it with the Dockerfile, or --package-spec SPEC pip-installs SPEC on each node.\n" + text
     if args.output:
         Path(args.output).write_text(text)
     elif not args.submit:

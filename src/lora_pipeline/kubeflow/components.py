@@ -20,7 +20,7 @@ from typing import Any
 
 from lora_pipeline.config import Config
 from lora_pipeline.kubeflow.parameters import component_parameters, fixed_values
-from lora_pipeline.kubeflow.runtime import ARTIFACTS
+from lora_pipeline.kubeflow.runtime import ARTIFACTS, RUN_INPUTS
 from lora_pipeline.kubeflow.wheel import embedded_wheel, install_lora_pipeline, pip_options
 from lora_pipeline.stages import BY_NAME
 
@@ -68,6 +68,9 @@ class BuildOptions:
     workspace_storage_class: str = ""  # "" = the cluster's default StorageClass
     workspace_access_mode: str = "ReadWriteOnce"  # multi-node training needs ReadWriteMany
     kfp_cache: bool = False  # KFP caching of the tasks (off: a cached result may be stale, see pipeline.py)
+    # --cluster-secret: the Kubernetes secret with KUBERNETES_SERVER_URL, KUBERNETES_AUTH_TOKEN (and optional
+    # ca.crt, KUBERNETES_NAMESPACE) a multi-node train submits its TrainJob with; "" = the pod's service account.
+    cluster_secret: str = ""
 
 
 @contextlib.contextmanager
@@ -98,6 +101,8 @@ def component_source(stage: str, config: Config | None = None, install: list[str
     params += [f"{p.name}: {p.annotation} = {p.default!r}" for p in component_parameters(stage, config)]
     if train:
         params.append("kubernetes_config: TaskConfig = None")
+    if stage == "register":  # the pipeline run, from KFP's placeholders: recorded on the version (provenance)
+        params += [f"{name}: str = ''" for name in RUN_INPUTS]
     signature = ",\n    ".join(params)
     return (
         f"def {FUNCTION_NAMES[stage]}(\n    {signature},\n){' -> str' if train else ''}:\n"

@@ -68,6 +68,8 @@ def build_pipeline(config: Config | None = None, options: BuildOptions | None = 
             if stage.name == "train":
                 arguments["pvc_path"] = dsl.WORKSPACE_PATH_PLACEHOLDER if options.workspace_size else ""
             if stage.name == "register":
+                arguments["pipeline_run_id"] = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+                arguments["pipeline_run_name"] = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
                 # Registration is skipped, not failed, without an address: the task does not run at all.
                 with dsl.If(by_field["registry", "address"] != "", name="registry-address-set"):
                     tasks[stage.name] = components[stage.name](**arguments)
@@ -79,6 +81,7 @@ def build_pipeline(config: Config | None = None, options: BuildOptions | None = 
             task.set_caching_options(options.kfp_cache)
             if stage.name == "train":  # the image a multi-node TrainJob runs (trainjob.train_on_cluster)
                 task.set_env_variable("LORA_PIPELINE_IMAGE", options.image)
+                _trainjob_settings(task, options)
             if stage.name in RESOURCED:
                 _set_resources(task, by_field)
             _mount_secrets(task, stage.name, options)
@@ -132,6 +135,29 @@ def _mount_secrets(task: Any, stage: str, options: BuildOptions) -> None:
     if stage == "train":  # --secret-env: what train.env_vars may not carry as a value
         for env, secret, key in options.secret_env:
             kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={key: env})
+
+
+def train_secret_refs(options: BuildOptions) -> tuple[tuple[str, str, str], ...]:
+    """(env var, secret, key) of the optional secrets the train pod mounts (HF, AWS): a TrainJob's nodes get them."""
+    return tuple((env, getattr(options, attr), key) for attr, (keys, stages) in SECRET_ENV.items()
+                 if getattr(options, attr) and "train" in stages for key, env in keys.items())  # fmt: skip
+
+
+def _trainjob_settings(task: Any, options: BuildOptions) -> None:
+    """What a multi-node TrainJob's nodes get as the train pod does: the install, and its secrets by name."""
+    from kfp import kubernetes
+
+    from lora_pipeline.kubeflow.trainjob_run import SETTINGS_ENV, settings_env
+
+    value = settings_env(options.image, options.package_spec, options.pip_index_urls, options.secret_env,
+                         train_secret_refs(options))  # fmt: skip
+    task.set_env_variable(SETTINGS_ENV, value)
+    if options.cluster_secret:  # a remote cluster: its address and token required, its CA and namespace optional
+        keys = {"KUBERNETES_SERVER_URL": "KUBERNETES_SERVER_URL", "KUBERNETES_AUTH_TOKEN": "KUBERNETES_AUTH_TOKEN"}
+        kubernetes.use_secret_as_env(task, secret_name=options.cluster_secret, secret_key_to_env=keys)
+        kubernetes.use_secret_as_env(task, secret_name=options.cluster_secret, optional=True,
+                                     secret_key_to_env={"ca.crt": "KUBERNETES_CA_CERT",
+                                                        "KUBERNETES_NAMESPACE": "KUBERNETES_NAMESPACE"})  # fmt: skip
 
 
 def compile_pipeline(path: Path, config: Config | None = None, options: BuildOptions | None = None) -> Path:

@@ -39,6 +39,9 @@ ARTIFACTS: dict[str, StageArtifacts] = {
     "register": StageArtifacts(("output_registration", "Artifact"), {"train": "model", "eval": "eval_results"}),
 }
 
+# The register component's pipeline-run inputs -> the env vars the register stage reads them from.
+RUN_INPUTS = {"pipeline_run_id": "LORA_PIPELINE_KFP_RUN_ID", "pipeline_run_name": "LORA_PIPELINE_KFP_RUN_NAME"}
+
 # Train metrics shown in the KFP UI (scalars of train/metrics.json).
 TRAIN_METRICS = ("final_loss", "mean_loss", "eval_loss", "steps", "train_seconds", "tokens_per_second")
 
@@ -74,11 +77,13 @@ def run_component(stage: str, arguments: dict[str, Any], fixed: dict[str, Any]) 
         config_file.write_text(yaml.safe_dump(layer, sort_keys=False))
         config_file.chmod(0o600)
         if stage == "train" and int(layer["train"].get("num_workers", 1)) > 1:
-            from lora_pipeline.kubeflow.trainjob import train_on_cluster
+            from lora_pipeline.kubeflow.trainjob_run import train_on_cluster
 
             pvc_path, task_config = arguments.get("pvc_path") or "", arguments.get("kubernetes_config")
             train_on_cluster(config_file, inputs["dataset"], out, pvc_path, task_config)
         else:
+            if stage == "register":
+                os.environ.update({env: str(arguments.get(name) or "") for name, env in RUN_INPUTS.items()})
             _run_cli(stage_argv(stage, config_file, inputs, out))
     if artifacts.metrics:
         metrics = arguments[artifacts.metrics]

@@ -37,6 +37,8 @@ def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
     for name, value in parse_key_values(config.train.env_vars).items():
         if value and not safe_env_name(name) and (looks_secret(name) or name in _MOUNTED):
             _refuse("train.env_vars", f"{name} looks like a secret, and its value", _MOUNTED.get(name, _OTHER_ENV))
+        if value:  # a tracker's URI may carry them (MLFLOW_TRACKING_URI=https://user:pass@host)
+            _refuse_uri("train.env_vars", value, _MOUNTED.get(name, _OTHER_ENV))
     for key, value in config.eval.model_args.items():
         if value not in (None, "") and not safe_model_arg(key) and looks_secret(key):
             hint = "--hf-token-secret NAME (lm-eval reads HF_TOKEN from the environment)"
@@ -75,8 +77,9 @@ def parse_secret_env(items: list[str], component: str | None = None) -> tuple[tu
 def _refuse_uri(field: str, value: str, hint: str = "") -> None:
     what = uri_credentials(value)
     if what:
-        default = "--aws-secret NAME for s3://, --hf-token-secret NAME for hf:// and https://huggingface.co (a " \
-            "pre-signed URL cannot be compiled)"  # fmt: skip
+        default = "--aws-secret NAME for s3://, --hf-token-secret NAME for hf:// and https://huggingface.co, " \
+            "--secret-env OCI_PULL_SECRET_MODEL_DOWNLOAD=SECRET:.dockerconfigjson for oci:// (a pre-signed URL " \
+            "cannot be compiled)"  # fmt: skip
         _refuse(field, f"the credentials in the URI ({what})", hint or default)
 
 

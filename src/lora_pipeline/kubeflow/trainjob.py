@@ -2,14 +2,18 @@
 
 Nodes = `train.num_workers`; processes per node = `train.num_procs` (`auto`: the runtime's default, one
 per GPU); resources per node from `train.cpu`, `train.memory`, `train.gpus_per_worker`; `train.labels` and
-`train.annotations` on the TrainJob; `train.env_vars` in every node's env. Each node runs
+`train.annotations` on the TrainJob and on every node's pod; `train.env_vars` in every node's env, secrets as
+`secretKeyRef` env (never values). With a package spec each node first pip-installs it, as the pipeline's pods
+do. Each node runs
 `torchrun --no-python lora-pipeline train --input dataset=DIR --out DIR --train.OPTION VALUE ...`; torchrun
 reads its node count, rank and rendezvous from the PET_* variables the runtime sets. The dataset and output
 directories must be on storage all nodes share (a PVC, `TrainJobOptions.pvc`).
 
 `build_trainjob()` is pure (a `kubeflow_trainer_api` model, printed by `lora-pipeline compile --trainjob`).
-`submit()` hands that same object to the cluster through the `kubeflow` SDK's TrainerClient; it is the only
-part that needs a cluster and is not exercised by the tests.
+`submit()` hands that same object to the cluster through the `kubeflow` SDK's TrainerClient. How a TrainJob
+patches its pods changed across Trainer releases: `runtimePatches` (v2.2+, the model's own field) or
+`podTemplateOverrides` (v2.1); `trainjob_body()` writes the one named in `TrainJobOptions.patch_api`.
+The pipeline's training component runs the whole job (submit, logs, wait, delete): trainjob_run.py.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import string
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import Config, coerce, fields_of
 
 MANAGER = "lora-pipeline"  # the runtimePatches entry this package owns
+RUNTIME_PATCHES, POD_TEMPLATE_OVERRIDES = "runtimePatches", "podTemplateOverrides"  # Trainer v2.2+, v2.1
 SUBMIT_TIMEOUT_S = 60.0  # compile --trainjob --submit --timeout: connecting and creating, in all
 # Train options the TrainJob itself expresses (nodes, processes, resources, metadata, env): not passed as flags.
 PLACEMENT = ("num_workers", "num_procs", "gpus_per_worker", "cpu", "memory", "labels", "annotations", "env_vars")
@@ -41,6 +46,10 @@ class TrainJobOptions:
     dataset_dir: str = "/workspace/dataset"  # a dataset stage output (train.jsonl, eval.jsonl)
     output_dir: str = "/workspace/train"
     secret_env: tuple[tuple[str, str, str], ...] = ()  # --secret-env: (env var, secret name, key)
+    optional_secret_env: tuple[tuple[str, str, str], ...] = ()  # HF / AWS secrets: unset when absent, as on the pods
+    package_spec: str = ""  # what each node pip-installs before training ("" = the image has it)
+    pip_index_urls: tuple[str, ...] = ()
+    patch_api: str = RUNTIME_PATCHES  # how the job patches its pods (volume, labels): the cluster's CRD decides
 
 
 def train_command(config: Config, dataset_dir: str, output_dir: str) -> list[str]:
@@ -78,31 +87,29 @@ def build_trainjob(config: Config, options: TrainJobOptions) -> Any:
     )
     # The SDK's own translation (resources, GPU alias, env); the runtime argument is unused for containers.
     trainer_cr = get_trainer_cr_from_custom_trainer(None, trainer)  # type: ignore[arg-type]
-    trainer_cr.command = train_command(config, options.dataset_dir, options.output_dir)
-    if options.secret_env:
-        source = models.IoK8sApiCoreV1EnvVarSource
-        trainer_cr.env = (trainer_cr.env or []) + [
-            models.IoK8sApiCoreV1EnvVar(
-                name=env, valueFrom=source(secretKeyRef=models.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key))
-            )
-            for env, secret, key in options.secret_env
-        ]
+    trainer_cr.command = node_command(train_command(config, options.dataset_dir, options.output_dir), options)
+    refs = [(ref, False) for ref in options.secret_env] + [(ref, True) for ref in options.optional_secret_env]
+    if refs:
+        trainer_cr.env = (trainer_cr.env or []) + [_secret_env(*ref, optional=optional) for ref, optional in refs]
     if train.num_procs != "auto":
         trainer_cr.num_proc_per_node = int(train.num_procs)
     name = options.name or "lora-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
+    labels = _key_values(train.labels, "train.labels")
+    annotations = _key_values(train.annotations, "train.annotations")
+    patch = _pod_patch(options, labels, annotations) if options.pvc or labels or annotations else None
     return models.TrainerV1alpha1TrainJob(
         apiVersion=constants.API_VERSION,
         kind=constants.TRAINJOB_KIND,
         metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
             name=name,
             namespace=options.namespace,
-            labels=_key_values(train.labels, "train.labels") or None,
-            annotations=_key_values(train.annotations, "train.annotations") or None,
+            labels=labels or None,
+            annotations=annotations or None,
         ),
         spec=models.TrainerV1alpha1TrainJobSpec(
             runtimeRef=models.TrainerV1alpha1RuntimeRef(name=options.runtime),
             trainer=trainer_cr,
-            runtimePatches=[_volume_patch(options)] if options.pvc else None,
+            runtimePatches=[patch] if patch else None,
         ),
     )
 
@@ -111,20 +118,54 @@ def _key_values(text: str, field: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in coerce(text, dict, field).items()} if text.strip() else {}
 
 
-def _volume_patch(options: TrainJobOptions) -> Any:
-    """Mount the PVC on every node: a runtime patch of the `node` replicated job's pod and container."""
+def node_command(train_argv: list[str], options: TrainJobOptions) -> list[str]:
+    """The node's command: the train command, after a pip install of the package spec when there is one."""
+    if not options.package_spec:
+        return train_argv
+    pip = ["python", "-m", "pip", "install", "--no-cache-dir"]
+    for url in options.pip_index_urls:
+        pip += ["--index-url" if url == options.pip_index_urls[0] else "--extra-index-url", url]
+    return ["sh", "-c", f"{shlex.join([*pip, options.package_spec])} && exec {shlex.join(train_argv)}"]
+
+
+def _secret_env(env: str, secret: str, key: str, optional: bool) -> Any:
+    from kubeflow_trainer_api import models
+
+    selector = models.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key, optional=optional or None)
+    return models.IoK8sApiCoreV1EnvVar(name=env, valueFrom=models.IoK8sApiCoreV1EnvVarSource(secretKeyRef=selector))
+
+
+def _pod_patch(options: TrainJobOptions, labels: dict[str, str], annotations: dict[str, str]) -> Any:
+    """Every node's pod: the workspace PVC mounted, the labels and annotations (a runtime patch of `node`)."""
     from kubeflow.trainer.constants import constants
     from kubeflow_trainer_api import models
 
-    pod = {
-        "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": options.pvc}}],
-        "containers": [
+    pod: dict[str, Any] = {}
+    if options.pvc:
+        pod["volumes"] = [{"name": "workspace", "persistentVolumeClaim": {"claimName": options.pvc}}]
+        pod["containers"] = [
             {"name": constants.NODE, "volumeMounts": [{"name": "workspace", "mountPath": options.mount_path}]}
-        ],
-    }
-    job = {"name": constants.NODE, "template": {"spec": {"template": {"spec": pod}}}}
+        ]
+    metadata = {k: v for k, v in (("labels", labels), ("annotations", annotations)) if v}
+    template = {"metadata": metadata, "spec": pod} if metadata else {"spec": pod}
+    job = {"name": constants.NODE, "template": {"spec": {"template": template}}}
     patch = {"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}
     return models.TrainerV1alpha1RuntimePatch.from_dict(patch)
+
+
+def trainjob_body(trainjob: Any, patch_api: str = RUNTIME_PATCHES) -> dict[str, Any]:
+    """What is sent: the model as a dict, its pod patch rewritten as a Trainer v2.1 podTemplateOverride if asked."""
+    body = trainjob.to_dict()
+    patches = body["spec"].pop("runtimePatches", None)
+    if patches and patch_api == POD_TEMPLATE_OVERRIDES:
+        overrides = []
+        for job in patches[0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+            template = job["template"]["spec"]["template"]
+            overrides.append({"targetJobs": [{"name": job["name"]}], **template})
+        body["spec"][POD_TEMPLATE_OVERRIDES] = overrides
+    elif patches:
+        body["spec"][RUNTIME_PATCHES] = patches
+    return body
 
 
 def trainjob_yaml(trainjob: Any) -> str:
@@ -134,7 +175,8 @@ def trainjob_yaml(trainjob: Any) -> str:
 
 
 def client_configuration() -> Any:
-    """A remote cluster from KUBERNETES_SERVER_URL + KUBERNETES_AUTH_TOKEN; None = kubeconfig / in-cluster."""
+    """A remote cluster from KUBERNETES_SERVER_URL + KUBERNETES_AUTH_TOKEN (+ KUBERNETES_CA_CERT, the PEM text of
+    its CA, as the key `ca.crt` of the --cluster-secret mounts it); None = kubeconfig / in-cluster."""
     url, token = os.environ.get("KUBERNETES_SERVER_URL"), os.environ.get("KUBERNETES_AUTH_TOKEN")
     if not url:
         return None
@@ -145,6 +187,13 @@ def client_configuration() -> Any:
     if token:
         configuration.api_key = {"authorization": token}
         configuration.api_key_prefix = {"authorization": "Bearer"}
+    ca = os.environ.get("KUBERNETES_CA_CERT", "").strip()
+    if ca:  # the client takes a file: a private one, for this process's life
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", prefix="lora-pipeline-ca-", suffix=".crt", delete=False) as f:
+            f.write(ca + "\n")
+        configuration.ssl_ca_cert = f.name
     return configuration
 
 
@@ -197,43 +246,3 @@ def _create(trainjob: Any, configuration: Any, timeout: float) -> Any:
         _request_timeout=(min(timeout, 10.0), timeout),  # (connect, read) seconds
     )
     return client
-
-
-def train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path: str, task_config: Any = None) -> None:
-    """The training component with num_workers > 1: a TrainJob on the pipeline workspace, then copy the result.
-
-    Untested here (no cluster). The workspace PVC is found in the task config KFP passes through
-    (`kubernetes_config`: the task pod's volumes); the image is the component's own (LORA_PIPELINE_IMAGE).
-    """
-    import shutil
-
-    from lora_pipeline.config import from_dict, load_yaml, validate
-    from lora_pipeline.errors import ConfigError
-
-    volumes = _get(task_config, "volumes") or []
-    claim = next((v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v), "")
-    if not pvc_path or not claim:
-        raise ConfigError("multi-node training needs the pipeline workspace (compile --workspace-size)",
-                          field="train.num_workers")  # fmt: skip
-    config = validate(from_dict(load_yaml(str(config_file))))
-    work = Path(pvc_path) / "lora-pipeline" / out.parent.name
-    shutil.copytree(dataset_dir, work / "dataset", dirs_exist_ok=True)
-    options = TrainJobOptions(
-        image=os.environ.get("LORA_PIPELINE_IMAGE", ""),
-        pvc=claim,
-        mount_path=pvc_path,
-        dataset_dir=str(work / "dataset"),
-        output_dir=str(work / "train"),
-        namespace=_pod_namespace(),
-    )
-    submit(build_trainjob(config, options), wait=True)
-    shutil.copytree(work / "train", out)
-
-
-def _get(task_config: Any, name: str) -> Any:
-    return task_config.get(name) if isinstance(task_config, dict) else getattr(task_config, name, None)
-
-
-def _pod_namespace() -> str | None:
-    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-    return path.read_text().strip() if path.exists() else None

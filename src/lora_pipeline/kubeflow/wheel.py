@@ -23,6 +23,8 @@ from pathlib import Path
 
 from lora_pipeline.errors import ConfigError
 
+WHEEL_ENV = "LORA_PIPELINE_WHEEL"  # where install_lora_pipeline left the wheel in a pod
+
 
 def install_lora_pipeline(pip_options: list) -> None:
     """Install the wheel KFP extracted from this component, with its dependencies, before lora_pipeline loads.
@@ -46,6 +48,7 @@ def install_lora_pipeline(pip_options: list) -> None:
         shutil.copyfileobj(src, dst)
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location", *pip_options]
     subprocess.run([*command, wheel + "[kubeflow]"], check=True)
+    os.environ["LORA_PIPELINE_WHEEL"] = wheel  # WHEEL_ENV: a multi-node train hands it on to its nodes
     importlib.invalidate_caches()
 
 

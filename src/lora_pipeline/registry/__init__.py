@@ -1,8 +1,10 @@
 """Model registries: the local SQLite file (the default) and the Kubeflow Model Registry, behind one Protocol.
 
 Both follow Kubeflow's model: a registered model has versions, a version has a model artifact (the adapter's
-URI), and name+version is unique. Registering is idempotent: the same name+version with the same artifact URI
-is a no-op that reports the existing ids; a different URI is refused and nothing is overwritten.
+URI; with train.merge a second one, the merged model, each with its own digest, only ever added), and
+name+version is unique. A version records its adapter's digest (`artifact_sha256`), and registering
+is idempotent by content: the same name+version with the same digest is a no-op that reports the existing
+ids; other content is refused and nothing is overwritten. The local registry registers its own immutable copy.
 
 `registry.address` picks one: `local` = the local file, empty or `none` = no registration (the spec's
 default: a run registers nothing unless asked), anything else = a Kubeflow Model Registry at that address.
@@ -38,17 +40,30 @@ class Entry:
     format_name: str = "pytorch"
     format_version: str = "1.0"
     metadata: dict[str, Scalar] = field(default_factory=dict)
+    digest: str = ""  # sha256 of the adapter's files (artifacts.tree_digest)
+    # train.merge's merged model: a second artifact of the same version, with its own digest
+    merged_uri: str = ""
+    merged_digest: str = ""
+
+    def __post_init__(self) -> None:
+        # Both registries keep the digest in the version's metadata: Kubeflow's custom properties have room
+        # for it, and the local file needs no schema change.
+        if self.digest:
+            from lora_pipeline.registry.artifacts import DIGEST_KEY
+
+            self.metadata = {**self.metadata, DIGEST_KEY: self.digest}
 
 
 @dataclass
 class Outcome:
-    """What registering did: `registered` (new version) or `exists` (the same version and URI was there)."""
+    """What registering did: `registered` (new version) or `exists` (the same version and content was there)."""
 
     status: str
     model_id: str
     version_id: str
     artifact_id: str
     where: str  # the registry: a file path or a URL
+    version: str = ""  # the version registered: `auto` resolved
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +72,7 @@ class Outcome:
             "registered_model_id": self.model_id,
             "model_version_id": self.version_id,
             "model_artifact_id": self.artifact_id,
+            **({"version": self.version} if self.version else {}),
         }
 
 
@@ -122,24 +138,35 @@ def open_registry(cfg: RegistryConfig) -> Registry:
     )
 
 
-def check_local(cfg: RegistryConfig, adapter: Path) -> None:
+def check_local(cfg: RegistryConfig, adapter: Path | None) -> None:
     """Pre-flight for the local registry: its file can be written, and name+version is free or already
-    holds this adapter, so a clash is reported before training, not after."""
+    holds this run's adapter (same digest), so a clash is reported before training, not after. `auto`
+    cannot clash; it is for the local registry only."""
+    from lora_pipeline.errors import ConfigError
+    from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY, tree_digest
+
+    if cfg.version == AUTO and kind(cfg) == "kubeflow":
+        raise ConfigError(
+            "auto applies to the local registry (--registry.address local): give a version for a Model Registry",
+            field="registry.version",
+        )
     if kind(cfg) != "local":
         return
-    from lora_pipeline.errors import ConfigError
     from lora_pipeline.registry.local import LocalRegistry
-    from lora_pipeline.stages.register import artifact_uri
 
     path = local_path(cfg)
     probe = path if path.exists() else next(p for p in path.parents if p.exists())
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"cannot write the local registry {path} ({probe} is not writable)", field="registry.path")
-    if path.exists():
-        existing = LocalRegistry(path).find(cfg.model_name, cfg.version)
-        if existing is not None and existing["uri"] != artifact_uri(adapter):
-            raise ConfigError(
-                f"{cfg.model_name} {cfg.version} is already registered in {path} with {existing['uri']}: "
-                "set a new --registry.version (or --registry.model_name)",
-                field="registry.version",
-            )
+    if adapter is None or cfg.version == AUTO or not path.exists():
+        return
+    existing = LocalRegistry(path).find(cfg.model_name, cfg.version)
+    if existing is None:
+        return
+    recorded = existing["metadata"].get(DIGEST_KEY)
+    if not (recorded and adapter.is_dir() and tree_digest(adapter) == recorded):
+        raise ConfigError(
+            f"{cfg.model_name} {cfg.version} already exists with other content than this run's adapter "
+            f"(in {path}): set a new --registry.version, or auto (or --registry.model_name)",
+            field="registry.version",
+        )

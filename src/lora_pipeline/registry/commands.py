@@ -1,10 +1,13 @@
-"""`lora-pipeline models list|show`: what the local registry holds, as text."""
+"""`lora-pipeline models list|show|delete`: what the local registry holds, as text; `show` verifies the content,
+`delete` removes a version and the copies only it used."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.errors import RegistryError
+from lora_pipeline.registry.artifacts import DIGEST_KEY, verify
 from lora_pipeline.registry.local import LocalRegistry
 
 # Lineage fields of `models show`, in reading order: (label, metadata keys shown on that line).
@@ -48,6 +51,15 @@ def show_model(path: Path, name: str, version: str | None = None) -> str:
         f"{r['model']} {r['version']}  (registered {r['created']} by {r['author'] or '-'})",
         f"  {'adapter':<15} {r['uri']}  [{r['format_name']} {r['format_version']}]",
     ]
+    for extra in LocalRegistry(path).artifacts(r["version_id"]):  # the merged model (train.merge)
+        label, changed = extra["name"][len(r["model"]) + 1 :] or extra["name"], verify(extra["uri"], extra["digest"])
+        lines.append(f"  {label:<15} {extra['uri']}  [{extra['format_name']} {extra['format_version']}]")
+        lines.append(f"  {'':<15} sha256 {extra['digest']}  {'CHANGED' if changed else 'OK'}")
+    digest = meta.pop(DIGEST_KEY, None)
+    if digest:
+        lines.append(f"  {'content':<15} sha256 {digest}  {'CHANGED' if verify(r['uri'], digest) else 'OK'}")
+    else:
+        lines.append(f"  {'content':<15} not verified (registered before digests were recorded)")
     if r["description"]:
         lines.append(f"  {'description':<15} {r['description']}")
     for label, keys in _LINEAGE:
@@ -65,6 +77,23 @@ def show_model(path: Path, name: str, version: str | None = None) -> str:
             lines.append(f"  {'':<15} {key[5:]:<30} {_value(base):>8} {_value(meta[key]):>8} {delta_text:>8}")
     lines.append(f"  {'ids':<15} model {r['model_id']}, version {r['version_id']}, artifact {r['artifact_id']}")
     return "\n".join(lines)
+
+
+def delete_model(path: Path, name: str, version: str) -> str:
+    """Remove one version; says what went (the copies of its files that no other version shares)."""
+    removed = LocalRegistry(path).delete(name, version)
+    kept = "" if removed else " (its files are shared with another version, or were not copies: kept)"
+    freed = "".join(f"\n  removed {p}" for p in removed)
+    return f"deleted {name} {version} from {path}{kept}{freed}"
+
+
+def verify_model(path: Path, name: str, version: str | None = None) -> None:
+    """Raise one line when a version's files no longer have the digest recorded at registration."""
+    r = LocalRegistry(path).version(name, version)
+    digest = r["metadata"].get(DIGEST_KEY)
+    problem = verify(r["uri"], digest) if digest else None
+    if problem:
+        raise RegistryError(f"{r['model']} {r['version']}: {problem}", field="models")
 
 
 def _short(key: str) -> str:

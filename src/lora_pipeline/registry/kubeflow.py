@@ -1,4 +1,5 @@
-"""The Kubeflow Model Registry, through its official Python client (`model-registry`).
+"""The Kubeflow Model Registry, through its official Python client (`model-registry`), for servers of REST
+API v1 or v1alpha3 (detected on first contact: mr_api.py says how and why one client serves both).
 
 The client is imported and built only here, when registering. A registry that does not answer (connection
 refused, timeouts, 5xx) is retried with backoff, then reported in one line; a refused token is not retried.
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 from lora_pipeline.deadline import Overdue, within
 from lora_pipeline.errors import RegistryError
 from lora_pipeline.registry import Entry, Outcome
+from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY, merged_name
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,15 @@ INSTALL_HINT = (
 
 
 def normalise_address(address: str, port: int) -> tuple[str, int]:
-    """The client's (server_address, port): a bare host means https; a port in the URL wins over `port`."""
+    """The client's (server_address, port); a port in the address wins over `port`. An `http://` or
+    `https://` prefix decides the scheme by itself. A bare in-cluster host (`*.svc`, `*.svc.cluster.local`,
+    or no dot at all: a Service name) means http, as the registry's REST port 8080 is plain HTTP inside a
+    cluster; any other bare host means https."""
     url = address.strip().rstrip("/")
     if "://" not in url:
-        url = f"https://{url}"
+        host = (urlsplit(f"//{url}").hostname or "").rstrip(".")
+        in_cluster = host.endswith((".svc", ".svc.cluster.local")) or (host and "." not in host)
+        url = f"{'http' if in_cluster else 'https'}://{url}"
     return url, urlsplit(url).port or port
 
 
@@ -53,8 +60,15 @@ class KubeflowRegistry:
         parts = urlsplit(self.server)
         self.where = f"{parts.scheme}://{parts.hostname}:{self.port}"
         self.author, self._token, self.ca_cert, self.timeout = author, token, ca_cert, timeout
+        # the client's own host string (its Configuration.host): the key its requests are rewritten by
+        self.host = self.server if urlsplit(self.server).port else f"{self.server}:{self.port}"
+        self.api = ""  # the server's API version, detected on first contact (mr_api.detect)
 
     def register(self, entry: Entry) -> Outcome:
+        if entry.version == AUTO:
+            raise RegistryError(
+                "auto applies to the local registry: give a version for a Model Registry", field="registry.version"
+            )
         delays, attempts = list(RETRY_DELAYS), 0
         ends = time.monotonic() + self.timeout
         while True:
@@ -86,6 +100,12 @@ class KubeflowRegistry:
             from model_registry import ModelRegistry
         except ImportError:
             raise RegistryError(INSTALL_HINT, field="registry.address") from None
+        from lora_pipeline.registry import mr_api
+
+        if not self.api:
+            self.api = mr_api.detect(self.host, self._token, self.ca_cert, timeout=self.timeout)
+            log.info("register: %s serves Model Registry API %s", self.where, self.api)
+        mr_api.speak(self.host, self.api)
 
         with warnings.catch_warnings():
             # Without a token the client warns, then tries the pod's service-account token; plain http is fine.
@@ -133,13 +153,43 @@ class KubeflowRegistry:
                 )
             )
             status = "registered"
-        if artifact.uri != entry.uri:
+        recorded = (version.custom_properties or {}).get(DIGEST_KEY)
+        if (recorded or status == "exists") and recorded != entry.digest:
+            # "no change" is decided by content: the same URI may hold a retrained adapter by now
+            held = f"sha256 {str(recorded)[:12]}…" if recorded else "no recorded digest"
             raise RegistryError(
-                f"{entry.name} {entry.version} is already registered at {self.where} with another artifact "
-                f"({artifact.uri}); nothing was overwritten: set a new --registry.version",
+                f"{entry.name} {entry.version} already exists at {self.where} with other content ({held}, "
+                f"{artifact.uri}; this adapter sha256 {entry.digest[:12]}…); nothing was overwritten: "
+                "set a new --registry.version",
                 field="registry.version",
             )
+        if entry.merged_uri:
+            self._add_merged(client, entry, version)
         return Outcome(status, str(model.id), str(version.id), str(artifact.id), self.where)
+
+    def _add_merged(self, client: Any, entry: Entry, version: Any) -> None:
+        """The merged model: a second artifact of the version, with its own digest; added, never replaced."""
+        from model_registry.types import ModelArtifact
+
+        name = merged_name(entry.name)
+        found = client.async_runner(client._api.get_model_artifact_by_params(name, version.id))
+        if found is None:
+            artifact = ModelArtifact(
+                name=name,
+                uri=entry.merged_uri,
+                model_format_name=entry.format_name,
+                model_format_version=entry.format_version,
+                custom_properties={DIGEST_KEY: entry.merged_digest},
+            )
+            client.async_runner(client._api.upsert_model_version_artifact(artifact, version.id))
+            return
+        recorded = (found.custom_properties or {}).get(DIGEST_KEY)
+        if recorded != entry.merged_digest:
+            raise RegistryError(
+                f"{entry.name} {entry.version} already holds a merged model with other content ({found.uri}); "
+                "nothing was replaced: set a new --registry.version",
+                field="registry.version",
+            )
 
     @staticmethod
     def _transient(exc: Exception) -> str | None:

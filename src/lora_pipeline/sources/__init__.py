@@ -93,24 +93,27 @@ def fingerprint(uri: str) -> str:
     return _source_for(uri).fingerprint(uri)
 
 
-def fetch_model(uri: str, cache_dir: Path) -> Path:
-    """A base model given as a URI (s3://bucket/prefix/) as a local directory, cached under `cache_dir` by
-    content (ETags): a second run with the same objects downloads nothing."""
-    if scheme_of(uri) != "s3":
-        raise SourceError(f"models can be fetched from s3:// only: {redact(uri)}", field="train.model")
-    from lora_pipeline.sources.s3 import fetch_model as fetch_s3_model
+MODEL_SCHEMES = ("s3://", "oci://")  # base models fetched into the model cache (see models.resolve_model)
 
-    return fetch_s3_model(uri, cache_dir)
+
+def fetch_model(uri: str, cache_dir: Path) -> Path:
+    """A base model given as a URI (s3://bucket/prefix/, oci://registry/repo:tag) as a local directory,
+    cached under `cache_dir` by content (ETags, manifest digest): a second run downloads nothing."""
+    return _model_module(uri).fetch_model(uri, cache_dir)
 
 
 def model_fingerprint(uri: str) -> str:
-    """The content identity of a model URI (s3://bucket/prefix/) without downloading it; SourceError naming
-    train.model when it is not there or cannot be reached. Pre-flight check and cache-key input."""
-    if scheme_of(uri) != "s3":
-        raise SourceError(f"models can be fetched from s3:// only: {redact(uri)}", field="train.model")
-    from lora_pipeline.sources.s3 import model_fingerprint as s3_model_fingerprint
+    """The content identity of a model URI (s3://bucket/prefix/, oci://...) without downloading it; SourceError
+    naming train.model when it is not there or cannot be reached. Pre-flight check and cache-key input."""
+    return _model_module(uri).model_fingerprint(uri)
 
-    return s3_model_fingerprint(uri)
+
+def _model_module(uri: str):  # noqa: ANN202 - a module
+    import importlib
+
+    if not uri.startswith(MODEL_SCHEMES):
+        raise SourceError(f"models can be fetched from s3:// and oci:// only: {redact(uri)}", field="train.model")
+    return importlib.import_module(f"lora_pipeline.sources.{scheme_of(uri)}")
 
 
 def split_checksum(uri: str, expected: str) -> tuple[str, str]:

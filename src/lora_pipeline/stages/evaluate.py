@@ -31,7 +31,7 @@ from lora_pipeline.evaluation.results import compare, eval_scope, jsonable, prec
 from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start_env_info
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
 from lora_pipeline.library_notices import set_library_levels
-from lora_pipeline.models import load_tokenizer
+from lora_pipeline.models import load_tokenizer, recorded_base
 
 __all__ = ["check_eval_options", "compare", "evaluate_adapter", "precision_label"]
 
@@ -50,6 +50,7 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     trained = read_json(train_dir / "metrics.json") if (train_dir / "metrics.json").exists() else {}
     quant = trained.get("quantization")
     trust_remote_code = bool(trained.get("trust_remote_code", False))
+    base_ref = recorded_base(base_ref, trained.get("base_model_uri"))
     label = precision_label(quant)
     if quant and importlib.util.find_spec("bitsandbytes") is None:
         raise StageError(

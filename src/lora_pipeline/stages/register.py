@@ -2,14 +2,18 @@
 
 registry.address picks the registry (see lora_pipeline.registry): `local` = the local SQLite file, empty
 or `none` = skip, else the Kubeflow Model Registry. Always writes `registration.json`: what was registered,
-where, the outcome and the registry's ids. A registry that cannot be reached fails this stage only: the
-train and eval outputs stay, and `lora-pipeline register -o RUN_DIR` registers later without retraining.
+where, the outcome and the registry's ids. A version is its adapter's content (a digest of its files); the
+local registry points at its own copy, so retraining the run directory cannot change a registered version.
+Registering needs a completed eval (the version's scores) unless registry.allow_no_eval. A registry that
+cannot be reached fails this stage only: the train and eval outputs stay, and `lora-pipeline register -o
+RUN_DIR` registers later without retraining.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,9 @@ from lora_pipeline.config import RegistryConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic
 from lora_pipeline.redaction import scrub
-from lora_pipeline.registry import Entry, Scalar, kind, open_registry
+from lora_pipeline.registry import Entry, Scalar, kind, local_path, open_registry
+from lora_pipeline.registry.artifacts import DIGEST_KEY, tree_digest
+from lora_pipeline.registry.local import LocalRegistry
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +32,39 @@ _KFP_MOUNTS = {"/minio/": "s3://", "/s3/": "s3://", "/gcs/": "gs://"}
 # adapter_config.json key -> metadata name
 _LORA_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
 _LORA_KEYS.update(use_rslora="use_rslora", use_dora="use_dora")
+# metadata key -> env var that the KFP register component sets from its pipeline-run inputs (kubeflow/runtime.py)
+_RUN_ENV = {"pipeline_run_id": "LORA_PIPELINE_KFP_RUN_ID", "pipeline_run_name": "LORA_PIPELINE_KFP_RUN_NAME"}
 
 
 def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None, out: Path) -> Path:
     adapter = Path(train_dir) / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise StageError(f"no adapter in {adapter}: run the train stage first", field="register")
+    registering = kind(cfg) != "none"
+    if registering and not cfg.allow_no_eval:
+        _check_eval_results(eval_dir)
+    merged = Path(train_dir) / "merged"  # train.merge's output: the version's second artifact
+    merged_uri, merged_digest = "", ""
+    if kind(cfg) == "local":  # the local registry registers its own immutable copy, by content
+        uri, digest = LocalRegistry(local_path(cfg)).store(adapter)
+        if merged.is_dir():
+            merged_uri, merged_digest = LocalRegistry(local_path(cfg)).store(merged)
+    else:
+        uri, digest = artifact_uri(adapter), tree_digest(adapter)
+        if merged.is_dir():
+            merged_uri, merged_digest = artifact_uri(merged), tree_digest(merged)
     entry = Entry(
         name=cfg.model_name,
         version=cfg.version,
-        uri=artifact_uri(adapter),
+        uri=uri,
         author=cfg.author,
         description=cfg.description,
         format_name=cfg.format_name,
         format_version=cfg.format_version,
         metadata=version_metadata(train_dir, eval_dir),
+        digest=digest,
+        merged_uri=merged_uri,
+        merged_digest=merged_digest,
     )
     record: dict[str, Any] = {
         "model_name": entry.name,
@@ -50,18 +74,21 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
         "model_format_name": entry.format_name,
         "model_format_version": entry.format_version,
         "uri": entry.uri,
+        "source": str(adapter.resolve()),
+        DIGEST_KEY: digest,
+        **({"merged_uri": merged_uri, "merged_sha256": merged_digest} if merged_uri else {}),
         "metadata": entry.metadata,
         "registry_kind": kind(cfg),
     }
-    if kind(cfg) == "none":
+    if not registering:
         record.update(status="skipped", reason=f"registry.address is {repr(cfg.address) if cfg.address else 'empty'}")
         log.info("register: skipped (no registry address; `--registry.address local` registers in a local file)")
     else:
         registered_before = _registered_metadata(cfg, entry, Path(out))
         outcome = open_registry(cfg).register(entry)
         record.update(outcome.to_dict())
-        verb = "registered" if outcome.status == "registered" else "already registered (no change)"
-        log.info("register: %s %s %s in %s", entry.name, entry.version, verb, outcome.where)
+        verb = "registered" if outcome.status == "registered" else "already registered (same content, no change)"
+        log.info("register: %s %s %s in %s", entry.name, record["version"], verb, outcome.where)
         differ = score_differences(registered_before, entry.metadata) if outcome.status == "exists" else {}
         if differ:
             # The registry keeps a version as first registered: say when its scores are not this run's.
@@ -74,12 +101,24 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
                 "register: %s %s holds other eval scores than this run's eval (%s): the registry keeps its own; "
                 "a new --registry.version records these",
                 entry.name,
-                entry.version,
+                record["version"],
                 shown,
             )
     with atomic_dir(out) as tmp:
         write_json_atomic(record, tmp / "registration.json")
     return out
+
+
+def _check_eval_results(eval_dir: Path | None) -> None:
+    """A version carries its scores: without eval results there are none (a compiled pipeline's register
+    component sees only the eval output, so the file decides here; pre-flight also reads run.json)."""
+    results = Path(eval_dir) / "eval_results.json" if eval_dir else None
+    if not (results and results.is_file()):
+        raise StageError(
+            f"no completed eval ({results or 'no eval output'}): run the eval stage first, or set "
+            "--registry.allow_no_eval true to register a version without scores",
+            field="registry.allow_no_eval",
+        )
 
 
 def _registered_metadata(cfg: RegistryConfig, entry: Entry, out: Path) -> dict[str, Any] | None:
@@ -159,6 +198,8 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
         if meta["mean_loss"] is None:  # a train output from before the rename called the mean `train_loss`
             meta["mean_loss"] = metrics.get("train_loss")
         meta["quantization"] = _quantization(metrics.get("quantization"))
+    for key, env in _RUN_ENV.items():  # inside KFP: the pipeline run that registered this version
+        meta[key] = os.environ.get(env, "").strip()
     results_file = Path(eval_dir) / "eval_results.json" if eval_dir else None
     if results_file and results_file.exists():
         for row in read_json(results_file).get("comparison", []):

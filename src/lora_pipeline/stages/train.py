@@ -6,6 +6,7 @@ tokenizer), `metrics.json` and `loss_chart.html`. Loss is on the assistant's tok
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -38,6 +39,16 @@ from lora_pipeline.models import (
     wrap_lora,
 )
 from lora_pipeline.packing import choose_padding_free, sample_packing
+from lora_pipeline.train_options import (
+    check_train_options,
+    enable_checkpointing,
+    make_best_callback,
+    point_tensorboard_at,
+    restore_best,
+    step_count,
+    training_arguments,
+    use_checkpointing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +97,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         raise StageError(f"no train.jsonl in {dataset_dir}: run the dataset stage first", field="train")
     quant = quantization_settings(cfg)
     check_quantization_available(quant, f"train.lora_load_in_{'4' if cfg.lora_load_in_4bit else '8'}bit")
+    check_train_options(cfg, has_eval_rows=(dataset_dir / "eval.jsonl").exists())
     backend = choose_backend(cfg)
     drop_library_notices()
 
@@ -95,6 +107,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
     from lora_pipeline.chat_templates import apply_chat_template_option
     from lora_pipeline.progress import TerminalLine, make_progress_callback
+    from lora_pipeline.sources import MODEL_SCHEMES
     from lora_pipeline.tokenization import PadCollator
 
     threads, threads_from = cpu_threads(cfg.threads)
@@ -122,6 +135,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
             save_encoded(data_root, data_key, train_rows, eval_rows)
     if not train_rows:
         raise StageError("no training row has an assistant token within max_seq_len", field="train.max_seq_len")
+    check_train_options(cfg, has_eval_rows=bool(eval_rows))
 
     if backend == "unsloth":
         model, _ = load_unsloth_model(model_ref, cfg, quant)
@@ -154,7 +168,8 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
             cfg.fsdp_sharding_strategy,
             "processes train with DDP, each holding the whole model" if world > 1 else "this run has one process",
         )
-    notes = _small_dataset_warnings(len(train_rows), step_rows, cfg.epochs, steps_per_epoch)
+    total_steps = step_count(cfg, steps_per_epoch)
+    notes = _small_dataset_warnings(len(train_rows), step_rows, cfg.epochs, steps_per_epoch, total_steps)
     work = out.with_name(f".{out.name}.work")  # checkpoints survive kill -9 and Ctrl-C, for resume
     cuda = torch.cuda.is_available()
     resume = prepare_work_dir_once(work, training_key(cfg, dataset_dir), world, rank, cuda)
@@ -173,12 +188,11 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         warmup_steps=cfg.lr_warmup,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        logging_steps=max(1, steps_per_epoch * cfg.epochs // 200),
-        eval_strategy="epoch" if eval_rows else "no",
+        logging_steps=max(1, total_steps // 200),
         save_strategy="steps" if cfg.checkpoint_steps else "no",
         save_steps=cfg.checkpoint_steps or 500,
         save_total_limit=2,  # the newest complete one is enough to resume; rotation happens after a save completes
-        report_to=[],
+        **training_arguments(cfg, bool(eval_rows)),  # max_steps, weight_decay, evaluation, trackers
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         use_liger_kernel=use_liger,
@@ -212,6 +226,9 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     )
     epoch_dir = work / "epoch_checkpoints"
     trainer.add_callback(make_checkpoint_callback(cfg, epoch_dir, steps_per_epoch))
+    best_callback = make_best_callback(cfg, work)
+    trainer.add_callback(best_callback)
+    point_tensorboard_at(trainer, work / "logs")
     # transformers would print every logged dict raw: our progress line instead (redrawn on a terminal)
     tokens_per_step = sum(len(r["input_ids"]) for r in train_rows) / steps_per_epoch
     for printer in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
@@ -220,7 +237,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     trainer.add_callback(make_progress_callback(tokens_per_step, log, live=live))
     resumed_at = checkpoint_step(resume) if resume else 0
     if resume:
-        log.info("train: resuming from step %d of %d", resumed_at, steps_per_epoch * cfg.epochs)
+        log.info("train: resuming from step %d of %d", resumed_at, total_steps)
     threads_used = torch.get_num_threads()  # what torch runs with, read back
     from lora_pipeline.estimate import PeakMemory, describe, estimate_memory, make_eta_callback
 
@@ -231,7 +248,10 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     logit_tokens = int(peak_pass * target_share) if padding_free["applied"] and not use_liger else None
     memory_estimate = estimate_memory(model, peak_pass, logit_tokens)
     log.info("train: %s", describe(memory_estimate, peak_pass))
-    eta = make_eta_callback(steps_per_epoch * cfg.epochs, log)
+    checkpointing = use_checkpointing(cfg, cuda, memory_estimate) if backend != "unsloth" else {"applied": False}
+    if checkpointing["applied"]:
+        checkpointing["applied"] = enable_checkpointing(model)
+    eta = make_eta_callback(total_steps, log)
     trainer.add_callback(eta)
     peak = PeakMemory()
     started = time.perf_counter()
@@ -259,18 +279,21 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     # it is always labelled "mean": the final loss is where training ended.
     mean_loss = sum(losses) / len(losses) if losses else None
     final_loss = losses[-1] if losses else None
-    total_steps = steps_per_epoch * cfg.epochs
-    total_tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.epochs
+    total_tokens = round(tokens_per_step * total_steps)
     tokens_here = total_tokens * (trainer.state.global_step - resumed_at) / total_steps
     eval_seconds = sum(h["eval_runtime"] for h in history if "eval_runtime" in h and h.get("step", 0) > resumed_at)
+    best = restore_best(model, work, history) if cfg.load_best_model_at_end else None
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "adapter")
+        canonical_adapter_config(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
         if cfg.merge:
             from lora_pipeline.export import export_merged
 
             export_merged(model_ref, tmp / "adapter", tmp / "merged", cfg.trust_remote_code)
         move_epoch_checkpoints(epoch_dir, tmp / "checkpoints")
+        if (work / "logs").exists():
+            shutil.move(str(work / "logs"), tmp / "logs")
         if not cfg.data_output_dir:
             save_encoded(tmp / "data", data_key, train_rows, eval_rows)
         # The held-out rows and the dataset record travel with the adapter: the eval stage's `split` task and
@@ -278,16 +301,20 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         for name in ("eval.jsonl", "dataset.json"):
             if (dataset_dir / name).exists():
                 shutil.copy(dataset_dir / name, tmp / name)
-        target_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows) * cfg.epochs
+        targets_per_epoch = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
+        target_tokens = round(targets_per_epoch * total_steps / steps_per_epoch)
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         write_json_atomic(
             {
                 "final_loss": final_loss,
                 "mean_loss": mean_loss,
-                "eval_loss": evals[-1] if evals else None,
+                "eval_loss": best["eval_loss"] if best else evals[-1] if evals else None,
+                "best": best,  # keep-best: the evaluation whose adapter was written
+                "stopped_early": best_callback.stopped_early,
                 "steps": trainer.state.global_step,
                 "resumed_from_step": resumed_at or None,
                 "epochs": cfg.epochs,
+                "max_steps": cfg.max_steps if cfg.max_steps > 0 else None,
                 "train_rows": len(train_rows),
                 "eval_rows": len(eval_rows),
                 "world_size": world,
@@ -297,6 +324,10 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "tokens": {"total": total_tokens, "target": target_tokens},
                 "batching": {"max_tokens_per_pass": pass_tokens, **batch_stats},
                 "padding_free": padding_free,
+                "gradient_checkpointing": checkpointing,
+                # read back from the optimizer: what it applied to each parameter group
+                "weight_decay": sorted({g["weight_decay"] for g in trainer.optimizer.param_groups}),
+                "trackers": list(args.report_to),
                 "fused_lora_layers": fused,  # LoRA linears on the fused forward (see fused_lora)
                 "sample_packing": packing,
                 "threads": {"torch": threads_used, "from": threads_from},
@@ -314,6 +345,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
                 "device": "cuda" if cuda else "cpu",
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "base_model": model_ref,
+                "base_model_uri": cfg.model if cfg.model.startswith(MODEL_SCHEMES) else None,  # eval refetches it
                 "warnings": notes,
                 "versions": package_versions(VERSIONED),
                 "history": history,
@@ -343,10 +375,9 @@ def tokens_in(rows: list[dict]) -> int:
     return sum(len(r["input_ids"]) for r in rows)
 
 
-def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch: int) -> list[str]:
+def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch: int, steps: int) -> list[str]:
     """Too few optimizer steps leave the adapter near its zero init: say so once, with the numbers."""
-    steps = steps_per_epoch * epochs
-    if steps >= MIN_STEPS:
+    if steps >= MIN_STEPS or steps < steps_per_epoch * epochs:  # fewer by max_steps: the user's choice
         return []
     message = (
         f"only {steps} optimizer step{'s' if steps != 1 else ''} ({rows} rows, effective_batch_size {batch}, "
@@ -355,3 +386,13 @@ def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch:
     )
     log.warning("train: %s", message)
     return [message]
+
+
+def canonical_adapter_config(adapter: Path) -> None:
+    """PEFT writes `target_modules` from a set, in an order that changes with the interpreter's hash seed:
+    sorted, the same training gives the same bytes, so the registry recognises it as the same content."""
+    path = Path(adapter) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
