@@ -152,10 +152,34 @@ def _record_row(name: str, data: bytes) -> str:
     return f"{name},sha256={digest},{len(data)}"
 
 
+# One build per process while its sources are unchanged: a build takes seconds, and tests compile often.
+_PACKED: dict[tuple, tuple[str, bytes]] = {}
+
+
 def embedded_wheel(dest: Path, wheel: str = "") -> Path:
     """The `.whl.xz` to embed: from `wheel` (a .whl path) if given, else this project's own, built now."""
+    key = _sources_key(wheel)
+    if key in _PACKED:
+        name, data = _PACKED[key]
+        (dest / name).write_bytes(data)
+        return dest / name
     (dest / "built").mkdir(parents=True, exist_ok=True)
     built = Path(wheel) if wheel else build_wheel(dest / "built")
     if wheel and not (built.is_file() and built.name.startswith("lora_pipeline-") and built.suffix == ".whl"):
         raise ConfigError(f"not a lora_pipeline-*.whl file: {wheel}", field="--wheel")
-    return pack_for_embedding(built, dest)
+    packed = pack_for_embedding(built, dest)
+    _PACKED[key] = (packed.name, packed.read_bytes())
+    return packed
+
+
+def _sources_key(wheel: str) -> tuple:
+    """What the embedded wheel is made from, by name, size and modification time."""
+    root = None if wheel else project_root()
+    if wheel:
+        files = [Path(wheel)]
+    elif root is not None:
+        files = [root / "pyproject.toml", *sorted((root / "src").rglob("*"))]
+    else:
+        files = []  # the installed distribution: it does not change under a running process
+    files = [f for f in files if f.is_file() and "__pycache__" not in f.parts]
+    return (wheel, str(root), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
