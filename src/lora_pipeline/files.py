@@ -122,6 +122,28 @@ def unsafe_reason(relative: object) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def cache_work_dir(target: Path) -> Iterator[Path]:
+    """A temporary directory beside the cache entry `target`, to fill and then `place_complete`: a fill that is
+    interrupted leaves nothing that is used, and the leftovers of dead processes are removed here."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(target.parent, f".{target.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{target.name}.tmp-"), dir=target.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def place_complete(done: Path, target: Path, note: str) -> None:
+    """Mark `done` complete (`.complete`, written last) and rename it to `target`, replacing an incomplete copy
+    a killed process left there; a cache entry counts only with its mark."""
+    (done / ".complete").write_text(note + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(done, target)
+
+
 def write_text_atomic(text: str, path: Path) -> Path:
     """Temp file in the same directory + fsync + os.replace, so readers never see a half-written file.
 

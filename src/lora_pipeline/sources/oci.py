@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from lora_pipeline.errors import SourceError
-from lora_pipeline.files import owned_prefix, remove_stale_temp
+from lora_pipeline.files import cache_work_dir, place_complete
 from lora_pipeline.sources import redact
 from lora_pipeline.sources.oci_layers import apply_layer, model_dir
 
@@ -306,10 +304,7 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     target = Path(cache_dir) / f"oci-{digest.split(':', 1)[1][:32]}"
     if (target / ".complete").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp(target.parent, f".{target.name}.tmp-")
-    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{target.name}.tmp-"), dir=target.parent))
-    try:
+    with cache_work_dir(target) as tmp:
         root, blobs = tmp / "rootfs", tmp / "blobs"
         root.mkdir()
         blobs.mkdir()
@@ -317,13 +312,7 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
             blob = _download_blob(session, layer, blobs)
             apply_layer(blob, layer, root, redact(uri))
             blob.unlink()
-        model = model_dir(root, redact(uri))
-        (model / ".complete").write_text(f"{redact(uri)}\n{digest}\n")
-        if target.exists():  # an incomplete copy left by a killed process
-            shutil.rmtree(target)
-        os.replace(model, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        place_complete(model_dir(root, redact(uri)), target, f"{redact(uri)}\n{digest}")
     return target
 
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lora_pipeline.errors import SourceError, UnsafePathError
-from lora_pipeline.files import confined, owned_prefix, remove_stale_temp, unsafe_reason
+from lora_pipeline.files import cache_work_dir, confined, place_complete, unsafe_reason
 from lora_pipeline.progress import Meter
 from lora_pipeline.sources import FIELD, Limits, redact
 
@@ -80,18 +77,10 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     target = Path(cache_dir) / f"s3-{_tree_digest(objects, prefix)[:32]}"
     if (target / ".complete").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp(target.parent, f".{target.name}.tmp-")
-    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{target.name}.tmp-"), dir=target.parent))
-    try:
+    with cache_work_dir(target) as tmp:
         for o in objects:
             _download(client, uri, bucket, o["Key"], tmp / _relative(o["Key"], prefix), field)
-        (tmp / ".complete").write_text(redact(uri) + "\n")
-        if target.exists():  # an incomplete copy left by a killed process
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        place_complete(tmp, target, redact(uri))
     return target
 
 
