@@ -103,6 +103,7 @@ def test_embedded_wheel_is_this_checkouts_code_and_pip_accepts_it(default_yaml, 
             arc = module.relative_to(src).as_posix()
             assert arc in names, arc
             assert whl.read(arc) == module.read_bytes(), arc
+        assert not [n for n in names if n.startswith(("lora_pipeline/demo/data/", "lora_pipeline/demo/task/"))]
     _check_record(lzma.decompress(packed[1]))
     # The component's own bootstrap, run as KFP runs it: pip reads the wheel and its metadata.
     asset = tmp_path / packed[0]

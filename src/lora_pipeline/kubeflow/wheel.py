@@ -123,21 +123,27 @@ def _repack_installed(dest: Path, dist: importlib.metadata.Distribution | None =
     return path
 
 
+POD_UNUSED = ("lora_pipeline/demo/data/", "lora_pipeline/demo/task/")  # left out of the embedded wheel
+
+
 def pack_for_embedding(wheel: Path, dest: Path) -> Path:
     """`NAME.whl.xz`: the wheel stored uncompressed, then xz-compressed whole.
 
     Every file is the wheel's own except METADATA, which loses its long description (the README, a fifth of
-    the packed size, read by no pod); its RECORD row is rewritten to match, so pip verifies the wheel as usual.
+    the packed size, read by no pod), and the demo's data files (`lora-pipeline demo` runs on a laptop, never in
+    a component); RECORD is rewritten to match, so pip verifies the wheel as usual.
     """
     stored = dest / wheel.name
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as dst:
-        files = {info.filename: src.read(info) for info in src.infolist()}
+        kept = [info for info in src.infolist() if not info.filename.startswith(POD_UNUSED)]
+        files = {info.filename: src.read(info) for info in kept}
         record = next(name for name in files if name.endswith(".dist-info/RECORD"))
         metadata = record[: -len("RECORD")] + "METADATA"
         files[metadata] = files[metadata].split(b"\n\n", 1)[0] + b"\n"  # headers end at the first blank line
-        rows = [row for row in files[record].decode().splitlines() if not row.startswith(metadata + ",")]
-        files[record] = "\n".join([*rows, _record_row(metadata, files[metadata])]).encode() + b"\n"
-        for info in src.infolist():
+        rows = [row for row in files[record].decode().splitlines() if row.split(",", 1)[0] in files]
+        rows = [row for row in rows if not row.startswith((metadata + ",", record + ","))]
+        files[record] = "\n".join([*rows, _record_row(metadata, files[metadata]), f"{record},,"]).encode() + b"\n"
+        for info in kept:
             stored_info = zipfile.ZipInfo(info.filename, info.date_time)
             stored_info.external_attr = info.external_attr
             dst.writestr(stored_info, files[info.filename], zipfile.ZIP_STORED)
