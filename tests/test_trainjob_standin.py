@@ -257,3 +257,64 @@ def test_the_embedded_wheel_travels_to_the_nodes_on_the_workspace(tmp_path, monk
     monkeypatch.delenv(WHEEL_ENV)
     with pytest.raises(StageError, match="embedded wheel was not found"):
         _package_on_workspace("embed", tmp_path / "work2")
+
+
+# --- the task's kubernetes_config (kfp.dsl.TaskConfig): resources and placement forwarded to every node -------
+
+TASK_CONFIG = {
+    "resources": {"requests": {"cpu": "6"}, "limits": {"nvidia.com/gpu": "2"}},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "node_selector": {"pool": "a100"},
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z1", "z2"]}]}]}}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("release, patch_api", [("v2.1.0", "podTemplateOverrides"), ("v2.3.0", "runtimePatches")])
+def test_task_config_resources_and_placement_reach_every_node(
+    component: dict[str, Any], release: str, patch_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    component["kubernetes_config"] = {**component["kubernetes_config"], **TASK_CONFIG}
+    fixed = {**FIXED, "cpu": "3", "memory": "8Gi", "gpus_per_worker": 1}  # the task config wins where it says
+    with KubeStandin(release, token="t0ken-1234", on_running=nodes_train) as k8s:
+        monkeypatch.setenv("KUBERNETES_SERVER_URL", k8s.url)
+        assert run_component("train", component, fixed) == "training completed"
+    assert k8s.rejected == [] and len(k8s.created) == 1  # the CRD schema of this release accepts it
+    spec = k8s.created[0]["spec"]
+    assert spec["trainer"]["resourcesPerNode"] == {
+        # each resource the task config names replaces the train options' request and limit of it (cpu: no 3)
+        "requests": {"cpu": "6", "memory": "8Gi"},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": "2"},
+    }
+    if patch_api == "podTemplateOverrides":
+        pod = spec[patch_api][0]["spec"]
+    else:
+        pod = spec[patch_api][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]
+        pod = pod["spec"]["template"]["spec"]
+    assert pod["tolerations"] == TASK_CONFIG["tolerations"]
+    assert pod["nodeSelector"] == {"pool": "a100"} and pod["affinity"] == TASK_CONFIG["affinity"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ws-pvc"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("resources", ["cpu"]),
+        ("resources", {"limits": "2"}),
+        ("tolerations", {"key": "a"}),
+        ("tolerations", ["a"]),
+        ("node_selector", "pool=a100"),
+        ("affinity", [{"nodeAffinity": {}}]),
+    ],
+)
+def test_a_task_config_field_of_the_wrong_shape_is_one_line_before_anything_is_created(
+    component: dict[str, Any], field: str, value: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    component["kubernetes_config"] = {**component["kubernetes_config"], field: value}
+    with KubeStandin("v2.3.0", token="t0ken-1234") as k8s:
+        monkeypatch.setenv("KUBERNETES_SERVER_URL", k8s.url)
+        with pytest.raises(SystemExit) as exit_info:
+            run_component("train", component, FIXED)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and f"kubernetes_config.{field}" in err[0], err
+    assert k8s.created == [] and not (Path(component["pvc_path"]) / "lora-pipeline").exists()

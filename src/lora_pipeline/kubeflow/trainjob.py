@@ -1,10 +1,11 @@
 """Multi-node training as a Kubeflow Trainer TrainJob (torch-distributed runtime), built from the config.
 
 Nodes = `train.num_workers`; processes per node = `train.num_procs` (`auto`: the runtime's default, one
-per GPU); resources per node from `train.cpu`, `train.memory`, `train.gpus_per_worker`; `train.labels` and
-`train.annotations` on the TrainJob and on every node's pod; `train.env_vars` in every node's env, secrets as
-`secretKeyRef` env (never values). With a package spec each node first pip-installs it, as the pipeline's pods
-do. Each node runs
+per GPU); resources per node from `train.cpu`, `train.memory`, `train.gpus_per_worker` (the task config's
+`resources` win where they name a resource; its tolerations, node selector, affinity in the pod patch);
+`train.labels` and `train.annotations` on the TrainJob and on every node's pod; `train.env_vars` in every
+node's env, secrets as `secretKeyRef` env (never values). With a package spec each node first pip-installs it,
+as the pipeline's pods do. Each node runs
 `torchrun --no-python lora-pipeline train --input dataset=DIR --out DIR --train.OPTION VALUE ...`; torchrun
 reads its node count, rank and rendezvous from the PET_* variables the runtime sets. The dataset and output
 directories must be on storage all nodes share (a PVC, `TrainJobOptions.pvc`).
@@ -50,6 +51,11 @@ class TrainJobOptions:
     package_spec: str = ""  # what each node pip-installs before training ("" = the image has it)
     pip_index_urls: tuple[str, ...] = ()
     patch_api: str = RUNTIME_PATCHES  # how the job patches its pods (volume, labels): the cluster's CRD decides
+    # The pipeline task's kubernetes_config (kfp.dsl.TaskConfig), fragments of a pod spec in Kubernetes JSON.
+    resources: dict[str, Any] | None = None  # ResourceRequirements per node: {"requests": {...}, "limits": {...}}
+    tolerations: tuple[dict[str, Any], ...] = ()
+    node_selector: dict[str, str] | None = None
+    affinity: dict[str, Any] | None = None
 
 
 def train_command(config: Config, dataset_dir: str, output_dir: str) -> list[str]:
@@ -87,6 +93,8 @@ def build_trainjob(config: Config, options: TrainJobOptions) -> Any:
     )
     # The SDK's own translation (resources, GPU alias, env); the runtime argument is unused for containers.
     trainer_cr = get_trainer_cr_from_custom_trainer(None, trainer)  # type: ignore[arg-type]
+    if options.resources:
+        trainer_cr.resources_per_node = _merged_resources(trainer_cr.resources_per_node, options.resources)
     trainer_cr.command = node_command(train_command(config, options.dataset_dir, options.output_dir), options)
     refs = [(ref, False) for ref in options.secret_env] + [(ref, True) for ref in options.optional_secret_env]
     if refs:
@@ -96,7 +104,8 @@ def build_trainjob(config: Config, options: TrainJobOptions) -> Any:
     name = options.name or "lora-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
     labels = _key_values(train.labels, "train.labels")
     annotations = _key_values(train.annotations, "train.annotations")
-    patch = _pod_patch(options, labels, annotations) if options.pvc or labels or annotations else None
+    placed = options.pvc or options.tolerations or options.node_selector or options.affinity
+    patch = _pod_patch(options, labels, annotations) if placed or labels or annotations else None
     return models.TrainerV1alpha1TrainJob(
         apiVersion=constants.API_VERSION,
         kind=constants.TRAINJOB_KIND,
@@ -112,6 +121,23 @@ def build_trainjob(config: Config, options: TrainJobOptions) -> Any:
             runtimePatches=[patch] if patch else None,
         ),
     )
+
+
+def _merged_resources(own: Any, task: dict[str, Any]) -> Any:
+    """The task config wins over train.cpu / train.memory / train.gpus_per_worker: each resource it names (in
+    requests or limits) replaces the train options' request *and* limit of that resource, so that a request
+    from one and a limit from the other never contradict each other."""
+    from kubeflow_trainer_api import models
+
+    base = own.to_dict() if own is not None else {}
+    named = {name for part in ("requests", "limits") for name in task.get(part) or {}}
+    merged: dict[str, dict[str, str]] = {}
+    for part in ("requests", "limits"):
+        values = {name: str(q) for name, q in (base.get(part) or {}).items() if name not in named}
+        values.update({str(name): str(q) for name, q in (task.get(part) or {}).items()})
+        if values:
+            merged[part] = values
+    return models.IoK8sApiCoreV1ResourceRequirements.from_dict(merged)
 
 
 def _key_values(text: str, field: str) -> dict[str, str]:
@@ -136,7 +162,8 @@ def _secret_env(env: str, secret: str, key: str, optional: bool) -> Any:
 
 
 def _pod_patch(options: TrainJobOptions, labels: dict[str, str], annotations: dict[str, str]) -> Any:
-    """Every node's pod: the workspace PVC mounted, the labels and annotations (a runtime patch of `node`)."""
+    """Every node's pod: the workspace PVC mounted, the task config's tolerations, node selector and affinity,
+    the labels and annotations (a runtime patch of `node`)."""
     from kubeflow.trainer.constants import constants
     from kubeflow_trainer_api import models
 
@@ -146,6 +173,9 @@ def _pod_patch(options: TrainJobOptions, labels: dict[str, str], annotations: di
         pod["containers"] = [
             {"name": constants.NODE, "volumeMounts": [{"name": "workspace", "mountPath": options.mount_path}]}
         ]
+    placement = (("tolerations", list(options.tolerations)), ("nodeSelector", options.node_selector),
+                 ("affinity", options.affinity))  # fmt: skip
+    pod.update({key: value for key, value in placement if value})
     metadata = {k: v for k, v in (("labels", labels), ("annotations", annotations)) if v}
     template = {"metadata": metadata, "spec": pod} if metadata else {"spec": pod}
     job = {"name": constants.NODE, "template": {"spec": {"template": template}}}

@@ -71,6 +71,7 @@ def _train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path:
     if not pvc_path or not claim:
         raise ConfigError("multi-node training needs the pipeline workspace (compile --workspace-size)", field=FIELD)
     config = validate(from_dict(load_yaml(str(config_file))))
+    placement = task_placement(task_config)
     settings = json.loads(os.environ.get(SETTINGS_ENV) or "{}")
     work = Path(pvc_path) / "lora-pipeline" / out.parent.name
     shutil.copytree(dataset_dir, work / "dataset", dirs_exist_ok=True)
@@ -85,6 +86,7 @@ def _train_on_cluster(config_file: Path, dataset_dir: Path, out: Path, pvc_path:
         optional_secret_env=tuple(tuple(r) for r in settings.get("optional_secret_env", ())),  # type: ignore[misc]
         package_spec=_package_on_workspace(settings.get("package_spec", ""), work),
         pip_index_urls=tuple(settings.get("pip_index_urls", ())),
+        **placement,
     )
     client, where = _connect(options.namespace)
     patch_api = _call(where, "read the TrainJob CRD", lambda: detect_patch_api(client.backend.custom_api.api_client))
@@ -253,6 +255,31 @@ def _reason(exc: Exception) -> str:
         return f"{status} {reason}" + (f": {message}" if message else "")
     text = (str(exc).strip().splitlines() or [""])[0][:300]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# kfp.dsl.TaskConfig fields forwarded to every node, with the JSON shape each must have (Kubernetes checks the rest).
+_PLACEMENT = (("resources", dict), ("tolerations", list), ("node_selector", dict), ("affinity", dict))
+
+
+def task_placement(task_config: Any) -> dict[str, Any]:
+    """The TrainJobOptions fields from the task config: resources, tolerations, node selector, affinity.
+    A field of the wrong shape is one line naming it, before anything is created on the cluster."""
+    from lora_pipeline.errors import ConfigError
+
+    found: dict[str, Any] = {}
+    for name, kind in _PLACEMENT:
+        value = _get(task_config, name)
+        if not value:
+            continue
+        items = value if kind is list else [value]
+        if not isinstance(value, kind) or not all(isinstance(item, dict) for item in items):
+            raise ConfigError(f"must be a {'list of objects' if kind is list else 'JSON object'}, "
+                              f"got {type(value).__name__}", field=f"kubernetes_config.{name}")  # fmt: skip
+        found[name] = tuple(value) if kind is list else value
+    for part in ("requests", "limits"):
+        if not isinstance((found.get("resources") or {}).get(part) or {}, dict):
+            raise ConfigError("must be a JSON object", field=f"kubernetes_config.resources.{part}")
+    return found
 
 
 def _get(task_config: Any, name: str) -> Any:
