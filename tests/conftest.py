@@ -50,3 +50,12 @@ def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "registry.db"
     monkeypatch.setenv("LORA_PIPELINE_REGISTRY", str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def library_verbosity_stays_in_its_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run at DEBUG sets TRANSFORMERS_VERBOSITY / DATASETS_VERBOSITY in the process (so that libraries
+    imported later log at DEBUG too); in a test process that would leak into every later test's
+    subprocesses. monkeypatch restores both to their state before the test."""
+    for name in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
