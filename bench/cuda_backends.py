@@ -103,7 +103,7 @@ def child(variant: str, model: Path, data: Path, batch: int) -> None:
 def trl_child(variant: str, model: Path, data: Path, batch: int) -> None:
     import torch
 
-    from lora_pipeline.estimate import kernel_peak_rss
+    from lora_pipeline.training.estimate import kernel_peak_rss
 
     with tempfile.TemporaryDirectory() as tmp:
         run = run_trl(model, data, batch, Path(tmp) / "out", padding_free=variant == "trl_padding_free", cuda=True)

@@ -282,7 +282,7 @@ def child(variant: str, model: Path, data: Path, batch: int, dropout: float, see
         else:
             padding_free = variant == "trl_padding_free"
             result = run_trl(model, data, batch, out, padding_free=padding_free, dropout=dropout, seed=seed)
-    from lora_pipeline.estimate import kernel_peak_rss
+    from lora_pipeline.training.estimate import kernel_peak_rss
 
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (here, the model building's)
     result["peak_rss_mib"] = round((kernel_peak_rss() or 0) / 2**20, 1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline import backends
+from lora_pipeline.training import backends
 from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.dataset import prepare_dataset

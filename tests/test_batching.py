@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_pipeline.batching import StepCollator, StepSampler, make_trainer_class, split_by_budget, target_tokens
 from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
+from lora_pipeline.training.batching import (
+    StepCollator,
+    StepSampler,
+    make_trainer_class,
+    split_by_budget,
+    target_tokens,
+)
 
 
 def log_uniform_lengths(n: int, seed: int = 0, low: int = 16, high: int = 1024) -> list[int]:

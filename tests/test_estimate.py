@@ -10,10 +10,10 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from lora_pipeline.config import DatasetConfig, TrainConfig
-from lora_pipeline.estimate import BACKWARD_WORKING_SET, PeakMemory, estimate_memory, format_bytes
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
+from lora_pipeline.training.estimate import BACKWARD_WORKING_SET, PeakMemory, estimate_memory, format_bytes
 
 
 def lora_model(demo_assets, quantization_config=None):

@@ -231,7 +231,7 @@ def _manual_loglikelihoods(train_dir: Path, quant: dict | None, samples_file: Pa
 def test_full_precision_adds_the_full_precision_pair(
     demo_assets, qlora_train_dir: Path, tmp_path: Path, scored_models: list[dict]
 ) -> None:
-    from lora_pipeline.report import format_table
+    from lora_pipeline.evaluation.results import format_table
 
     out = evaluate_adapter(eval_config(demo_assets, limit=10, full_precision=True), qlora_train_dir, tmp_path / "eval")
     results = read_json(out / "eval_results.json")

@@ -213,7 +213,7 @@ def test_vllm_scores_base_and_tuned_on_one_engine(tmp_path: Path, monkeypatch) -
     ],
 )
 def test_verbosity_sets_the_runs_log_levels(level: str, ours: str, libraries: str, monkeypatch) -> None:
-    from lora_pipeline.cli import apply_verbosity
+    from lora_pipeline.logs import apply_verbosity
 
     for name in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
         monkeypatch.delenv(name, raising=False)  # DEBUG sets them: undone after the test

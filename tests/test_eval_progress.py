@@ -100,7 +100,7 @@ def test_lm_eval_requests_print_progress_lines_with_task_and_eta(clock: Clock, c
 
 @pytest.mark.parametrize(("level", "third_party_info_shown"), [("INFO", False), ("WARNING", False), ("DEBUG", True)])
 def test_third_party_info_lines_only_at_debug(level: str, third_party_info_shown: bool, monkeypatch) -> None:
-    from lora_pipeline.cli import apply_verbosity
+    from lora_pipeline.logs import apply_verbosity
 
     for name in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
         monkeypatch.delenv(name, raising=False)

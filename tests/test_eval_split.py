@@ -15,8 +15,8 @@ from conftest import run_cli
 from lora_pipeline.config import DatasetConfig, EvalConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import backends, split_task
+from lora_pipeline.evaluation.results import format_table
 from lora_pipeline.files import read_json, read_jsonl
-from lora_pipeline.report import format_table
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.evaluate import evaluate_adapter
 from lora_pipeline.stages.train import train_adapter

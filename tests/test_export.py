@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_pipeline.cli import main
-from lora_pipeline.ollama import go_template, modelfile
+from lora_pipeline.export.ollama import go_template, modelfile
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.randint(5, 700, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -161,7 +161,7 @@ def test_gguf_llama_and_mistral_layouts(demo_assets, tmp_path, arch) -> None:
     """Llama-family q/k weights are stored in llama.cpp's rotary layout; transformers undoes it on load."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lora_pipeline.gguf_export import write_gguf
+    from lora_pipeline.export.gguf import write_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(demo_assets.model_dir)
     config = AutoConfig.for_model(

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import write_jsonl
 from lora_pipeline.config import DatasetConfig
+from lora_pipeline.data.formats import RowError, normalise
 from lora_pipeline.errors import DataError
 from lora_pipeline.files import read_json, read_jsonl
-from lora_pipeline.formats import RowError, normalise
 from lora_pipeline.stages.dataset import prepare_dataset
 
 CHAT = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]

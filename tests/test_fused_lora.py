@@ -9,7 +9,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from lora_pipeline.fused_lora import _keep_mask, _kept_share, fuse_lora_linears
+from lora_pipeline.training.fused_lora import _keep_mask, _kept_share, fuse_lora_linears
 
 
 def lora_model(demo_assets, **lora):

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import write_jsonl
-from lora_pipeline import mixing
+from lora_pipeline.data import mixing
 from lora_pipeline.cli import main
 from lora_pipeline.config import DatasetConfig, from_dict, validate
 from lora_pipeline.config.mix import parse_sources, split_weight

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from helpers import train_config
-from lora_pipeline.batching import StepSampler
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
-from lora_pipeline.launch import resolve_num_procs
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
+from lora_pipeline.training.batching import StepSampler
+from lora_pipeline.training.launch import resolve_num_procs
 
 
 def test_processes_share_every_step_between_them() -> None:

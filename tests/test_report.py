@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.evaluation.results import format_table
 from lora_pipeline.files import write_json_atomic
-from lora_pipeline.report import format_table, render_loss_chart, write_loss_chart
+from lora_pipeline.reports.loss_chart import render_loss_chart, write_loss_chart
 
 
 def _history() -> list[dict]:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.checkpoints import last_complete_checkpoint, make_checkpoint_callback, training_key
 from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
+from lora_pipeline.training.checkpoints import last_complete_checkpoint, make_checkpoint_callback, training_key
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from lora_pipeline.config import Config
-from lora_pipeline.run_report import render_run_report, write_run_report
+from lora_pipeline.reports.run_page import render_run_report, write_run_report
 from test_register import make_run
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from lora_pipeline.config import DatasetConfig, TrainConfig
-from lora_pipeline.cpu import cpu_threads
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import read_json
 from lora_pipeline.progress import format_eta, progress_line
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
+from lora_pipeline.training.cpu import cpu_threads
 
 pytestmark = pytest.mark.integration
 
@@ -228,7 +228,7 @@ def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_asset
     steps = [int(line.split("train: step ")[1].split("/")[0]) for line in progress]
     assert steps == sorted(set(steps))  # one line per step at most, in order
     assert "train: eval loss " in out.stderr
-    assert "INFO lora_pipeline.backends: train.use_liger: Liger kernels need CUDA" in out.stderr
+    assert "INFO lora_pipeline.training.backends: train.use_liger: Liger kernels need CUDA" in out.stderr
 
 
 def test_on_a_terminal_progress_is_our_own_redrawn_line(demo_assets, demo_dataset, tmp_path) -> None:

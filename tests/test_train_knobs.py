@@ -16,7 +16,7 @@ from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
-from lora_pipeline.train_options import check_train_options, trackers
+from lora_pipeline.training.arguments import check_train_options, trackers
 
 
 def read_json(path: Path) -> dict:
@@ -255,7 +255,7 @@ def test_tracker_settings_without_secrets_compile(env) -> None:
 @pytest.mark.integration
 def test_keep_best_and_early_stopping_survive_a_resume(demo_assets, dataset, tmp_path, monkeypatch) -> None:
     import lora_pipeline.stages.train as train_stage
-    from lora_pipeline.train_options import make_best_callback
+    from lora_pipeline.training.arguments import make_best_callback
 
     knobs = dict(
         lr_scheduler="constant", learning_rate=8e-3, eval_steps=1, load_best_model_at_end=True,
@@ -333,7 +333,7 @@ def test_gradient_checkpointing_from_yaml(value, expected) -> None:
     ],
 )
 def test_gradient_checkpointing_choice(setting, cuda, activations, applied) -> None:
-    from lora_pipeline.train_options import use_checkpointing
+    from lora_pipeline.training.arguments import use_checkpointing
 
     estimate = {"activations": activations, "total": 1000}
     assert use_checkpointing(TrainConfig(gradient_checkpointing=setting), cuda, estimate)["applied"] is applied

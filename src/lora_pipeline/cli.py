@@ -30,8 +30,9 @@ from lora_pipeline.cli_options import (
 from lora_pipeline.config import Config, dump_yaml, from_dict, load_yaml, restore_secrets, validate
 from lora_pipeline.errors import USER_ERRNOS, ConfigError, LoraPipelineError, describe_os_error, one_line
 from lora_pipeline.files import exclusive_lock
+from lora_pipeline.logs import apply_verbosity, setup_logging
 from lora_pipeline.preflight import preflight
-from lora_pipeline.redaction import install_log_filter, redact_config, remember_config, scrub
+from lora_pipeline.redaction import redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
 from lora_pipeline.tool_commands import TOOL_COMMANDS, add_tool_commands, own_data, preview_color
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_command(sub, add_config_flags)
     sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
-    from lora_pipeline.export import add_export_command
+    from lora_pipeline.export.merged import add_export_command
 
     add_export_command(sub)
     add_tool_commands(sub, add_config_flags)
@@ -276,47 +277,6 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def setup_logging() -> None:
-    import logging
-
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S")
-    logging.getLogger("lora_pipeline").setLevel(logging.INFO)
-    logging.captureWarnings(True)  # library warnings go through the handlers, and so through the scrub filter
-    install_log_filter()
-    _silence_library_noise()
-    if not sys.stderr.isatty():
-        # No terminal (CI, a pod's log): carriage-return progress bars become walls of text. The train stage
-        # logs its own progress lines instead; tqdm reads TQDM_DISABLE for bars created without `disable`.
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-
-def apply_verbosity(level: str) -> None:
-    """eval.verbosity sets the whole run's logging: this package's lines at `level`; libraries (lm-eval,
-    transformers, datasets, ...) show their warnings, and their INFO lines only at DEBUG (they say little);
-    ERROR/CRITICAL quiet their warnings as well."""
-    import logging
-
-    from lora_pipeline.library_notices import library_level, set_library_levels
-
-    logging.getLogger().setLevel(library_level(level))
-    logging.getLogger("lora_pipeline").setLevel(logging.getLevelName(level))
-    set_library_levels(level)
-
-
-def _silence_library_noise() -> None:
-    """Warnings that say nothing about the user's settings, printed by libraries on every run."""
-    import warnings
-
-    from lora_pipeline.library_notices import drop_library_notices
-
-    # peft asks transformers for a deprecated attribute; nothing a user can change.
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
-    drop_library_notices()
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.command == "models":
@@ -337,7 +297,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)
     if args.command == "export":
-        from lora_pipeline.export import export_command
+        from lora_pipeline.export.merged import export_command
 
         return export_command(args)
     if args.command == "compile":

@@ -331,7 +331,7 @@ def _remove_leftovers(run_dir: Path) -> None:
 def _write_report(run_dir: Path) -> None:
     """RUN_DIR/report.html, also after a failed stage (it shows how far the run got). A report that cannot
     be written is a warning: the run's outcome does not depend on it."""
-    from lora_pipeline.run_report import write_run_report
+    from lora_pipeline.reports.run_page import write_run_report
 
     try:
         write_run_report(run_dir)
@@ -360,7 +360,7 @@ def print_summary(manifest: dict[str, Any]) -> None:
         print(f"  {stage.name:<9} {info['status']:<7} {timing}  {info.get('path', '')}")
     results = run_dir / "eval" / "eval_results.json"
     if "eval" in manifest["stages"] and results.exists():
-        from lora_pipeline.report import format_table
+        from lora_pipeline.evaluation.results import format_table
 
         print("\n" + format_table(read_json(results)["comparison"]))
     chart = run_dir / "train" / "loss_chart.html"

@@ -38,11 +38,11 @@ def preflight(
         if not config.dataset.data_uri and not config.dataset.sources:
             raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
         if check_source:
-            from lora_pipeline import mixing
+            from lora_pipeline.data import mixing
 
             fingerprint = mixing.fingerprint(config.dataset)
     if "train" in stages:
-        from lora_pipeline.train_options import check_train_options
+        from lora_pipeline.training.arguments import check_train_options
 
         # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
         check_train_options(config.train, config.dataset.data_split < 1.0 if "dataset" in stages else None)

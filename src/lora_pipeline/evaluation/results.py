@@ -93,3 +93,24 @@ def replaced_line(old: dict[str, Any], new_scope: dict[str, Any]) -> str | None:
     ]
     held = f" ({'; '.join(scores[:4])}{'; ...' if len(scores) > 4 else ''})" if scores else ""
     return f"this narrower eval ({', '.join(reasons)}) replaces the earlier result{held}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """The eval comparison as text: one line per task, metric and lm-eval filter (strict-match and
+    flexible-extract score the same answers differently, so a row means nothing without its filter).
+    A precision column appears when the rows hold more than one (4-bit as trained and full precision)."""
+
+    def score(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    precisions = {r.get("precision") for r in rows}
+    text_columns = ["task", "metric", "filter"] + (["precision"] if len(precisions) > 1 else [])
+    widths = {c: max([len(c)] + [len(str(r.get(c) or "-")) for r in rows]) for c in text_columns}
+    header = [f"{c:<{widths[c]}}" for c in text_columns] + [f"{c:>8}" for c in ("base", "tuned", "delta")]
+    lines = ["  ".join(header)]
+    for r in rows:
+        delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
+        cells = [f"{str(r.get(c) or '-'):<{widths[c]}}" for c in text_columns]
+        cells += [f"{score(r['base']):>8}", f"{score(r['tuned']):>8}", f"{delta:>8}"]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

@@ -6,8 +6,8 @@ import hashlib
 from pathlib import Path
 
 from lora_pipeline.config import local_path
+from lora_pipeline.data.readers import data_files
 from lora_pipeline.errors import SourceError
-from lora_pipeline.readers import data_files
 from lora_pipeline.sources import FIELD, Limits
 from lora_pipeline.sources.archives import is_archive
 

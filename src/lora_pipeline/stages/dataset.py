@@ -23,13 +23,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_pipeline import mixing
 from lora_pipeline.config import DatasetConfig
+from lora_pipeline.data import mixing
+from lora_pipeline.data.formats import RowError, describe_formats, detect, normalise
+from lora_pipeline.data.readers import data_files, read_rows
 from lora_pipeline.errors import DataError, LoraPipelineError
 from lora_pipeline.files import atomic_dir, owned_prefix, remove_stale_temp, write_json_atomic
-from lora_pipeline.formats import RowError, describe_formats, detect, normalise
 from lora_pipeline.progress import Meter
-from lora_pipeline.readers import data_files, read_rows
 
 log = logging.getLogger(__name__)
 

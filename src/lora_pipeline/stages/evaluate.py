@@ -30,7 +30,7 @@ from lora_pipeline.evaluation.checks import SPLIT_TASK, build_tasks, check_eval_
 from lora_pipeline.evaluation.results import compare, eval_scope, jsonable, precision_label, replaced_line
 from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start_env_info
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
-from lora_pipeline.library_notices import set_library_levels
+from lora_pipeline.logs import set_library_levels
 from lora_pipeline.models import load_tokenizer, recorded_base
 
 __all__ = ["check_eval_options", "compare", "evaluate_adapter", "precision_label"]
@@ -116,7 +116,7 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
                     (tmp / "samples").mkdir(exist_ok=True)
                     write_jsonl(jsonable(rows), tmp / "samples" / f"{name}_{task}.jsonl")
 
-    from lora_pipeline.report import format_table
+    from lora_pipeline.evaluation.results import format_table
 
     log.info("eval:\n%s", format_table(comparison))
     if replaced:

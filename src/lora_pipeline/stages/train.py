@@ -14,21 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
-from lora_pipeline.backends import choose_backend, liger_available, load_unsloth_model
-from lora_pipeline.checkpoints import (
-    checkpoint_step,
-    make_checkpoint_callback,
-    move_epoch_checkpoints,
-    remove_incomplete_checkpoints,
-    training_key,
-)
 from lora_pipeline.config import TrainConfig, parse_key_values
-from lora_pipeline.cpu import cpu_threads, keep_freed_memory
-from lora_pipeline.encoded_data import encode_rows, encoded_key, load_encoded, save_encoded
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, package_versions, read_jsonl, write_json_atomic
-from lora_pipeline.launch import prepare_work_dir_once, process_rank, sum_over_processes, world_size
-from lora_pipeline.library_notices import drop_library_notices
+from lora_pipeline.logs import drop_library_notices
 from lora_pipeline.models import (
     check_quantization_available,
     keep_cpu_4bit_weights_trainable,
@@ -38,8 +27,7 @@ from lora_pipeline.models import (
     resolve_model,
     wrap_lora,
 )
-from lora_pipeline.packing import choose_padding_free, sample_packing
-from lora_pipeline.train_options import (
+from lora_pipeline.training.arguments import (
     check_train_options,
     enable_checkpointing,
     make_best_callback,
@@ -49,6 +37,18 @@ from lora_pipeline.train_options import (
     training_arguments,
     use_checkpointing,
 )
+from lora_pipeline.training.backends import choose_backend, liger_available, load_unsloth_model
+from lora_pipeline.training.checkpoints import (
+    checkpoint_step,
+    make_checkpoint_callback,
+    move_epoch_checkpoints,
+    remove_incomplete_checkpoints,
+    training_key,
+)
+from lora_pipeline.training.cpu import cpu_threads, keep_freed_memory
+from lora_pipeline.training.encoded_data import encode_rows, encoded_key, load_encoded, save_encoded
+from lora_pipeline.training.launch import prepare_work_dir_once, process_rank, sum_over_processes, world_size
+from lora_pipeline.training.packing import choose_padding_free, sample_packing
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bi
 def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     """Train the adapter with `train.env_vars` set in this process's environment and torch's CPU threads set
     (see `cpu_threads`); both restored afterwards."""
-    from lora_pipeline.launch import maybe_launch
+    from lora_pipeline.training.launch import maybe_launch
 
     launched = maybe_launch(cfg, Path(dataset_dir), Path(out))
     if launched is not None:
@@ -104,11 +104,11 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     import torch
     import transformers
 
-    from lora_pipeline.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
     from lora_pipeline.chat_templates import apply_chat_template_option
     from lora_pipeline.progress import TerminalLine, make_progress_callback
     from lora_pipeline.sources import MODEL_SCHEMES
     from lora_pipeline.tokenization import PadCollator
+    from lora_pipeline.training.batching import MEGA_STEPS, StepCollator, StepSampler, make_trainer_class
 
     threads, threads_from = cpu_threads(cfg.threads)
     torch.set_num_threads(threads)
@@ -151,7 +151,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         padding_free = choose_padding_free(model, cfg)
         model = wrap_lora(model, cfg)
-        from lora_pipeline.fused_lora import fuse_lora_linears
+        from lora_pipeline.training.fused_lora import fuse_lora_linears
 
         fused = fuse_lora_linears(model)
     use_liger = liger_available(cfg)
@@ -239,7 +239,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     if resume:
         log.info("train: resuming from step %d of %d", resumed_at, total_steps)
     threads_used = torch.get_num_threads()  # what torch runs with, read back
-    from lora_pipeline.estimate import PeakMemory, describe, estimate_memory, make_eta_callback
+    from lora_pipeline.training.estimate import PeakMemory, describe, estimate_memory, make_eta_callback
 
     target_share = sum(sum(t != -100 for t in r["labels"]) for r in train_rows) / max(1, tokens_in(train_rows))
     # the largest pass: the budget, or a whole step of the longest rows when that is less
@@ -270,7 +270,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
     if rank != 0:  # under torchrun every rank trains; one writes
         return out
 
-    from lora_pipeline.report import write_loss_chart
+    from lora_pipeline.reports.loss_chart import write_loss_chart
 
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
@@ -288,7 +288,7 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
         canonical_adapter_config(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
         if cfg.merge:
-            from lora_pipeline.export import export_merged
+            from lora_pipeline.export.merged import export_merged
 
             export_merged(model_ref, tmp / "adapter", tmp / "merged", cfg.trust_remote_code)
         move_epoch_checkpoints(epoch_dir, tmp / "checkpoints")

@@ -13,9 +13,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from lora_pipeline.data.formats import RowError
 from lora_pipeline.errors import DataError
 from lora_pipeline.files import confined
-from lora_pipeline.formats import RowError
 
 FIELD = "dataset.data_uri"
 # suffix -> reader: "jsonl" one row per line, "json" a list of rows or {"data": [...]}, "csv" a header row

@@ -1,4 +1,4 @@
-"""Reports: the self-contained HTML training-loss chart, and the eval stage's base-vs-tuned table.
+"""The self-contained HTML training-loss chart (`loss_chart.html`, also embedded in the run page).
 
 The loss report is opened from artifact stores and laptops that may be offline, so everything (chart,
 styles, data table) is plain HTML + inline SVG generated here with the stdlib: no JS, no fonts, no URLs.
@@ -264,24 +264,3 @@ def render_loss_chart(history: list[dict], title: str = "Training loss") -> str:
 
 def write_loss_chart(history: list[dict], path: Path, title: str = "Training loss") -> Path:
     return write_text_atomic(render_loss_chart(history, title), path)
-
-
-def format_table(rows: list[dict]) -> str:
-    """The eval comparison as text: one line per task, metric and lm-eval filter (strict-match and
-    flexible-extract score the same answers differently, so a row means nothing without its filter).
-    A precision column appears when the rows hold more than one (4-bit as trained and full precision)."""
-
-    def score(v: Any) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    precisions = {r.get("precision") for r in rows}
-    text_columns = ["task", "metric", "filter"] + (["precision"] if len(precisions) > 1 else [])
-    widths = {c: max([len(c)] + [len(str(r.get(c) or "-")) for r in rows]) for c in text_columns}
-    header = [f"{c:<{widths[c]}}" for c in text_columns] + [f"{c:>8}" for c in ("base", "tuned", "delta")]
-    lines = ["  ".join(header)]
-    for r in rows:
-        delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
-        cells = [f"{str(r.get(c) or '-'):<{widths[c]}}" for c in text_columns]
-        cells += [f"{score(r['base']):>8}", f"{score(r['tuned']):>8}", f"{delta:>8}"]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)

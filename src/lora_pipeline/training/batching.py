@@ -36,8 +36,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lora_pipeline.errors import StageError
-from lora_pipeline.packing import concat_rows, split_by_tokens
 from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
+from lora_pipeline.training.packing import concat_rows, split_by_tokens
 
 # What one more forward + backward pass costs beyond its tokens, in tokens: the price of cutting a step finer.
 PASS_OVERHEAD_TOKENS = 256

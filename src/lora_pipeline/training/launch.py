@@ -22,9 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lora_pipeline.checkpoints import last_complete_checkpoint, prepare_work_dir
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.errors import StageError
+from lora_pipeline.training.checkpoints import last_complete_checkpoint, prepare_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path | None:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "OMP_NUM_THREADS" not in env and not cfg.threads:
         # torchrun would set 1 thread per process; share the cores this process may use among them instead
-        from lora_pipeline.cpu import cpu_threads
+        from lora_pipeline.training.cpu import cpu_threads
 
         env["OMP_NUM_THREADS"] = str(max(1, cpu_threads(0)[0] // procs))
     backend = "NCCL" if _cuda() else "gloo"
@@ -67,7 +67,7 @@ def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path | None:
             "--standalone",
             f"--nproc-per-node={procs}",
             "--module",
-            "lora_pipeline.launch",
+            "lora_pipeline.training.launch",
             str(config_file),
             str(dataset_dir),
             str(out),
@@ -140,8 +140,8 @@ def _cuda() -> bool:
 
 def main(argv: list[str]) -> int:
     """One training process under torchrun: the config file, the dataset directory, the output directory."""
-    from lora_pipeline.cli import apply_verbosity, setup_logging
     from lora_pipeline.errors import LoraPipelineError
+    from lora_pipeline.logs import apply_verbosity, setup_logging
     from lora_pipeline.redaction import scrub
     from lora_pipeline.stages.train import train_adapter
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from lora_pipeline.config import SECTIONS, fields_of
 from lora_pipeline.files import read_json, write_text_atomic
-from lora_pipeline.report import CSS as CHART_CSS
-from lora_pipeline.report import render_loss_chart
+from lora_pipeline.reports.loss_chart import CSS as CHART_CSS
+from lora_pipeline.reports.loss_chart import render_loss_chart
 
 SAMPLES_SHOWN = 4
 CSS = (

@@ -7,7 +7,7 @@ as a plain model). The result is an ordinary transformers checkpoint (safetensor
 any server loads without peft. `adapter/` is written either way.
 
 `lora-pipeline export -o RUN` writes the same from a finished run's `train/adapter`, without retraining: a
-merged model, a GGUF file with an Ollama Modelfile (gguf_export.py), and/or an upload to the Hugging Face Hub.
+merged model, a GGUF file with an Ollama Modelfile (gguf.py), and/or an upload to the Hugging Face Hub.
 It reads the run's records and never writes them, so the run's options and stage cache are unchanged.
 """
 
@@ -47,7 +47,7 @@ def export_merged(model_ref: str, adapter_dir: Path, out_dir: Path, trust_remote
 class ExportRequest:
     run_dir: Path
     merged: bool = False
-    gguf: str | None = None  # one of gguf_export.GGUF_TYPES
+    gguf: str | None = None  # one of gguf.GGUF_TYPES
     push_to_hub: str | None = None  # repo id
     out: Path | None = None  # export root, default RUN/export
     private: bool = False
@@ -62,7 +62,7 @@ def export_run(req: ExportRequest) -> list[Path]:
         raise ConfigError("nothing to export: give --merged, --gguf TYPE and/or --push-to-hub REPO", field="export")
     gguf_type = None
     if req.gguf is not None:
-        from lora_pipeline.gguf_export import check_gguf_type
+        from lora_pipeline.export.gguf import check_gguf_type
 
         gguf_type = check_gguf_type(req.gguf)
     if req.push_to_hub is not None:
@@ -92,8 +92,8 @@ def _write_exports(
         log.info("export: merged model -> %s", root / "merged")
         written.append(root / "merged")
     if gguf_type:
-        from lora_pipeline.gguf_export import write_gguf
-        from lora_pipeline.ollama import modelfile
+        from lora_pipeline.export.gguf import write_gguf
+        from lora_pipeline.export.ollama import modelfile
 
         out = root / f"gguf-{gguf_type}"
         with atomic_dir(out) as tmp:

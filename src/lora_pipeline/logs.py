@@ -1,5 +1,5 @@
-"""Library log lines that say nothing about the user's settings, dropped wherever a stage runs, and the
-libraries' log levels.
+"""Logging for every command and torchrun worker: the format, the run's verbosity, the libraries' levels, and
+library log lines that say nothing about the user's settings (dropped wherever a stage runs).
 
 One table for the CLI (every command) and the train stage (also when called as a library function).
 """
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
+
+from lora_pipeline.redaction import install_log_filter
 
 # Third-party loggers whose INFO lines (seeds, "Model parallel was set to False", ...) show only at DEBUG.
 LIBRARY_LOGGERS = ("lm_eval", "transformers", "datasets")
@@ -61,3 +65,35 @@ def set_library_levels(level: str | int) -> None:
     if value <= logging.DEBUG:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "debug")
         os.environ.setdefault("DATASETS_VERBOSITY", "debug")
+
+
+def setup_logging() -> None:
+    """Log format and levels for a command or a torchrun worker; secrets scrubbed; no bars without a terminal."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S")
+    logging.getLogger("lora_pipeline").setLevel(logging.INFO)
+    logging.captureWarnings(True)  # library warnings go through the handlers, and so through the scrub filter
+    install_log_filter()
+    silence_library_noise()
+    if not sys.stderr.isatty():
+        # No terminal (CI, a pod's log): carriage-return progress bars become walls of text. The train stage
+        # logs its own progress lines instead; tqdm reads TQDM_DISABLE for bars created without `disable`.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def apply_verbosity(level: str) -> None:
+    """eval.verbosity sets the whole run's logging: this package's lines at `level`; libraries (lm-eval,
+    transformers, datasets, ...) show their warnings, and their INFO lines only at DEBUG (they say little);
+    ERROR/CRITICAL quiet their warnings as well."""
+    logging.getLogger().setLevel(library_level(level))
+    logging.getLogger("lora_pipeline").setLevel(logging.getLevelName(level))
+    set_library_levels(level)
+
+
+def silence_library_noise() -> None:
+    """Warnings that say nothing about the user's settings, printed by libraries on every run."""
+    # peft asks transformers for a deprecated attribute; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    drop_library_notices()
