@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lora_pipeline.config import SECTIONS, fields_of
-from lora_pipeline.config.reference import REGENERATE, options_markdown
+from lora_pipeline.options_reference import REGENERATE, options_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]

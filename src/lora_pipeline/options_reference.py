@@ -1,5 +1,5 @@
 """docs/options.md, generated from the schema so the reference cannot drift from the code:
-`python -m lora_pipeline.config.reference > docs/options.md` (a test fails when the file is out of date)."""
+`python -m lora_pipeline.options_reference > docs/options.md` (a test fails when the file is out of date)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from lora_pipeline.cli_options import flag_name
 from lora_pipeline.config.schema import HELP_GROUPS, fields_of, option_group
 
-REGENERATE = "python -m lora_pipeline.config.reference > docs/options.md"
+REGENERATE = "python -m lora_pipeline.options_reference > docs/options.md"
 
 INTRO = f"""\
 # Options reference
