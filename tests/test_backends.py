@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.training import backends
 from lora_pipeline.config import DatasetConfig, TrainConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
+from lora_pipeline.training import backends
 
 
 def test_auto_and_peft_pick_peft_without_cuda(monkeypatch) -> None:

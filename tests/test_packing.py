@@ -11,12 +11,12 @@ import torch
 import transformers
 
 from helpers import train_config
-from lora_pipeline.training import batching, packing
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
+from lora_pipeline.training import batching, packing
 from lora_pipeline.training.packing import (
     concat_rows,
     enable_padding_free,
