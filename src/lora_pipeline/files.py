@@ -144,6 +144,18 @@ def place_complete(done: Path, target: Path, note: str) -> None:
     os.replace(done, target)
 
 
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in blocks: data files and weights can be larger than memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_BLOCK = 1 << 20
+
+
 def write_text_atomic(text: str, path: Path) -> Path:
     """Temp file in the same directory + fsync + os.replace, so readers never see a half-written file.
 
