@@ -1,7 +1,7 @@
 """`lora-pipeline run|demo|<stage>`: flags and YAML both fill the one config; stages come from the stage table.
 
-Only the config module is imported at start-up; torch, transformers and lm-eval load inside the stages,
-so `--help` answers at once.
+At start-up only the light modules load (config and YAML, the stage table, pre-flight, logging); torch,
+transformers, datasets and lm-eval load inside the stages, so `--help` answers at once.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Atomic outputs: a stage's directory and its JSON files appear complete or not at all."""
+"""Files every stage writes and reads: atomic outputs (a stage's directory and its JSON files appear complete
+or not at all), cache entries, paths from fetched content confined to their directory, streamed sha256 digests,
+JSON/JSONL, and the run directory's lock."""
 
 from __future__ import annotations
 
