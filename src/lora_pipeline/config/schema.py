@@ -534,9 +534,6 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
-    def section(self, name: str) -> Any:
-        return getattr(self, name)
-
 
 SECTIONS: dict[str, type] = {
     "dataset": DatasetConfig,
