@@ -280,20 +280,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.command == "models":
-        from lora_pipeline.registry import local_path
-        from lora_pipeline.registry.commands import list_models, show_model, verify_model
-
-        path = Path(args.path).expanduser() if args.path else local_path()
-        if args.models_command == "list":
-            print(list_models(path))
-        elif args.models_command == "delete":
-            from lora_pipeline.registry.commands import delete_model
-
-            print(delete_model(path, args.name, args.version))
-        else:
-            print(show_model(path, args.name, args.version))
-            verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
-        return 0
+        return _models_command(args)
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)
     if args.command == "export":
@@ -340,6 +327,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         config, run_dir, stages=stages, force=args.force, source_fingerprint=fingerprint, invocation=_invocation(args)
     )
     pipeline.print_summary(manifest)
+    return 0
+
+
+def _models_command(args: argparse.Namespace) -> int:
+    """`models list|show|delete`: the local registry's contents."""
+    from lora_pipeline.registry import local_path
+    from lora_pipeline.registry.commands import list_models, show_model, verify_model
+
+    path = Path(args.path).expanduser() if args.path else local_path()
+    if args.models_command == "list":
+        print(list_models(path))
+    elif args.models_command == "delete":
+        from lora_pipeline.registry.commands import delete_model
+
+        print(delete_model(path, args.name, args.version))
+    else:
+        print(show_model(path, args.name, args.version))
+        verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
     return 0
 
 
