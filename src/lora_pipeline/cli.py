@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_command(sub, add_config_flags)
     sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
-    from lora_pipeline.export.merged import add_export_command
+    from lora_pipeline.export_command import add_export_command
 
     add_export_command(sub)
     add_tool_commands(sub, add_config_flags)
@@ -284,7 +284,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)
     if args.command == "export":
-        from lora_pipeline.export.merged import export_command
+        from lora_pipeline.export_command import export_command
 
         return export_command(args)
     if args.command == "compile":
