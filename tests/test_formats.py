@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from lora_pipeline.config import DatasetConfig
-from lora_pipeline.data.formats import RowError, normalise
-from lora_pipeline.errors import DataError
+from lora_pipeline.config import Config, DatasetConfig, validate
+from lora_pipeline.data.formats import FORMATS, RowError, normalise
+from lora_pipeline.errors import ConfigError, DataError
 from lora_pipeline.files import read_json, read_jsonl
 from lora_pipeline.stages.dataset import prepare_dataset
 
@@ -173,6 +173,14 @@ def test_unknown_layout_without_mapping_is_one_line(tmp_path: Path) -> None:
     assert message.startswith("dataset.columns: qa.jsonl: unknown row layout (columns: question, answer)")
     assert "alpaca (instruction, output" in message and "sharegpt (conversations)" in message
     assert "\n" not in message and not (tmp_path / "ds").exists()
+
+
+def test_columns_option_names_exactly_the_formats_fields() -> None:
+    config = Config(dataset=DatasetConfig(columns={"questoin": "q"}))
+    with pytest.raises(ConfigError, match="expected one of") as err:
+        validate(config)
+    named = str(err.value).split("expected one of ", 1)[1].rstrip(")").split(", ")
+    assert set(named) == {f for required, optional in FORMATS.values() for f in (*required, *optional)}
 
 
 def test_format_option_overrides_detection(tmp_path: Path) -> None:

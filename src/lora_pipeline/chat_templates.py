@@ -8,12 +8,12 @@ that names the option (rendering would otherwise fall back to some format silent
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.errors import ConfigError
+from lora_pipeline.files import sha256_file
 
 FIELD = "train.chat_template"
 
@@ -83,7 +83,7 @@ def template_fingerprint(value: str) -> str | None:
     path = Path(value.strip()).expanduser()
     if value.strip().lower() in BUILTIN_TEMPLATES or not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def check_renders(template: str, where: str) -> None:

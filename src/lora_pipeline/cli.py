@@ -1,7 +1,7 @@
 """`lora-pipeline run|demo|<stage>`: flags and YAML both fill the one config; stages come from the stage table.
 
-Only the config module is imported at start-up; torch, transformers and lm-eval load inside the stages,
-so `--help` answers at once.
+At start-up only the light modules load (config and YAML, the stage table, pre-flight, logging); torch,
+transformers, datasets and lm-eval load inside the stages, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_command(sub, add_config_flags)
     sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
     _add_models_command(sub)
-    from lora_pipeline.export.merged import add_export_command
+    from lora_pipeline.export_command import add_export_command
 
     add_export_command(sub)
     add_tool_commands(sub, add_config_flags)
@@ -280,24 +280,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.command == "models":
-        from lora_pipeline.registry import local_path
-        from lora_pipeline.registry.commands import list_models, show_model, verify_model
-
-        path = Path(args.path).expanduser() if args.path else local_path()
-        if args.models_command == "list":
-            print(list_models(path))
-        elif args.models_command == "delete":
-            from lora_pipeline.registry.commands import delete_model
-
-            print(delete_model(path, args.name, args.version))
-        else:
-            print(show_model(path, args.name, args.version))
-            verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
-        return 0
+        return _models_command(args)
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)
     if args.command == "export":
-        from lora_pipeline.export.merged import export_command
+        from lora_pipeline.export_command import export_command
 
         return export_command(args)
     if args.command == "compile":
@@ -340,6 +327,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         config, run_dir, stages=stages, force=args.force, source_fingerprint=fingerprint, invocation=_invocation(args)
     )
     pipeline.print_summary(manifest)
+    return 0
+
+
+def _models_command(args: argparse.Namespace) -> int:
+    """`models list|show|delete`: the local registry's contents."""
+    from lora_pipeline.registry import local_path
+    from lora_pipeline.registry.commands import list_models, show_model, verify_model
+
+    path = Path(args.path).expanduser() if args.path else local_path()
+    if args.models_command == "list":
+        print(list_models(path))
+    elif args.models_command == "delete":
+        from lora_pipeline.registry.commands import delete_model
+
+        print(delete_model(path, args.name, args.version))
+    else:
+        print(show_model(path, args.name, args.version))
+        verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
     return 0
 
 

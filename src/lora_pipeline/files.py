@@ -1,4 +1,6 @@
-"""Atomic outputs: a stage's directory and its JSON files appear complete or not at all."""
+"""Files every stage writes and reads: atomic outputs (a stage's directory and its JSON files appear complete
+or not at all), cache entries, paths from fetched content confined to their directory, streamed sha256 digests,
+JSON/JSONL, and the run directory's lock."""
 
 from __future__ import annotations
 
@@ -142,6 +144,18 @@ def place_complete(done: Path, target: Path, note: str) -> None:
     if target.exists():
         shutil.rmtree(target)
     os.replace(done, target)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in blocks: data files and weights can be larger than memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_BLOCK = 1 << 20
 
 
 def write_text_atomic(text: str, path: Path) -> Path:

@@ -31,7 +31,14 @@ from lora_pipeline.config import (
     output_options,
 )
 from lora_pipeline.errors import ConfigError
-from lora_pipeline.files import exclusive_lock, package_versions, read_json, write_json_atomic, write_text_atomic
+from lora_pipeline.files import (
+    exclusive_lock,
+    package_versions,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.sources import MODEL_SCHEMES
@@ -132,7 +139,7 @@ def _model_fingerprint(model: str) -> Any:
     files = sorted(p for p in path.iterdir() if p.is_file())
     config = path / "config.json"
     return {
-        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+        "config": sha256_file(config) if config.exists() else None,
         "sizes": {p.name: p.stat().st_size for p in files},
     }
 
@@ -142,7 +149,7 @@ def _tree_digest(root: Path) -> str | None:
         return None
     digest = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        digest.update(str(p.relative_to(root)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+        digest.update(str(p.relative_to(root)).encode() + b"\0" + bytes.fromhex(sha256_file(p)))
     return digest.hexdigest()
 
 
@@ -165,7 +172,7 @@ def output_manifest(out: Path) -> dict[str, dict[str, Any]]:
         st = p.stat()
         small = st.st_size <= HASHED_BYTES
         files[p.relative_to(out).as_posix()] = {"size": st.st_size} | (
-            {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()} if small else {"mtime_ns": st.st_mtime_ns}
+            {"sha256": sha256_file(p)} if small else {"mtime_ns": st.st_mtime_ns}
         )
     return files
 
@@ -221,7 +228,7 @@ def _changed_outputs(run_dir: Path, stage: Stage) -> str | None:
                 return f"{name}/{rel} is missing"
             expected = info if isinstance(info, dict) else {}
             if path.stat().st_size != expected.get("size") or (
-                "sha256" in expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected["sha256"]
+                "sha256" in expected and sha256_file(path) != expected["sha256"]
             ):
                 return f"{name}/{rel} changed since the stage ran"
     return None

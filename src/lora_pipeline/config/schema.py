@@ -1,10 +1,10 @@
-"""The one typed config: every parameter of the spec tables, with its default, description and spec names.
+"""The one typed config: every parameter, with its default, description and its Kubeflow names.
 
-CLI flags (`--train.lora_r`), YAML files and (later) the KFP pipeline parameters are all generated from
-the dataclasses below, so a parameter is declared exactly once. Each field's metadata carries:
-  help       the spec's description
-  kfp        its name in spec/lora_pipeline.md (the KFP pipeline parameter), when it has one
-  component  its name in spec/lora_training_component.md, when it has one
+CLI flags (`--train.lora_r`), YAML files and the KFP pipeline's and components' parameters are all generated
+from the dataclasses below, so a parameter is declared exactly once. Each field's metadata carries:
+  help       its description, as `--help` shows it
+  kfp        its name as a parameter of the compiled KFP pipeline, when it has one
+  component  its name as an input of the KFP training component, when it has one
   component_optional   True where that component declares the input `Optional[...] = None` (None: the default)
   choices / min / max / min_exclusive   what validation enforces
   applies    "kubernetes" for options that shape the Kubeflow pods / TrainJob and do nothing on a local run
@@ -12,7 +12,7 @@ the dataclasses below, so a parameter is declared exactly once. Each field's met
              they stay out of its cache key, so changing them does not rerun the stage
   secret     True for credentials: never recorded (run.json, --print_config) nor printed
   group      the `--help` section of a train option that is neither LoRA nor optimisation (see option_group)
-Fields with neither `kfp` nor `component` are this project's own additions.
+Fields with neither `kfp` nor `component` are no KFP input: `compile -c YAML` writes their values into the components.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class DatasetConfig:
         "[REQUIRED] Dataset location (hf://dataset, s3://bucket/path, https://url, local path)",
         kfp="phase_01_dataset_man_data_uri",
     )
-    # Not spec parameters: a compiled pipeline fixes them in its dataset component (`compile -c YAML`).
+    # Not KFP parameters: a compiled pipeline fixes them in its dataset component (`compile -c YAML`).
     sources: list[dict] = param(
         [],
         "Data sources mixed into the training data, each URI[@WEIGHT] (the flag is repeatable; YAML: a list of "
@@ -92,7 +92,7 @@ class DatasetConfig:
     )
     sha256: str = param("", "Expected sha256 of the data file (also `#sha256=...` at the end of the URI); empty = none")
     max_bytes: int = param(0, "Largest download accepted, in bytes, archives unpacked included (0 = no limit)", min=0)
-    # Not spec parameters, and not in the cache key: how long to wait changes no data.
+    # Not KFP parameters, and not in the cache key: how long to wait changes no data.
     timeout: float = param(
         30.0,
         "Seconds a remote source may take to connect, and a download may go with less than 1 KiB received "
@@ -497,7 +497,7 @@ class RegistryConfig:
     format_version: str = param(
         "1.0", "Model format version of the registered artifacts", kfp="phase_04_registry_opt_format_version"
     )
-    # Not spec parameters: a bearer token (a secret: never recorded, so not in the cache key either), a CA
+    # Not KFP parameters: a bearer token (a secret: never recorded, so not in the cache key either), a CA
     # bundle for a registry behind a private CA, and where the local registry lives.
     token: str = param(
         "",
@@ -533,9 +533,6 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
-
-    def section(self, name: str) -> Any:
-        return getattr(self, name)
 
 
 SECTIONS: dict[str, type] = {
@@ -579,7 +576,7 @@ def option_group(section: str, f: dataclasses.Field) -> str:
 
 
 def kfp_parameters() -> dict[str, tuple[str, str]]:
-    """spec pipeline parameter name -> (section, field): the mapping the KFP pipeline is generated from."""
+    """KFP pipeline parameter name -> (section, field): the mapping the KFP pipeline is generated from."""
     return {
         f.metadata["kfp"]: (section, f.name) for section in SECTIONS for f in fields_of(section) if "kfp" in f.metadata
     }

@@ -27,7 +27,6 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prompt_completion": (("prompt", "completion"), ()),  # strings or message lists
     "text": (("text",), ()),  # plain text, loss on all tokens
 }
-FIELDS = tuple(dict.fromkeys(f for required, optional in FORMATS.values() for f in (*required, *optional)))
 
 # ShareGPT speaker names -> chat roles (the names found in the common ShareGPT dumps).
 SHAREGPT_ROLES = {

@@ -33,6 +33,18 @@ def add_compile_command(
     )
     defaults = BuildOptions()
     g = p.add_argument_group("compile")
+    _add_output_flags(g)
+    _add_install_flags(g)
+    _add_secret_flags(g, defaults)
+    _add_workspace_flags(g, defaults)
+    _add_cluster_flags(g)
+    _add_trainjob_flags(
+        p.add_argument_group("multi-node training as a Kubeflow Trainer TrainJob (train.num_workers nodes)")
+    )
+    add_config_flags(p)
+
+
+def _add_output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-c", "--config", action="append", default=[], metavar="YAML", help="YAML config file (repeatable)")
     g.add_argument(
         "-o",
@@ -42,6 +54,10 @@ def add_compile_command(
         help="Output file (default: pipeline.yaml, STAGE_component.yaml; the TrainJob goes to stdout)",
     )
     g.add_argument("--component", choices=NAMES, default=None, help="Write this stage's component alone")
+
+
+def _add_install_flags(g: argparse._ArgumentGroup) -> None:
+    """What each step's container runs, and how it installs this project."""
     g.add_argument("--image", default=DEFAULT_IMAGE, help="Container image of every step (default: %(default)s)")
     g.add_argument(
         "--package-spec",
@@ -75,6 +91,10 @@ def add_compile_command(
         action="store_true",
         help="Let KFP cache the tasks (off by default: the same URI or model id may hold new content)",
     )
+
+
+def _add_secret_flags(g: argparse._ArgumentGroup, defaults: BuildOptions) -> None:
+    """Credentials reach the pods from Kubernetes secrets, by name only."""
     g.add_argument(
         "--hf-token-secret",
         default=defaults.hf_token_secret,
@@ -102,6 +122,9 @@ def add_compile_command(
         help="Set env var NAME in the training pods from key KEY of Kubernetes secret SECRET (repeatable; the "
         "pipeline's train task and --trainjob; and every node of a multi-node train)",
     )
+
+
+def _add_workspace_flags(g: argparse._ArgumentGroup, defaults: BuildOptions) -> None:
     g.add_argument(
         "--workspace-size",
         default=defaults.workspace_size,
@@ -120,8 +143,9 @@ def add_compile_command(
         default=defaults.workspace_access_mode,
         help="Workspace PVC access mode; multi-node training needs ReadWriteMany (default: %(default)s)",
     )
-    _add_cluster_flags(g)
-    t = p.add_argument_group("multi-node training as a Kubeflow Trainer TrainJob (train.num_workers nodes)")
+
+
+def _add_trainjob_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--trainjob", action="store_true", help="Write the TrainJob for the train options instead")
     t.add_argument("--dry-run", action="store_true", help="Only print it (the default; --submit creates it)")
     t.add_argument(
@@ -146,7 +170,6 @@ def add_compile_command(
         help="A dataset stage output, on every node (default: %(default)s)",
     )
     t.add_argument("--output-dir", default="/workspace/train", help="Train stage output (default: %(default)s)")
-    add_config_flags(p)
 
 
 def _add_cluster_flags(g: argparse._ArgumentGroup) -> None:

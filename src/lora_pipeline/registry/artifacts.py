@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lora_pipeline.errors import RegistryError
+from lora_pipeline.files import sha256_file
 
 AUTO = "auto"
 DIGEST_KEY = "artifact_sha256"  # the version metadata key that holds the digest, in both registries
 MERGED_SUFFIX = "-merged"  # the merged model's artifact name: the registered model's name + this
 _RELEASE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
-_CHUNK = 1 << 20
 
 
 def tree_digest(root: Path) -> str:
@@ -34,16 +34,8 @@ def tree_digest(root: Path) -> str:
     files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
     digest = hashlib.sha256()
     for rel, path in files:
-        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0" + _file_sha256(path) + b"\n")
+        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0" + bytes.fromhex(sha256_file(path)) + b"\n")
     return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.digest()
 
 
 def blob_path(blobs: Path, digest: str) -> Path:

@@ -143,16 +143,7 @@ def _panel(
         f'<text class="axis-title" transform="translate(18 {TOP + ph / 2}) rotate(-90)" '
         f'text-anchor="middle">{y_title}</text>'
     )
-    # Legend sits in the top margin, right-aligned, so it can never hide data points.
-    legend, x = [], LEFT + pw
-    for css, label, colour, _ in reversed(series):
-        x -= 7 * len(label) + 34
-        marker = "" if css == "trend" else _marker(css, x + 11, TOP - 20, colour, 4.5)
-        legend.append(
-            f'<line x1="{x}" x2="{x + 22}" y1="{TOP - 20}" y2="{TOP - 20}" stroke="{colour}" '
-            f'stroke-width="2"{_dash(css)}/>{marker}<text x="{x + 28}" y="{TOP - 20}" dy="0.32em">{label}</text>'
-        )
-    out.append(f'<g class="legend">{"".join(legend)}</g>')
+    out.append(_legend(series, LEFT + pw))
     has_trend = any(css == "trend" for css, *_ in series)
     for css, label, colour, pts in series:
         dense = css != "eval" and len(pts) > 80  # hundreds of points: thinner line, smaller dots stay legible
@@ -171,6 +162,19 @@ def _panel(
             attrs = f' data-step="{s:g}" data-value="{v!r}"{faded}'
             out.append(_marker(css, sx(s), sy(v), colour, radius, attrs, tip))
     return "".join(out) + "</svg>"
+
+
+def _legend(series: list[Series], right: float) -> str:
+    """The legend sits in the top margin, right-aligned at `right`, so it can never hide data points."""
+    legend, x = [], right
+    for css, label, colour, _ in reversed(series):
+        x -= 7 * len(label) + 34
+        marker = "" if css == "trend" else _marker(css, x + 11, TOP - 20, colour, 4.5)
+        legend.append(
+            f'<line x1="{x}" x2="{x + 22}" y1="{TOP - 20}" y2="{TOP - 20}" stroke="{colour}" '
+            f'stroke-width="2"{_dash(css)}/>{marker}<text x="{x + 28}" y="{TOP - 20}" dy="0.32em">{label}</text>'
+        )
+    return f'<g class="legend">{"".join(legend)}</g>'
 
 
 def _trend(points: list[Point], log: bool) -> list[Point]:

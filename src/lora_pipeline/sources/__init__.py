@@ -7,12 +7,12 @@ Every message, log line and record that names a URI names `redact(uri)`: credent
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from lora_pipeline.errors import SourceError
+from lora_pipeline.files import sha256_file
 
 FIELD = "dataset.data_uri"  # the option every source error points the user to
 MARK = "<redacted>"  # what redact() leaves where it removed something
@@ -127,14 +127,9 @@ def split_checksum(uri: str, expected: str) -> tuple[str, str]:
 def _verify(path: Path, expected: str, uri: str) -> None:
     if path.is_dir():
         raise SourceError(f"a sha256 applies to one file, and {redact(uri)} is several", field=FIELD)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise SourceError(
-            f"checksum mismatch: {redact(uri)} has sha256 {digest.hexdigest()}, expected {expected}", field=FIELD
-        )
+    actual = sha256_file(path)
+    if actual != expected:
+        raise SourceError(f"checksum mismatch: {redact(uri)} has sha256 {actual}, expected {expected}", field=FIELD)
 
 
 def redact(uri: str) -> str:

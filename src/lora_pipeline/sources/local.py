@@ -8,6 +8,7 @@ from pathlib import Path
 from lora_pipeline.config import local_path
 from lora_pipeline.data.readers import data_files
 from lora_pipeline.errors import SourceError
+from lora_pipeline.files import sha256_file
 from lora_pipeline.sources import FIELD, Limits
 from lora_pipeline.sources.archives import is_archive
 
@@ -43,11 +44,7 @@ def _existing(uri: str) -> Path:
 
 def file_sha256(path: Path) -> str:
     """Streamed in blocks: data files can be larger than memory."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_file(path)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}", field=FIELD) from None
-    return digest.hexdigest()

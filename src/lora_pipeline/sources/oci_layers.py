@@ -23,7 +23,6 @@ TITLE = "org.opencontainers.image.title"
 UNPACK = "io.deis.oras.content.unpack"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-TAR_TYPES = ("tar", "tar+gzip", "tar.gzip")  # the endings of OCI's and Docker's layer media types
 
 
 def apply_layer(blob: Path, layer: dict, root: Path, source: str) -> None:

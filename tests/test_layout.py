@@ -1,0 +1,79 @@
+"""The package's layering, read from the source with `ast`: who may import the CLI, the stages and the pipeline,
+and how long a function may be."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lora_pipeline"
+
+# The CLI's callers: `python -m lora_pipeline`, and the KFP component, which runs the stage's CLI command in its pod.
+CLI_ENTRIES = {"__main__.py", "kubeflow/runtime.py"}
+# The packages below the stages: the stages and the pipeline use them, never the reverse.
+BELOW_STAGES = ("training", "data", "sources", "registry", "evaluation", "reports", "export")
+ABOVE = ("lora_pipeline.stages", "lora_pipeline.pipeline")
+# Imports against the layering that other changes remove: (module, the package above it that it imports).
+STILL_UPWARD: set[tuple[str, str]] = {
+    ("reports/run_page.py", "lora_pipeline.stages"),
+    ("training/launch.py", "lora_pipeline.stages"),
+}
+
+MAX_LINES = 80
+# Functions over MAX_LINES that other changes shorten.
+STILL_LONG = {
+    "stages/train.py::_train",
+    "training/batching.py::make_trainer_class",
+    "stages/evaluate.py::evaluate_adapter",
+}
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {p.relative_to(PACKAGE).as_posix(): ast.parse(p.read_text(encoding="utf-8")) for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    """Every module an import statement names, lazy imports inside functions included."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _is_or_under(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def test_only_the_entry_points_import_the_cli() -> None:
+    importers = {
+        path
+        for path, tree in _modules().items()
+        if path != "cli.py" and any(_is_or_under(name, "lora_pipeline.cli") for name in _imports(tree))
+    }
+    assert importers <= CLI_ENTRIES
+
+
+def test_nothing_below_the_stages_imports_them_or_the_pipeline() -> None:
+    upward = {
+        (path, above)
+        for path, tree in _modules().items()
+        if path.split("/")[0] in BELOW_STAGES
+        for name in _imports(tree)
+        for above in ABOVE
+        if _is_or_under(name, above)
+    }
+    assert upward == STILL_UPWARD
+
+
+def test_no_function_is_over_80_lines() -> None:
+    long = {
+        f"{path}::{node.name}"
+        for path, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_LINES
+    }
+    assert long == STILL_LONG
