@@ -35,6 +35,7 @@ from lora_pipeline.logs import apply_verbosity, setup_logging
 from lora_pipeline.preflight import preflight
 from lora_pipeline.redaction import redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
+from lora_pipeline.reports.summary import print_summary
 from lora_pipeline.stages import Stage
 from lora_pipeline.tool_commands import TOOL_COMMANDS, add_tool_commands, own_data, preview_color
 
@@ -340,7 +341,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     manifest = pipeline.run(
         config, run_dir, stages=stages, force=args.force, source_fingerprint=fingerprint, invocation=_invocation(args)
     )
-    pipeline.print_summary(manifest)
+    print_summary(manifest)
     return 0
 
 

@@ -37,7 +37,6 @@ from lora_pipeline.redaction import is_redacted, redact_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.sources import MODEL_SCHEMES
 from lora_pipeline.stages import Stage, resolve
-from lora_pipeline.stages.outputs import EVAL_RESULTS, LOSS_CHART, REGISTRATION
 
 log = logging.getLogger(__name__)
 
@@ -384,51 +383,6 @@ def _write_manifest(manifest: dict[str, Any], path: Path) -> None:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def print_summary(manifest: dict[str, Any]) -> None:
-    run_dir = Path(manifest["run_dir"])
-    print(f"\nrun directory: {run_dir}")
-    for stage in table.STAGES:
-        info = manifest["stages"].get(stage.name)
-        if info is None:
-            continue
-        seconds = info.get("seconds")
-        timing = f"{seconds:8.1f}s" if seconds is not None else " " * 9
-        print(f"  {stage.name:<9} {info['status']:<7} {timing}  {info.get('path', '')}")
-    for stage in table.STAGES:
-        if stage.summary and stage.name in manifest["stages"]:
-            for line in resolve(stage.summary)(run_dir / stage.name):
-                print(line)
-    if (run_dir / "report.html").exists():
-        print(f"run report: {run_dir / 'report.html'}")
-
-
-def train_summary(out: Path) -> list[str]:
-    chart = out / LOSS_CHART
-    return [f"\nloss chart: {chart}"] if chart.exists() else []
-
-
-def eval_summary(out: Path) -> list[str]:
-    results = out / EVAL_RESULTS
-    if not results.exists():
-        return []
-    from lora_pipeline.evaluation.results import format_table
-
-    return ["\n" + format_table(read_json(results)["comparison"])]
-
-
-def register_summary(out: Path) -> list[str]:
-    registration = out / REGISTRATION
-    record = read_json(registration) if registration.exists() else {}
-    if not record or record.get("status") == "skipped":
-        return []
-    lines = [
-        f"registered: {record['model_name']} {record['version']} ({record.get('status')}, {record.get('registry')})"
-    ]
-    if record.get("scores_differ"):
-        lines.append("  its eval scores are not this run's: " + ", ".join(record["scores_differ"]))
-    return lines
 
 
 def _versions() -> dict[str, str]:

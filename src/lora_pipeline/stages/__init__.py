@@ -3,8 +3,12 @@
 The CLI subcommands, `pipeline.run` (cache keys, run.json, the summary), pre-flight, report.html and the KFP
 compiler loop over it; none of them names a stage. Each stage is a plain function
 `entry(config_section, *upstream_dirs, out_dir) -> out_dir`: it reads its own config section and the output
-directories of its upstream stages (in `upstream` order), and writes one output directory atomically.
-Functions are named as "module:function" and imported when used, so the CLI starts without torch.
+directories of its upstream stages (in `upstream` order), and writes one output directory atomically. What a
+later stage needs from an earlier one that is not its upstream travels through the stages between (the train
+output carries the dataset stage's eval.jsonl and dataset.json to eval and register). One look sideways: in
+a run directory, eval reads the register record beside it, only to warn that a registered version keeps
+the scores it was registered with. Functions are named as "module:function" and imported when used, so the
+CLI starts without torch.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class Stage:
 _PIPELINE = "lora_pipeline.pipeline"
 _PREFLIGHT = "lora_pipeline.preflight"
 _REPORT = "lora_pipeline.reports.run_page"
+_SUMMARY = "lora_pipeline.reports.summary"
 _RUNTIME = "lora_pipeline.kubeflow.runtime"
 
 STAGES: tuple[Stage, ...] = (
@@ -104,7 +109,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=(METRICS, LOSS_CHART, EVAL_ROWS, DATASET_RECORD),
         check=f"{_PREFLIGHT}:check_train_stage",
         key=f"{_PIPELINE}:train_key",
-        summary=f"{_PIPELINE}:train_summary",
+        summary=f"{_SUMMARY}:train_summary",
         report=("Training", f"{_REPORT}:training_section"),
         # The names are the spec's training component's (output_model, output_metrics, output_loss_chart, dataset).
         kfp=Kfp(
@@ -133,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=(EVAL_RESULTS,),
         check=f"{_PREFLIGHT}:check_eval_stage",
         key=f"{_PIPELINE}:eval_key",
-        summary=f"{_PIPELINE}:eval_summary",
+        summary=f"{_SUMMARY}:eval_summary",
         report=("Evaluation: base vs tuned", f"{_REPORT}:evaluation_section"),
         kfp=Kfp(
             "evaluate_model",
@@ -152,7 +157,7 @@ STAGES: tuple[Stage, ...] = (
         "Register the train stage's adapter in the model registry (skipped when no address)",
         outputs=(REGISTRATION,),
         check=f"{_PREFLIGHT}:check_register_stage",
-        summary=f"{_PIPELINE}:register_summary",
+        summary=f"{_SUMMARY}:register_summary",
         report=("Registration", f"{_REPORT}:registration_section"),
         kfp=Kfp(
             "register_model",
