@@ -18,7 +18,7 @@ from lora_pipeline.evaluation import backends, split_task
 from lora_pipeline.evaluation.results import format_table
 from lora_pipeline.files import read_json, read_jsonl
 from lora_pipeline.stages.dataset import prepare_dataset
-from lora_pipeline.stages.evaluate import evaluate_adapter
+from lora_pipeline.stages.evaluate import evaluate_adapter, find_eval_split
 from lora_pipeline.stages.train import train_adapter
 from test_bad_inputs import LOG_LINE
 from test_eval import small_train_config
@@ -135,17 +135,18 @@ def test_find_eval_split_order(tmp_path: Path) -> None:
     train = tmp_path / "run" / "train"
     train.mkdir(parents=True)
     with pytest.raises(StageError, match="eval.jsonl") as err:
-        split_task.find_eval_split(train, {})
+        find_eval_split(train, {})
     assert err.value.field == "eval.tasks" and "\n" not in str(err.value)
     (tmp_path / "run" / "dataset").mkdir()
     (tmp_path / "run" / "dataset" / "eval.jsonl").write_text("{}\n")
-    assert split_task.find_eval_split(train, {}) == tmp_path / "run" / "dataset" / "eval.jsonl"
+    with pytest.raises(StageError, match="eval.jsonl"):  # a sibling stage's output is not an input of eval
+        find_eval_split(train, {})
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "eval.jsonl").write_text("{}\n")
-    recorded = {"dataset_dir": str(tmp_path / "elsewhere")}  # the train stage's record wins over the layout
-    assert split_task.find_eval_split(train, recorded) == tmp_path / "elsewhere" / "eval.jsonl"
-    (train / "eval.jsonl").write_text("{}\n")  # a copy inside the train output wins over both
-    assert split_task.find_eval_split(train, recorded) == train / "eval.jsonl"
+    recorded = {"dataset_dir": str(tmp_path / "elsewhere")}  # the dataset directory the train stage records
+    assert find_eval_split(train, recorded) == tmp_path / "elsewhere" / "eval.jsonl"
+    (train / "eval.jsonl").write_text("{}\n")  # a copy inside the train output wins
+    assert find_eval_split(train, recorded) == train / "eval.jsonl"
 
 
 def test_max_new_tokens_names_in_lm_eval_priority() -> None:

@@ -51,6 +51,7 @@ def make_run(root: Path) -> Path:
     (root / "dataset").mkdir()
     dataset = {"source": "https://example.org/chat.jsonl?<redacted>", "sha256": SHA, "train_rows": 90, "eval_rows": 10}
     (root / "dataset" / "dataset.json").write_text(json.dumps(dataset))
+    (root / "train" / "dataset.json").write_text(json.dumps(dataset))  # the train stage's copy: what register reads
     (root / "eval").mkdir()
     comparison = [
         {"task": "demo_topic", "metric": "acc", "filter": "none", "precision": "full", "tuned": 0.9, "base": 0.2},
@@ -158,7 +159,7 @@ def test_registry_path_from_environment(run_dir: Path, tmp_path: Path, monkeypat
 
 def test_without_eval_or_dataset_the_version_still_registers_when_allowed(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run")
-    (run_dir / "dataset" / "dataset.json").unlink()
+    (run_dir / "train" / "dataset.json").unlink()
     cfg = RegistryConfig(address="local", path=str(tmp_path / "r.db"), allow_no_eval=True)
     out = register_adapter(cfg, run_dir / "train", None, tmp_path / "reg")
     meta = read_json(out / "registration.json")["metadata"]

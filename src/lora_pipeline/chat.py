@@ -15,6 +15,7 @@ from typing import IO, Any
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import read_json
 from lora_pipeline.models import load_base_model, load_tokenizer
+from lora_pipeline.stages.outputs import ADAPTER, METRICS
 
 EXIT_WORDS = ("/exit", "/quit")
 
@@ -24,9 +25,9 @@ def find_adapter(run_dir: Path | None) -> tuple[Path, dict[str, Any]]:
     if run_dir is None:
         raise ConfigError("required: the run directory whose adapter to load (-o RUN)", field="-o")
     for train_dir in (run_dir / "train", run_dir):
-        adapter = train_dir / "adapter"
+        adapter = train_dir / ADAPTER
         if (adapter / "adapter_config.json").is_file():
-            metrics = train_dir / "metrics.json"
+            metrics = train_dir / METRICS
             return adapter.resolve(), (read_json(metrics) if metrics.is_file() else {})
     raise ConfigError(f"no adapter in {run_dir / 'train' / 'adapter'}: run the train stage first", field="-o")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
+from lora_pipeline import stages as table
 from lora_pipeline.carryover import carried_over, carry_over_line, given_options, was_demo
 from lora_pipeline.cli_options import (
     OTHER_SECTIONS,
@@ -34,7 +35,8 @@ from lora_pipeline.logs import apply_verbosity, setup_logging
 from lora_pipeline.preflight import preflight
 from lora_pipeline.redaction import redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
-from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
+from lora_pipeline.reports.summary import print_summary
+from lora_pipeline.stages import Stage
 from lora_pipeline.tool_commands import TOOL_COMMANDS, add_tool_commands, own_data, preview_color
 
 
@@ -63,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {
         "run": "Run all four stages into one run directory",
         "demo": "Run the built-in demo: tiny local model, demo dataset, offline, CPU",
-        **{s.name: s.help for s in STAGES},
+        **{s.name: s.help for s in table.STAGES},
     }
     for name, help_text in commands.items():
-        stage = BY_NAME.get(name)
+        stage = table.BY_NAME.get(name)
         usage = f"lora-pipeline {name} [-c YAML] [-o RUN_DIR] [--SECTION.OPTION VALUE ...]"
         if stage:
             inputs = "".join(f" --input {up}=DIR" for up in stage.upstream)
@@ -298,7 +300,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lora_pipeline.demo import demo_config
 
         base = demo_config()
-    stage = BY_NAME.get(args.command)
+    stage = table.BY_NAME.get(args.command)
     if stage and getattr(args, "out", None):
         return _run_one_stage(args, stage, resolve_config(args, base))
 
@@ -319,14 +321,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0
-    stages = NAMES if args.command in ("run", "demo") else (args.command,)
+    stages = table.NAMES if args.command in ("run", "demo") else (args.command,)
     restore_secrets(config, stages)  # a recorded config's placeholders: from the environment, or refused
     pipeline.check_recorded_source(config, run_dir, stages)
     fingerprint = preflight(config, stages, run_dir, "-o", check_source=not pipeline.source_is_recorded_only(config))
     manifest = pipeline.run(
         config, run_dir, stages=stages, force=args.force, source_fingerprint=fingerprint, invocation=_invocation(args)
     )
-    pipeline.print_summary(manifest)
+    print_summary(manifest)
     return 0
 
 

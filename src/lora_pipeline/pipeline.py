@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline import __version__
+from lora_pipeline import stages as table
 from lora_pipeline.chat_templates import template_fingerprint
 from lora_pipeline.config import (
     Config,
@@ -42,7 +43,7 @@ from lora_pipeline.files import (
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.sources import MODEL_SCHEMES
-from lora_pipeline.stages import BY_NAME, NAMES, STAGES, Stage
+from lora_pipeline.stages import Stage, resolve
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ def source_is_recorded_only(config: Config) -> bool:
     return bool(_recorded_only(config))
 
 
+def recorded_only_reason(config: Config) -> str | None:
+    """Why the dataset stage's completed output is reused without its key: its source cannot be fetched again."""
+    return "the source URI's credentials are not stored" if source_is_recorded_only(config) else None
+
+
 def check_recorded_source(config: Config, run_dir: Path, stages: tuple[str, ...]) -> None:
     lost = _recorded_only(config)
     if "dataset" in stages and lost and _recorded_key(run_dir, "dataset") is None:
@@ -107,23 +113,36 @@ def check_recorded_source(config: Config, run_dir: Path, stages: tuple[str, ...]
 def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: str | None = None) -> str:
     section = getattr(config, stage.section)
     payload: dict[str, Any] = {"stage": stage.name, "options": output_options(section), "version": __version__}
-    if stage.name == "dataset":
-        payload["options"]["data_uri"] = scrub(section.data_uri or "")  # credentials do not change the data
-        if section.sources or section.eval_uri:  # absent otherwise: a plain data_uri run keeps its cache key
-            payload["options"]["sources"] = [{**s, "uri": scrub(s["uri"])} for s in section.sources]
-            payload["options"]["eval_uri"] = scrub(section.eval_uri or "")
-        else:
-            payload["options"].pop("sources", None)
-            payload["options"].pop("eval_uri", None)
-        payload["source"] = source_fingerprint
-    elif stage.name == "train":
-        payload["model_files"] = _model_fingerprint(section.model)
-        if section.chat_template:  # a Jinja file is keyed by its text, as the model by its files
-            payload["chat_template"] = template_fingerprint(section.chat_template)
-    elif stage.name == "eval" and section.include_path:
-        payload["tasks_files"] = _tree_digest(Path(section.include_path))
+    if stage.key:
+        payload.update(resolve(stage.key)(section, source_fingerprint))
     payload["upstream"] = [_recorded_key(run_dir, up) for up in stage.upstream]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dataset_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
+    """The data's locations without their credentials (which do not change the data), and its fingerprint."""
+    options = output_options(section)
+    options["data_uri"] = scrub(section.data_uri or "")
+    if section.sources or section.eval_uri:  # absent otherwise: a plain data_uri run keeps its cache key
+        options["sources"] = [{**s, "uri": scrub(s["uri"])} for s in section.sources]
+        options["eval_uri"] = scrub(section.eval_uri or "")
+    else:
+        options.pop("sources", None)
+        options.pop("eval_uri", None)
+    return {"options": options, "source": source_fingerprint}
+
+
+def train_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
+    """The base model's files, and a Jinja chat template by its text."""
+    entries = {"model_files": _model_fingerprint(section.model)}
+    if section.chat_template:
+        entries["chat_template"] = template_fingerprint(section.chat_template)
+    return entries
+
+
+def eval_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
+    """Local task files (eval.include_path) by their content."""
+    return {"tasks_files": _tree_digest(Path(section.include_path))} if section.include_path else {}
 
 
 def _model_fingerprint(model: str) -> Any:
@@ -240,20 +259,21 @@ def _changed_outputs(run_dir: Path, stage: Stage) -> str | None:
 def run(
     config: Config,
     run_dir: Path,
-    stages: tuple[str, ...] = NAMES,
+    stages: tuple[str, ...] | None = None,
     force: bool = False,
     source_fingerprint: str | None = None,
     invocation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run `stages` into `run_dir`, holding its lock. A run directory that this call created and in
-    which no stage completed is removed again on failure, so a bad input leaves nothing behind."""
+    """Run `stages` (default: all, in table order) into `run_dir`, holding its lock. A run directory that this
+    call created and in which no stage completed is removed again on failure, so a bad input leaves nothing behind."""
     run_dir = Path(run_dir)
+    stages = table.NAMES if stages is None else stages
     created = not run_dir.exists()
     try:
         with exclusive_lock(run_dir / ".lock", what=f"run directory {run_dir}"):
             return _run_locked(config, run_dir, stages, force, source_fingerprint, invocation)
     except BaseException:
-        if created and not any((run_dir / s.name).exists() for s in STAGES):
+        if created and not any((run_dir / s.name).exists() for s in table.STAGES):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -273,13 +293,37 @@ def _run_locked(
     _remove_leftovers(run_dir)
     remember_secret(config.registry)  # a registry token given in the config is scrubbed from run.json
     manifest_path = run_dir / MANIFEST
-    manifest = _record(manifest_path, _MANIFEST_FIELDS) if manifest_path.exists() else {"stages": {}}
+    manifest = _open_manifest(config, manifest_path, invocation)
+    for stage in (table.BY_NAME[name] for name in stages):
+        reason = resolve(stage.reuse)(config) if stage.reuse else None
+        if reason:
+            log.info("%s: %s; reusing the completed %s stage", stage.name, reason, stage.name)
+            manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
+            continue
+        key = stage_key(config, stage, run_dir, source_fingerprint)
+        if _reusable(run_dir, stage, key, force):
+            manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
+            continue
+        _run_stage(config, stage, run_dir, key, manifest, manifest_path)
+    manifest["status"] = "completed"
+    manifest["finished"] = _now()
+    _write_manifest(manifest, manifest_path)
+    _write_report(run_dir)
+    return manifest
+
+
+def _open_manifest(config: Config, path: Path, invocation: dict[str, Any] | None) -> dict[str, Any]:
+    """run.json as this invocation starts: the earlier stages' records kept, the config and versions now."""
+    manifest = _record(path, _MANIFEST_FIELDS) if path.exists() else {"stages": {}}
     manifest.setdefault("stages", {})
     for name, info in manifest["stages"].items():
         if not isinstance(info, dict):
-            raise ConfigError(f"{manifest_path}: stages.{name} is not an object; fix or delete the file", field="-o")
+            raise ConfigError(f"{path}: stages.{name} is not an object; fix or delete the file", field="-o")
     manifest.update(
-        run_dir=str(run_dir.resolve()), config=redact_config(config.to_dict()), versions=_versions(), status="running"
+        run_dir=str(path.parent.resolve()),
+        config=redact_config(config.to_dict()),
+        versions=_versions(),
+        status="running",
     )
     manifest.setdefault("started", _now())
     manifest.pop("finished", None)
@@ -288,46 +332,39 @@ def _run_locked(
     if manifest["kubernetes_only"]:
         names = ", ".join(f"{k}={v}" for k, v in manifest["kubernetes_only"].items())
         log.info("%s: applies on Kubernetes only (compiled pipeline, TrainJob); this local run does not use it", names)
-    for stage in (BY_NAME[name] for name in stages):
-        out = run_dir / stage.name
-        if stage.name == "dataset" and source_is_recorded_only(config):
-            log.info("dataset: the source URI's credentials are not stored; reusing the completed dataset stage")
-            manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
-            continue
-        key = stage_key(config, stage, run_dir, source_fingerprint)
-        if _reusable(run_dir, stage, key, force):
-            manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
-            continue
-        log.info("%s: running", stage.name)
-        manifest["stages"][stage.name] = {"status": "running", "path": str(out)}
-        _write_manifest(manifest, manifest_path)
-        started = time.perf_counter()
-        try:
-            inputs = {up: run_dir / up for up in stage.upstream}
-            stage.call(getattr(config, stage.section), inputs, out)
-        except BaseException as exc:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            manifest["stages"][stage.name]["status"] = manifest["status"] = status
-            manifest["stages"][stage.name]["error"] = scrub(str(exc))[:500] or type(exc).__name__
-            _write_manifest(manifest, manifest_path)
-            _write_report(run_dir)
-            raise
-        seconds = round(time.perf_counter() - started, 2)
-        record = {"key": key, "seconds": seconds, "outputs": output_manifest(out)}
-        write_json_atomic(record | {"upstream_outputs": _upstream_digests(run_dir, stage)}, out / "stage.json")
-        manifest["stages"][stage.name] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
-        _write_manifest(manifest, manifest_path)
-    manifest["status"] = "completed"
-    manifest["finished"] = _now()
-    _write_manifest(manifest, manifest_path)
-    _write_report(run_dir)
     return manifest
+
+
+def _run_stage(
+    config: Config, stage: Stage, run_dir: Path, key: str, manifest: dict[str, Any], manifest_path: Path
+) -> None:
+    """Run one stage into RUN_DIR/<stage>, recording its status, key and outputs (stage.json, run.json)."""
+    out = run_dir / stage.name
+    log.info("%s: running", stage.name)
+    manifest["stages"][stage.name] = {"status": "running", "path": str(out)}
+    _write_manifest(manifest, manifest_path)
+    started = time.perf_counter()
+    try:
+        inputs = {up: run_dir / up for up in stage.upstream}
+        stage.call(getattr(config, stage.section), inputs, out)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        manifest["stages"][stage.name]["status"] = manifest["status"] = status
+        manifest["stages"][stage.name]["error"] = scrub(str(exc))[:500] or type(exc).__name__
+        _write_manifest(manifest, manifest_path)
+        _write_report(run_dir)
+        raise
+    seconds = round(time.perf_counter() - started, 2)
+    record = {"key": key, "seconds": seconds, "outputs": output_manifest(out)}
+    write_json_atomic(record | {"upstream_outputs": _upstream_digests(run_dir, stage)}, out / "stage.json")
+    manifest["stages"][stage.name] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
+    _write_manifest(manifest, manifest_path)
 
 
 def _remove_leftovers(run_dir: Path) -> None:
     """A killed run's half-written stage outputs and launch folders. The run directory's lock is held, so no
     live process is writing them."""
-    patterns = [f".{s.name}.{kind}-*" for s in STAGES for kind in ("tmp", "old")] + [".lora-pipeline-launch-*"]
+    patterns = [f".{s.name}.{kind}-*" for s in table.STAGES for kind in ("tmp", "old")] + [".lora-pipeline-launch-*"]
     for pattern in patterns:
         for leftover in run_dir.glob(pattern):
             if leftover.is_dir() and not leftover.is_symlink():
@@ -353,36 +390,6 @@ def _write_manifest(manifest: dict[str, Any], path: Path) -> None:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def print_summary(manifest: dict[str, Any]) -> None:
-    run_dir = Path(manifest["run_dir"])
-    print(f"\nrun directory: {run_dir}")
-    for stage in STAGES:
-        info = manifest["stages"].get(stage.name)
-        if info is None:
-            continue
-        seconds = info.get("seconds")
-        timing = f"{seconds:8.1f}s" if seconds is not None else " " * 9
-        print(f"  {stage.name:<9} {info['status']:<7} {timing}  {info.get('path', '')}")
-    results = run_dir / "eval" / "eval_results.json"
-    if "eval" in manifest["stages"] and results.exists():
-        from lora_pipeline.evaluation.results import format_table
-
-        print("\n" + format_table(read_json(results)["comparison"]))
-    chart = run_dir / "train" / "loss_chart.html"
-    if "train" in manifest["stages"] and chart.exists():
-        print(f"\nloss chart: {chart}")
-    if (run_dir / "report.html").exists():
-        print(f"run report: {run_dir / 'report.html'}")
-    registration = run_dir / "register" / "registration.json"
-    if "register" in manifest["stages"] and registration.exists():
-        record = read_json(registration)
-        if record.get("status") != "skipped":
-            where = record.get("registry")
-            print(f"registered: {record['model_name']} {record['version']} ({record.get('status')}, {where})")
-            if record.get("scores_differ"):
-                print("  its eval scores are not this run's: " + ", ".join(record["scores_differ"]))
 
 
 def _versions() -> dict[str, str]:

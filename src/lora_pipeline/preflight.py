@@ -13,12 +13,16 @@ import re
 import socket
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from lora_pipeline import stages as table
 from lora_pipeline.config import Config, RegistryConfig, is_local_uri, local_path
 from lora_pipeline.errors import ConfigError, RegistryError
 from lora_pipeline.sources import MODEL_SCHEMES
+from lora_pipeline.stages import resolve
+from lora_pipeline.stages.outputs import ADAPTER, EVAL_RESULTS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -27,46 +31,74 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Checking:
+    """What a stage's pre-flight check knows besides the config: the command it is part of."""
+
+    stages: frozenset[str]  # the stages this command runs
+    out: Path  # the run directory (`-o`) or the stage's output directory (`--out`)
+    out_field: str  # "-o" or "--out"
+    check_source: bool  # the data source may be read (its credentials are at hand)
+
+    @property
+    def run_dir(self) -> Path | None:
+        return Path(self.out) if self.out_field == "-o" else None
+
+
 def preflight(
     config: Config, stages: Iterable[str], out: Path, out_field: str, check_source: bool = True
 ) -> str | None:
-    """Run the checks that the given stages need; returns the data source's fingerprint (or None)."""
-    stages = set(stages)
+    """Run the checks that the given stages declare, in table order; returns the data source's fingerprint
+    (or None)."""
+    checking = Checking(frozenset(stages), Path(out), out_field, check_source)
     check_output_dir(out, out_field)
     fingerprint = None
-    if "dataset" in stages:
-        if not config.dataset.data_uri and not config.dataset.sources:
-            raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
-        if check_source:
-            from lora_pipeline.data import mixing
-
-            fingerprint = mixing.fingerprint(config.dataset)
-    if "train" in stages:
-        from lora_pipeline.training.arguments import check_train_options
-
-        # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
-        check_train_options(config.train, config.dataset.data_split < 1.0 if "dataset" in stages else None)
-        check_model(config.train.model)
-        check_model_fits(config)
-        from lora_pipeline.chat_templates import check_chat_template
-
-        train = config.train
-        check_chat_template(train.chat_template, train.model, _model_files(train.model), config.dataset.format)
-        if config.train.data_output_dir:
-            check_output_dir(Path(config.train.data_output_dir), "train.data_output_dir")
-    if "register" in stages:
-        from lora_pipeline.registry import check_local, token
-
-        check_registry(config.registry.address, config.registry.port, token(config.registry), config.registry.ca_cert)
-        # a run directory: its adapter is known before training
-        check_local(config.registry, Path(out) / "train" / "adapter" if out_field == "-o" else None)
-        if out_field == "-o" and "eval" not in stages:
-            check_eval_completed(config.registry, Path(out))
-    if "eval" in stages:
-        from lora_pipeline.stages.evaluate import check_eval_options
-
-        check_eval_options(config.eval)
+    for stage in table.STAGES:
+        if stage.name in checking.stages and stage.check:
+            fingerprint = resolve(stage.check)(config, checking) or fingerprint
     return fingerprint
+
+
+def check_dataset_stage(config: Config, checking: Checking) -> str | None:
+    """A dataset location; the source's fingerprint, read here so that an unreachable source fails now."""
+    if not config.dataset.data_uri and not config.dataset.sources:
+        raise ConfigError("required: a dataset location (or use `lora-pipeline demo`)", field="dataset.data_uri")
+    if not checking.check_source:
+        return None
+    from lora_pipeline.data import mixing
+
+    return mixing.fingerprint(config.dataset)
+
+
+def check_train_stage(config: Config, checking: Checking) -> None:
+    from lora_pipeline.chat_templates import check_chat_template
+    from lora_pipeline.training.arguments import check_train_options
+
+    train = config.train
+    # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
+    check_train_options(train, config.dataset.data_split < 1.0 if "dataset" in checking.stages else None)
+    check_model(train.model)
+    check_model_fits(config)
+    check_chat_template(train.chat_template, train.model, _model_files(train.model), config.dataset.format)
+    if train.data_output_dir:
+        check_output_dir(Path(train.data_output_dir), "train.data_output_dir")
+
+
+def check_eval_stage(config: Config, checking: Checking) -> None:
+    from lora_pipeline.stages.evaluate import check_eval_options
+
+    check_eval_options(config.eval)
+
+
+def check_register_stage(config: Config, checking: Checking) -> None:
+    from lora_pipeline.registry import check_local, token
+
+    registry, run_dir = config.registry, checking.run_dir
+    check_registry(registry.address, registry.port, token(registry), registry.ca_cert)
+    # a run directory: its adapter is known before training
+    check_local(registry, run_dir / "train" / ADAPTER if run_dir else None)
+    if run_dir and "eval" not in checking.stages:
+        check_eval_completed(registry, run_dir)
 
 
 def check_output_dir(path: Path, field: str) -> None:
@@ -217,7 +249,7 @@ def check_eval_completed(cfg: RegistryConfig, run_dir: Path) -> None:
         status = json.loads((run_dir / "run.json").read_text())["stages"]["eval"]["status"]
     except (OSError, ValueError, KeyError, TypeError):
         status = None  # no run record (a run directory put together by hand): the results file decides
-    results = run_dir / "eval" / "eval_results.json"
+    results = run_dir / "eval" / EVAL_RESULTS
     if status not in (None, "ran", "cached") or not results.is_file():
         state = f"its last eval {status}" if status not in (None, "ran", "cached") else f"no {results.name}"
         raise ConfigError(

@@ -14,6 +14,7 @@ from typing import IO, Any
 from lora_pipeline.config import Config
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import read_jsonl
+from lora_pipeline.stages.outputs import TRAIN_ROWS
 
 PLAIN_MARKS = ("[[", "]]")
 COLOR_MARKS = ("\x1b[1;32m", "\x1b[0m")  # bold green on a terminal
@@ -22,7 +23,7 @@ COLOR_MARKS = ("\x1b[1;32m", "\x1b[0m")  # bold green on a terminal
 def dataset_rows(config: Config, run_dir: Path | None, own_data: bool) -> list[dict]:
     """The dataset stage's train rows: the run directory's, unless this command names its own data (or the
     run has none yet): then the dataset stage runs into a temporary directory (nothing is written to RUN)."""
-    stored = run_dir / "dataset" / "train.jsonl" if run_dir else None
+    stored = run_dir / "dataset" / TRAIN_ROWS if run_dir else None
     if stored is not None and stored.is_file() and not own_data:
         return read_jsonl(stored)
     if not config.dataset.data_uri:
@@ -31,7 +32,7 @@ def dataset_rows(config: Config, run_dir: Path | None, own_data: bool) -> list[d
 
     with tempfile.TemporaryDirectory(prefix="lora-pipeline-preview-") as tmp:
         out = BY_NAME["dataset"].call(config.dataset, {}, Path(tmp) / "dataset")
-        return read_jsonl(Path(out) / "train.jsonl")
+        return read_jsonl(Path(out) / TRAIN_ROWS)
 
 
 def run_tokenizer(config: Config) -> Any:

@@ -31,22 +31,6 @@ EXTRA_TOKENS = 16
 MAX_NEW_TOKENS = 512
 
 
-def find_eval_split(train_dir: Path, trained: dict[str, Any]) -> Path:
-    """The dataset stage's eval.jsonl for this train output: beside the adapter when the train stage copied it
-    there, else in the dataset directory train's metrics.json names, else in the run directory's dataset/."""
-    candidates = [train_dir / "eval.jsonl"]
-    if trained.get("dataset_dir"):
-        candidates.append(Path(trained["dataset_dir"]) / "eval.jsonl")
-    candidates.append(train_dir.parent / "dataset" / "eval.jsonl")
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise StageError(
-        f"task {TASK!r} scores the dataset stage's eval.jsonl, which is not in {', '.join(map(str, candidates))}",
-        field="eval.tasks",
-    )
-
-
 def load_rows(path: Path, limit: int) -> list[dict]:
     rows = read_jsonl(path)
     rows = [r for r in rows if isinstance(r.get("messages"), list) or isinstance(r.get("text"), str)]

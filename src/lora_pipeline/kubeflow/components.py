@@ -1,4 +1,4 @@
-"""The four KFP components, one per row of the stage table, generated from the config.
+"""The KFP components, one per row of the stage table (its `kfp` declaration), generated from the config.
 
 A KFP lightweight component is a Python function whose *source* KFP ships to the pod, and whose signature
 is its interface. The signature here is generated from the config (parameters.py), so each component's
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline import stages as table
 from lora_pipeline.config import Config
-from lora_pipeline.kubeflow.parameters import component_parameters, fixed_values
-from lora_pipeline.kubeflow.runtime import ARTIFACTS, RUN_INPUTS
+from lora_pipeline.kubeflow.parameters import RUN_INPUTS, component_parameters, fixed_values
 from lora_pipeline.kubeflow.wheel import embedded_wheel, install_lora_pipeline, pip_options
-from lora_pipeline.stages import BY_NAME
 
 # Python 3.11 with CUDA torch already installed, so `pip install lora-pipeline` adds only the pure-Python rest.
 DEFAULT_IMAGE = "pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime"
@@ -30,15 +29,8 @@ DEFAULT_IMAGE = "pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime"
 EMBED = "embed"
 DEFAULT_PACKAGE_SPEC = EMBED
 
-FUNCTION_NAMES = {
-    "dataset": "prepare_dataset",
-    "train": "train_model",
-    "eval": "evaluate_model",
-    "register": "register_model",
-}
-
-# Task config the training component forwards (kubernetes_config) to a multi-node TrainJob, and applies to its
-# own pod too: resources, env, volumes, tolerations, node selector, affinity set on the task in a pipeline.
+# Task config a component with `task_config` (training) forwards (kubernetes_config) to a multi-node TrainJob,
+# and applies to its own pod too: resources, env, volumes, tolerations, node selector, affinity set on the task.
 _PASSTHROUGHS = ("RESOURCES", "ENV", "KUBERNETES_VOLUMES", "KUBERNETES_TOLERATIONS", "KUBERNETES_NODE_SELECTOR",
                  "KUBERNETES_AFFINITY")  # fmt: skip
 
@@ -89,24 +81,24 @@ def component_source(stage: str, config: Config | None = None, install: list[str
     `install`: pip options; the body first installs the embedded wheel with them (`install_lora_pipeline`).
     """
     config = config or Config()
-    artifacts = ARTIFACTS[stage]
-    train = stage == "train"
-    params = ["pvc_path: str"] if train else []  # the spec's first input: the pipeline workspace
-    outputs = [artifacts.output, *((n, "Metrics") for n in [artifacts.metrics] if n)]
-    outputs += [(n, "HTML") for n in [artifacts.chart] if n]
+    kfp = table.BY_NAME[stage].kfp
+    params = ["pvc_path: str"] if kfp.workspace else []  # the spec's first input: the pipeline workspace
+    outputs = [kfp.output]
+    outputs += [(kfp.metrics[0], "Metrics")] if kfp.metrics else []
+    outputs += [(kfp.chart[0], "HTML")] if kfp.chart else []
     params += [f"{name}: Output[{cls}]" for name, cls in outputs]
-    for up, name in artifacts.inputs.items():
-        # The spec's training component takes `dataset: Input[Dataset] = None`; the others need their inputs.
-        params.append(f"{name}: Input[{ARTIFACTS[up].output[1]}]" + (" = None" if train else ""))
+    for up, name in kfp.inputs.items():
+        # The spec's training component takes `dataset: Input[Dataset] = None` (the workspace may hold it).
+        params.append(f"{name}: Input[{table.BY_NAME[up].kfp.output[1]}]" + (" = None" if kfp.workspace else ""))
     params += [f"{p.name}: {p.annotation} = {p.default!r}" for p in component_parameters(stage, config)]
-    if train:
+    if kfp.task_config:
         params.append("kubernetes_config: TaskConfig = None")
-    if stage == "register":  # the pipeline run, from KFP's placeholders: recorded on the version (provenance)
+    if kfp.run_inputs:  # the pipeline run, from KFP's placeholders: recorded on the version (provenance)
         params += [f"{name}: str = ''" for name in RUN_INPUTS]
     signature = ",\n    ".join(params)
     return (
-        f"def {FUNCTION_NAMES[stage]}(\n    {signature},\n){' -> str' if train else ''}:\n"
-        f'    """{BY_NAME[stage].help}."""\n'
+        f"def {kfp.component}(\n    {signature},\n){' -> str' if kfp.returns else ''}:\n"
+        f'    """{table.BY_NAME[stage].help}."""\n'
         + (f"    install_lora_pipeline({install!r})\n" if install is not None else "")
         + "    from lora_pipeline.kubeflow.runtime import run_component\n\n"
         f"    return run_component({stage!r}, dict(locals()), {fixed_values(stage, config)!r})\n"
@@ -124,9 +116,10 @@ def _build_component(stage: str, config: Config | None, options: BuildOptions) -
 
     embed = options.package_spec == EMBED
     install = pip_options(options.pip_index_urls, options.pip_trusted_hosts) if embed else None
-    function = _define(FUNCTION_NAMES[stage], component_source(stage, config, install))
+    kfp = table.BY_NAME[stage].kfp
+    function = _define(kfp.component, component_source(stage, config, install))
     passthroughs = None
-    if stage == "train":
+    if kfp.task_config:
         passthroughs = [
             dsl.TaskConfigPassthrough(field=getattr(dsl.TaskConfigField, name), apply_to_task=True)
             for name in _PASSTHROUGHS

@@ -16,8 +16,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from lora_pipeline import stages as table
 from lora_pipeline.config import SECTIONS, Config, field_type, fields_of
-from lora_pipeline.stages import BY_NAME
+
+# A component's pipeline-run inputs (Kfp.run_inputs) -> the env vars the register stage reads them from.
+RUN_INPUTS = {"pipeline_run_id": "LORA_PIPELINE_KFP_RUN_ID", "pipeline_run_name": "LORA_PIPELINE_KFP_RUN_NAME"}
 
 
 @dataclass(frozen=True)
@@ -59,18 +62,20 @@ def pipeline_parameters(config: Config | None = None) -> list[Parameter]:
 def component_parameters(stage: str, config: Config | None = None) -> list[Parameter]:
     """The config inputs of one stage's component, in schema order.
 
-    train: every field with a `component` name, typed and defaulted as the spec's training component
-    (`Optional[...] = None` where it says so). Other stages: the fields that are pipeline parameters.
+    A stage with `spec_inputs` (train): every field with a `component` name, typed and defaulted as the spec's
+    training component (`Optional[...] = None` where it says so). Other stages: the fields that are pipeline
+    parameters.
     """
     config = config or Config()
-    section = BY_NAME[stage].section
+    stage_row = table.BY_NAME[stage]
+    section, spec = stage_row.section, stage_row.kfp.spec_inputs
     params = []
     for f in fields_of(section):
-        name = f.metadata.get("component") if stage == "train" else (f.name if "kfp" in f.metadata else None)
+        name = f.metadata.get("component") if spec else (f.name if "kfp" in f.metadata else None)
         if name is None:
             continue
         # The spec's training component declares some inputs `Optional[...] = None`: None = the config's value.
-        optional = stage == "train" and f.metadata.get("component_optional", False)
+        optional = spec and f.metadata.get("component_optional", False)
         default = None if optional else _value(config, section, f.name)
         params.append(Parameter(name, section, f.name, plain_type(section, f.name), default, optional))
     return params
@@ -83,7 +88,7 @@ def fixed_values(stage: str, config: Config) -> dict[str, Any]:
     `train.micro_batch_size`) and the `Optional[...] = None` inputs (used when the input is None). They are
     written into the compiled component, so a pipeline compiled with `-c run.yaml` keeps them.
     """
-    section = BY_NAME[stage].section
+    section = table.BY_NAME[stage].section
     inputs = {p.field for p in component_parameters(stage) if not p.optional}
     default = getattr(Config(), section)
     return {

@@ -15,10 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline import stages as table
 from lora_pipeline.config import SECTIONS, fields_of
 from lora_pipeline.files import read_json, write_text_atomic
 from lora_pipeline.reports.loss_chart import CSS as CHART_CSS
 from lora_pipeline.reports.loss_chart import render_loss_chart
+from lora_pipeline.stages import resolve
+from lora_pipeline.stages.outputs import DATASET_RECORD, EVAL_RESULTS, METRICS, REGISTRATION
 
 SAMPLES_SHOWN = 4
 CSS = (
@@ -53,16 +56,12 @@ def render_run_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     manifest = _load(run_dir / "run.json") or {}
     title = f"lora-pipeline run: {run_dir.name}"
-    parts = [
-        f"<h1>{_e(title)}</h1>",
-        _overview(manifest),
-        _section("Stages", _stages(manifest)),
-        _section("Dataset", _dataset(_load(run_dir / "dataset" / "dataset.json"))),
-        _section("Training", _training(_load(run_dir / "train" / "metrics.json"))),
-        _section("Evaluation: base vs tuned", _evaluation(run_dir / "eval")),
-        _section("Registration", _registration(_load(run_dir / "register" / "registration.json"))),
-        _section("Config", _config(manifest.get("config") or {})),
-    ]
+    parts = [f"<h1>{_e(title)}</h1>", _overview(manifest), _section("Stages", _stages(manifest))]
+    for stage in table.STAGES:  # each stage's own section, rendered from its output directory
+        if stage.report:
+            heading, render = stage.report
+            parts.append(_section(heading, resolve(render)(run_dir / stage.name)))
+    parts.append(_section("Config", _config(manifest.get("config") or {})))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -88,10 +87,8 @@ def _overview(manifest: dict[str, Any]) -> str:
 
 
 def _stages(manifest: dict[str, Any]) -> str:
-    from lora_pipeline.stages import STAGES
-
     rows = []
-    for stage in STAGES:
+    for stage in table.STAGES:
         info = manifest.get("stages", {}).get(stage.name)
         if info is None:
             rows.append([_e(stage.name), '<span class="muted">not run</span>', "", ""])
@@ -109,9 +106,10 @@ def _stages(manifest: dict[str, Any]) -> str:
     return _table(["stage", "status", "seconds", "error"], rows, numeric={2})
 
 
-def _dataset(info: dict[str, Any] | None) -> str:
+def dataset_section(out: Path) -> str:
+    info = _load(out / DATASET_RECORD)
     if not info:
-        return _missing("dataset")
+        return _missing(out.name)
     counts = [
         ("source", f'<span class="mono">{_e(info.get("source", "—"))}</span>'),
         ("sha256", f'<span class="mono">{_e(info.get("sha256", "—"))}</span>'),
@@ -132,9 +130,10 @@ def _dataset(info: dict[str, Any] | None) -> str:
     return _kv(counts) + _cards(numbers) + drops
 
 
-def _training(metrics: dict[str, Any] | None) -> str:
+def training_section(out: Path) -> str:
+    metrics = _load(out / METRICS)
     if not metrics:
-        return _missing("train")
+        return _missing(out.name)
     seconds = metrics.get("train_seconds")
     # First/last/min loss and steps are on the chart's own cards below.
     cards = [
@@ -165,10 +164,10 @@ def _mib(value: Any) -> str:
     return f"{value / 2**20:,.0f} MiB" if isinstance(value, (int, float)) else "—"
 
 
-def _evaluation(eval_dir: Path) -> str:
-    results = _load(eval_dir / "eval_results.json")
+def evaluation_section(eval_dir: Path) -> str:
+    results = _load(eval_dir / EVAL_RESULTS)
     if not results:
-        return _missing("eval")
+        return _missing(eval_dir.name)
     rows = []
     for r in results.get("comparison", []):
         delta = r.get("delta")
@@ -191,9 +190,10 @@ def _evaluation(eval_dir: Path) -> str:
     return "".join(parts)
 
 
-def _registration(record: dict[str, Any] | None) -> str:
+def registration_section(out: Path) -> str:
+    record = _load(out / REGISTRATION)
     if not record:
-        return _missing("register")
+        return _missing(out.name)
     status = record.get("status", "?")
     cells = [
         ("status", f'<span class="badge {_e(status)}">{_e(status)}</span> {_e(record.get("reason", ""))}'),

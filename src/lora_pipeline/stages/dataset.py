@@ -30,6 +30,7 @@ from lora_pipeline.data.readers import data_files, read_rows
 from lora_pipeline.errors import DataError, LoraPipelineError
 from lora_pipeline.files import atomic_dir, owned_prefix, remove_stale_temp, write_json_atomic
 from lora_pipeline.progress import Meter
+from lora_pipeline.stages.outputs import DATASET_RECORD, EVAL_ROWS, TRAIN_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,14 @@ def prepare_dataset(cfg: DatasetConfig, out: Path) -> Path:
             order = order[: cfg.subset]
         random.Random(cfg.seed).shuffle(order)  # the same permutation as shuffling a list of the rows
         n_train = len(order) if eval_location else _train_size(len(order), cfg.data_split)
-        spool.write_lines(order[:n_train], tmp / "train.jsonl")
+        spool.write_lines(order[:n_train], tmp / TRAIN_ROWS)
         if eval_location:
-            spool.write_lines(range(parts[-1].start, parts[-1].end), tmp / "eval.jsonl")
+            spool.write_lines(range(parts[-1].start, parts[-1].end), tmp / EVAL_ROWS)
         else:
-            spool.write_lines(order[n_train:], tmp / "eval.jsonl")
+            spool.write_lines(order[n_train:], tmp / EVAL_ROWS)
         n_eval = parts[-1].end - parts[-1].start if eval_location else len(order) - n_train
         record = _record(cfg, parts, train_parts, mixed, order, n_train, n_eval)
-        write_json_atomic(record, tmp / "dataset.json")
+        write_json_atomic(record, tmp / DATASET_RECORD)
     dropped = _Tally(0)
     for part in parts:
         dropped.add(part.tally)

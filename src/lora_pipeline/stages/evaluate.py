@@ -32,8 +32,9 @@ from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
 from lora_pipeline.logs import set_library_levels
 from lora_pipeline.models import load_tokenizer, recorded_base
+from lora_pipeline.stages.outputs import ADAPTER, EVAL_RESULTS, EVAL_ROWS, METRICS, REGISTRATION
 
-__all__ = ["check_eval_options", "compare", "evaluate_adapter", "precision_label"]
+__all__ = ["check_eval_options", "compare", "evaluate_adapter", "find_eval_split", "precision_label"]
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ log = logging.getLogger(__name__)
 def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     """Score base + adapter and the base model on `cfg.tasks`, as trained; write `out/eval_results.json`."""
     train_dir, out = Path(train_dir), Path(out)
-    adapter = (train_dir / "adapter").resolve()
+    adapter = (train_dir / ADAPTER).resolve()
     if not (adapter / "adapter_config.json").exists():
         raise StageError(f"no adapter in {adapter}: run the train stage first", field="eval")
     base_ref = read_json(adapter / "adapter_config.json")["base_model_name_or_path"]
     # The train stage records how it loaded the base; an older train output without these keys was
     # trained in full precision without remote code.
-    trained = read_json(train_dir / "metrics.json") if (train_dir / "metrics.json").exists() else {}
+    trained = read_json(train_dir / METRICS) if (train_dir / METRICS).exists() else {}
     quant = trained.get("quantization")
     trust_remote_code = bool(trained.get("trust_remote_code", False))
     base_ref = recorded_base(base_ref, trained.get("base_model_uri"))
@@ -68,7 +69,7 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
         build_tasks(task_manager, tasks)  # a task that cannot be built fails here, before any model loads
     split_rows = None
     if SPLIT_TASK in cfg.tasks:
-        split_rows = split_task.load_rows(split_task.find_eval_split(train_dir, trained), cfg.limit)
+        split_rows = split_task.load_rows(find_eval_split(train_dir, trained), cfg.limit)
 
     cuda = torch.cuda.is_available()
     batch_size: Any = cfg.batch_size
@@ -82,7 +83,38 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     if tasks:
         start_env_info()
     log.info("eval: %s backend", backend)
+    results = _score(scorer, cfg, backend, base_ref, adapter, quant, trust_remote_code)
+    if rank() != 0:  # under torchrun, only rank 0 gets lm-eval's results and writes them
+        return out
+    samples = {name: res.pop("samples", None) or {} for name, res in results.items()}
+    comparison = compare(results.get("base"), results["tuned"], label)
+    if "tuned_full_precision" in results:
+        comparison += compare(results.get("base_full_precision"), results["tuned_full_precision"], "full")
+    record = {**results, "backend": backend, "quantization": quant, "chat_template": chat, "comparison": comparison}
+    _write_results(cfg, out, record, samples)
+    return out
 
+
+def find_eval_split(train_dir: Path, trained: dict[str, Any]) -> Path:
+    """The dataset stage's eval.jsonl for the `split` task, through the train output: the copy beside the
+    adapter, else in the dataset directory train's metrics.json names."""
+    candidates = [train_dir / EVAL_ROWS]
+    if trained.get("dataset_dir"):
+        candidates.append(Path(trained["dataset_dir"]) / EVAL_ROWS)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise StageError(
+        f"task {SPLIT_TASK!r} scores the dataset stage's {EVAL_ROWS}, which is not in "
+        f"{', '.join(map(str, candidates))}",
+        field="eval.tasks",
+    )
+
+
+def _score(
+    scorer: Scorer, cfg: EvalConfig, backend: str, base_ref: str, adapter: Path, quant: Any, trust_remote_code: bool
+) -> dict[str, Any]:
+    """lm-eval's results per model ("tuned", "base", and "..._full_precision" with eval.full_precision)."""
     results: dict[str, Any] = {}
     if backend == "vllm":
         results.update(scorer.with_vllm(base_ref, adapter, quant, trust_remote_code))
@@ -96,20 +128,17 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
         if cfg.full_precision:
             log.info("eval: training was not quantized, so the scores are full precision already")
         results.update(scorer.full_precision(base_ref, adapter, trust_remote_code, None))
-    if rank() != 0:  # under torchrun, only rank 0 gets lm-eval's results and writes them
-        return out
+    return results
 
-    samples = {name: res.pop("samples", None) or {} for name, res in results.items()}
-    comparison = compare(results.get("base"), results["tuned"], label)
-    if "tuned_full_precision" in results:
-        comparison += compare(results.get("base_full_precision"), results["tuned_full_precision"], "full")
+
+def _write_results(cfg: EvalConfig, out: Path, record: dict[str, Any], samples: dict[str, Any]) -> None:
+    """eval_results.json with its scope and what it replaces, and with eval.log_samples each model's samples."""
     scope = eval_scope(cfg.tasks, cfg.limit)
-    record = {**results, "backend": backend, "quantization": quant, "chat_template": chat, "comparison": comparison}
     replaced = _replaced(out, scope)
     if replaced:  # a quick look (a limit, fewer tasks) never replaces a fuller result silently
         record["replaced"] = replaced
     with atomic_dir(out) as tmp:
-        write_json_atomic({**record, "scope": scope}, tmp / "eval_results.json")
+        write_json_atomic({**record, "scope": scope}, tmp / EVAL_RESULTS)
         if cfg.log_samples:
             for name, per_task in samples.items():
                 for task, rows in per_task.items():
@@ -118,23 +147,22 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
 
     from lora_pipeline.evaluation.results import format_table
 
-    log.info("eval:\n%s", format_table(comparison))
+    log.info("eval:\n%s", format_table(record["comparison"]))
     if replaced:
         log.warning("eval: %s", replaced["line"])
-    return out
 
 
 def _replaced(out: Path, scope: dict[str, Any]) -> dict[str, Any] | None:
     """What a narrower eval replaces in `out`: the line that says so, and the earlier scope and table (kept in
     the new record). A registered version's scores are the earlier ones until it is registered again."""
-    previous = out / "eval_results.json"
+    previous = out / EVAL_RESULTS
     if not previous.is_file():
         return None
     old = read_json(previous)
     line = replaced_line(old, scope)
     if line is None:
         return None
-    registration = out.parent / "register" / "registration.json"  # a run directory's
+    registration = out.parent / "register" / REGISTRATION  # a run directory's
     if registration.is_file():
         record = read_json(registration)
         if record.get("status") in ("registered", "exists"):

@@ -24,6 +24,7 @@ from lora_pipeline.redaction import scrub
 from lora_pipeline.registry import Entry, Scalar, kind, local_path, open_registry
 from lora_pipeline.registry.artifacts import DIGEST_KEY, tree_digest
 from lora_pipeline.registry.local import LocalRegistry
+from lora_pipeline.stages.outputs import ADAPTER, DATASET_RECORD, EVAL_RESULTS, METRICS, REGISTRATION
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +33,20 @@ _KFP_MOUNTS = {"/minio/": "s3://", "/s3/": "s3://", "/gcs/": "gs://"}
 # adapter_config.json key -> metadata name
 _LORA_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
 _LORA_KEYS.update(use_rslora="use_rslora", use_dora="use_dora")
-# metadata key -> env var that the KFP register component sets from its pipeline-run inputs (kubeflow/runtime.py)
+# metadata key -> env var that the KFP register component sets from its pipeline-run inputs (kubeflow/parameters.py)
 _RUN_ENV = {"pipeline_run_id": "LORA_PIPELINE_KFP_RUN_ID", "pipeline_run_name": "LORA_PIPELINE_KFP_RUN_NAME"}
 
 
 def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None, out: Path) -> Path:
-    adapter = Path(train_dir) / "adapter"
+    adapter = Path(train_dir) / ADAPTER
     if not (adapter / "adapter_config.json").exists():
         raise StageError(f"no adapter in {adapter}: run the train stage first", field="register")
     registering = kind(cfg) != "none"
     if registering and not cfg.allow_no_eval:
         _check_eval_results(eval_dir)
+    uri, digest = _stored(cfg, adapter)
     merged = Path(train_dir) / "merged"  # train.merge's output: the version's second artifact
-    merged_uri, merged_digest = "", ""
-    if kind(cfg) == "local":  # the local registry registers its own immutable copy, by content
-        uri, digest = LocalRegistry(local_path(cfg)).store(adapter)
-        if merged.is_dir():
-            merged_uri, merged_digest = LocalRegistry(local_path(cfg)).store(merged)
-    else:
-        uri, digest = artifact_uri(adapter), tree_digest(adapter)
-        if merged.is_dir():
-            merged_uri, merged_digest = artifact_uri(merged), tree_digest(merged)
+    merged_uri, merged_digest = _stored(cfg, merged) if merged.is_dir() else ("", "")
     entry = Entry(
         name=cfg.model_name,
         version=cfg.version,
@@ -84,35 +78,48 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
         record.update(status="skipped", reason=f"registry.address is {repr(cfg.address) if cfg.address else 'empty'}")
         log.info("register: skipped (no registry address; `--registry.address local` registers in a local file)")
     else:
-        registered_before = _registered_metadata(cfg, entry, Path(out))
-        outcome = open_registry(cfg).register(entry)
-        record.update(outcome.to_dict())
-        verb = "registered" if outcome.status == "registered" else "already registered (same content, no change)"
-        log.info("register: %s %s %s in %s", entry.name, record["version"], verb, outcome.where)
-        differ = score_differences(registered_before, entry.metadata) if outcome.status == "exists" else {}
-        if differ:
-            # The registry keeps a version as first registered: say when its scores are not this run's.
-            record["registered_metadata"] = registered_before
-            record["scores_differ"] = differ
-            shown = "; ".join(
-                f"{k[5:]} {_text(v['registered'])} there, {_text(v['run'])} here" for k, v in differ.items()
-            )
-            log.warning(
-                "register: %s %s holds other eval scores than this run's eval (%s): the registry keeps its own; "
-                "a new --registry.version records these",
-                entry.name,
-                record["version"],
-                shown,
-            )
+        record.update(_register(cfg, entry, Path(out)))
     with atomic_dir(out) as tmp:
-        write_json_atomic(record, tmp / "registration.json")
+        write_json_atomic(record, tmp / REGISTRATION)
     return out
+
+
+def _stored(cfg: RegistryConfig, folder: Path) -> tuple[str, str]:
+    """(uri, digest) of an artifact folder: the local registry registers its own immutable copy, by content;
+    a remote registry points at the folder where it is."""
+    if kind(cfg) == "local":
+        return LocalRegistry(local_path(cfg)).store(folder)
+    return artifact_uri(folder), tree_digest(folder)
+
+
+def _register(cfg: RegistryConfig, entry: Entry, out: Path) -> dict[str, Any]:
+    """Register the entry; the outcome, and the scores the registry holds when they are not this run's."""
+    registered_before = _registered_metadata(cfg, entry, out)
+    outcome = open_registry(cfg).register(entry)
+    record = outcome.to_dict()
+    version = record.get("version", entry.version)  # the registry's, when it says
+    verb = "registered" if outcome.status == "registered" else "already registered (same content, no change)"
+    log.info("register: %s %s %s in %s", entry.name, version, verb, outcome.where)
+    differ = score_differences(registered_before, entry.metadata) if outcome.status == "exists" else {}
+    if differ:
+        # The registry keeps a version as first registered: say when its scores are not this run's.
+        record["registered_metadata"] = registered_before
+        record["scores_differ"] = differ
+        shown = "; ".join(f"{k[5:]} {_text(v['registered'])} there, {_text(v['run'])} here" for k, v in differ.items())
+        log.warning(
+            "register: %s %s holds other eval scores than this run's eval (%s): the registry keeps its own; "
+            "a new --registry.version records these",
+            entry.name,
+            version,
+            shown,
+        )
+    return record
 
 
 def _check_eval_results(eval_dir: Path | None) -> None:
     """A version carries its scores: without eval results there are none (a compiled pipeline's register
     component sees only the eval output, so the file decides here; pre-flight also reads run.json)."""
-    results = Path(eval_dir) / "eval_results.json" if eval_dir else None
+    results = Path(eval_dir) / EVAL_RESULTS if eval_dir else None
     if not (results and results.is_file()):
         raise StageError(
             f"no completed eval ({results or 'no eval output'}): run the eval stage first, or set "
@@ -131,7 +138,7 @@ def _registered_metadata(cfg: RegistryConfig, entry: Entry, out: Path) -> dict[s
         path = local_path(cfg)
         found = LocalRegistry(path).find(entry.name, entry.version) if path.exists() else None
         return found["metadata"] if found else None
-    previous = out / "registration.json"
+    previous = out / REGISTRATION
     if not previous.is_file():
         return None
     old = read_json(previous)
@@ -177,7 +184,7 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
     Flat scalars only: Kubeflow's custom properties are typed values, not nested objects."""
     train_dir = Path(train_dir)
     meta: dict[str, Any] = {}
-    adapter_cfg = read_json(train_dir / "adapter" / "adapter_config.json")
+    adapter_cfg = read_json(train_dir / ADAPTER / "adapter_config.json")
     meta["base_model"] = adapter_cfg.get("base_model_name_or_path")
     dataset = _dataset_info(train_dir)
     if dataset:
@@ -190,7 +197,7 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
     if isinstance(targets, list):  # PEFT records full module paths; their last names say what was adapted
         targets = ",".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
     meta["lora_target_modules"] = targets
-    metrics_file = train_dir / "metrics.json"
+    metrics_file = train_dir / METRICS
     if metrics_file.exists():
         metrics = read_json(metrics_file)
         for key in ("final_loss", "mean_loss", "eval_loss", "epochs", "steps", "effective_batch_size"):
@@ -200,7 +207,7 @@ def version_metadata(train_dir: Path, eval_dir: Path | None) -> dict[str, Scalar
         meta["quantization"] = _quantization(metrics.get("quantization"))
     for key, env in _RUN_ENV.items():  # inside KFP: the pipeline run that registered this version
         meta[key] = os.environ.get(env, "").strip()
-    results_file = Path(eval_dir) / "eval_results.json" if eval_dir else None
+    results_file = Path(eval_dir) / EVAL_RESULTS if eval_dir else None
     if results_file and results_file.exists():
         for row in read_json(results_file).get("comparison", []):
             meta.update(_score_entries(row))
@@ -228,12 +235,10 @@ def _score_entries(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dataset_info(train_dir: Path) -> dict[str, Any] | None:
-    """dataset.json: copied into the train output when the train stage records it, else the run directory's
-    dataset stage beside it. A Kubeflow register pod sees neither unless the train stage copies it."""
-    for candidate in (train_dir / "dataset.json", train_dir.parent / "dataset" / "dataset.json"):
-        if candidate.is_file():
-            return read_json(candidate)
-    return None
+    """dataset.json, as the train stage copies it into its output: register reads only its upstream outputs
+    (a Kubeflow register pod sees no other)."""
+    record = train_dir / DATASET_RECORD
+    return read_json(record) if record.is_file() else None
 
 
 def _quantization(quant: Any) -> str:
