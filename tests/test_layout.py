@@ -10,13 +10,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lora_pipeline"
 
 # The CLI's callers: `python -m lora_pipeline`, and the KFP component, which runs the stage's CLI command in its pod.
 CLI_ENTRIES = {"__main__.py", "kubeflow/runtime.py"}
-# The packages below the stages: the stages and the pipeline use them, never the reverse.
+# The packages below the stages: the stages and the pipeline use them, never the reverse. They may read the
+# stage table itself (`lora_pipeline.stages`: names, output files, hooks resolved lazily), as the run page does.
 BELOW_STAGES = ("training", "data", "sources", "registry", "evaluation", "reports", "export")
-ABOVE = ("lora_pipeline.stages", "lora_pipeline.pipeline")
-# Imports against the layering that other changes remove: (module, the package above it that it imports).
+STAGE_MODULES = tuple(
+    f"lora_pipeline.stages.{p.stem}" for p in (PACKAGE / "stages").glob("*.py") if p.stem not in ("__init__", "outputs")
+)
+ABOVE = (*STAGE_MODULES, "lora_pipeline.pipeline")
+# Imports against the layering that other changes remove: (module, the module above it that it imports).
 STILL_UPWARD: set[tuple[str, str]] = {
-    ("reports/run_page.py", "lora_pipeline.stages"),
-    ("training/launch.py", "lora_pipeline.stages"),
+    ("training/launch.py", "lora_pipeline.stages.train"),
 }
 
 MAX_LINES = 80
@@ -24,7 +27,6 @@ MAX_LINES = 80
 STILL_LONG = {
     "stages/train.py::_train",
     "training/batching.py::make_trainer_class",
-    "stages/evaluate.py::evaluate_adapter",
 }
 
 
