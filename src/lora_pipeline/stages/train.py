@@ -58,7 +58,15 @@ from lora_pipeline.training.distributed import prepare_work_dir_once, process_ra
 from lora_pipeline.training.encoded_data import encode_rows, encoded_key, load_encoded, save_encoded
 from lora_pipeline.training.launch import maybe_launch, worker_main
 from lora_pipeline.training.packing import choose_padding_free, sample_packing
-from lora_pipeline.training.records import Data, Model, Outcome, Steps, loss_summary, run_metrics
+from lora_pipeline.training.records import (
+    Data,
+    Model,
+    Outcome,
+    Steps,
+    loss_summary,
+    run_metrics,
+    small_dataset_warnings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,6 @@ log = logging.getLogger(__name__)
 # 4k and 8k tokens ran within 3% of each other, and 2k needs half the memory of 4k. max_tokens_per_gpu is a GPU
 # memory cap, so on CPU the passes are capped here as well.
 CPU_PASS_TOKENS = 2048
-MIN_STEPS = 10  # fewer optimizer steps than this and a LoRA barely leaves its init
 
 
 def train_adapter(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
@@ -209,7 +216,9 @@ def plan_steps(cfg: TrainConfig, dataset_dir: Path, out: Path, data: Data, model
             "processes train with DDP, each holding the whole model" if world > 1 else "this run has one process",
         )
     total_steps = step_count(cfg, steps_per_epoch)
-    notes = _small_dataset_warnings(len(data.train), step_rows, cfg.epochs, steps_per_epoch, total_steps)
+    notes = small_dataset_warnings(len(data.train), step_rows, cfg.epochs, steps_per_epoch, total_steps)
+    for note in notes:
+        log.warning("train: %s", note)
     work = out.with_name(f".{out.name}.work")
     cuda = torch.cuda.is_available()
     resume = prepare_work_dir_once(work, training_key(cfg, dataset_dir), world, rank, cuda)
@@ -379,19 +388,6 @@ def save_outputs(
     shutil.rmtree(steps.work, ignore_errors=True)
     summary = loss_summary(metrics["final_loss"], metrics["mean_loss"])
     log.info("train: %s after %d steps in %.1fs -> %s", summary, trainer.state.global_step, outcome.seconds, out)
-
-
-def _small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch: int, steps: int) -> list[str]:
-    """Too few optimizer steps leave the adapter near its zero init: say so once, with the numbers."""
-    if steps >= MIN_STEPS or steps < steps_per_epoch * epochs:  # fewer by max_steps: the user's choice
-        return []
-    message = (
-        f"only {steps} optimizer step{'s' if steps != 1 else ''} ({rows} rows, effective_batch_size {batch}, "
-        f"{epochs} epoch{'s' if epochs != 1 else ''}): training will barely move the adapter; "
-        "lower --train.effective_batch_size or add epochs"
-    )
-    log.warning("train: %s", message)
-    return [message]
 
 
 def canonical_adapter_config(adapter: Path) -> None:

@@ -10,10 +10,11 @@ from typing import Any
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.files import package_versions
 from lora_pipeline.sources import MODEL_SCHEMES
-from lora_pipeline.tokenization import IGNORE_INDEX
+from lora_pipeline.training.encoded_data import targets_in, tokens_in
 
 # Packages whose versions metrics.json records.
 VERSIONED = ("lora-pipeline", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")
+MIN_STEPS = 10  # fewer optimizer steps than this and a LoRA barely leaves its init
 
 
 @dataclass
@@ -154,10 +155,13 @@ def loss_summary(final: float | None, mean: float | None) -> str:
     return f"final loss {final:.4f}" + (f" (mean over the run {mean:.4f})" if mean is not None else "")
 
 
-def tokens_in(rows: list[dict]) -> int:
-    return sum(len(r["input_ids"]) for r in rows)
-
-
-def targets_in(rows: list[dict]) -> int:
-    """The tokens that carry the loss."""
-    return sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in rows)
+def small_dataset_warnings(rows: int, batch: int, epochs: int, steps_per_epoch: int, steps: int) -> list[str]:
+    """Too few optimizer steps leave the adapter near its zero init: the warning, with the numbers (metrics.json
+    keeps it)."""
+    if steps >= MIN_STEPS or steps < steps_per_epoch * epochs:  # fewer by max_steps: the user's choice
+        return []
+    return [
+        f"only {steps} optimizer step{'s' if steps != 1 else ''} ({rows} rows, effective_batch_size {batch}, "
+        f"{epochs} epoch{'s' if epochs != 1 else ''}): training will barely move the adapter; "
+        "lower --train.effective_batch_size or add epochs"
+    ]
