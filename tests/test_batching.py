@@ -13,7 +13,6 @@ from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
 from lora_pipeline.training.batching import (
     StepCollator,
     StepSampler,
-    make_trainer_class,
     split_by_budget,
     target_tokens,
 )
@@ -111,7 +110,9 @@ def budget_trainer(model, rows: list[dict], max_tokens: int, tmp_path: Path):
     import transformers
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True)
-    return make_trainer_class()(
+    from lora_pipeline.training.trainer import TokenBudgetTrainer
+
+    return TokenBudgetTrainer(
         model=model,
         args=args,
         train_dataset=rows,

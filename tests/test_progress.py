@@ -50,7 +50,7 @@ def test_eta_format() -> None:
     ],
 )
 def test_the_summary_line_names_the_final_loss_and_labels_the_mean(final, mean, expected) -> None:
-    from lora_pipeline.stages.train import loss_summary
+    from lora_pipeline.training.records import loss_summary
 
     assert loss_summary(final, mean) == expected
 
@@ -59,7 +59,8 @@ def test_on_a_terminal_progress_is_one_redrawn_line_that_log_lines_never_run_int
     import io
     from types import SimpleNamespace
 
-    from lora_pipeline.progress import TerminalLine, make_progress_callback
+    from lora_pipeline.progress import TerminalLine
+    from lora_pipeline.training.callbacks import ProgressLogCallback
 
     screen = io.StringIO()
     handler = logging.StreamHandler(screen)
@@ -70,7 +71,7 @@ def test_on_a_terminal_progress_is_one_redrawn_line_that_log_lines_never_run_int
     logger.setLevel(logging.INFO)
     try:
         live = TerminalLine(screen, min_interval=0)
-        callback = make_progress_callback(100.0, logger, live=live)
+        callback = ProgressLogCallback(100.0, logger, live=live)
         state = SimpleNamespace(global_step=0, max_steps=10, is_world_process_zero=True)
         callback.on_train_begin(None, state, None)
         for step in range(1, 11):

@@ -92,7 +92,10 @@ def preview_command(
     tokenizer = run_tokenizer(config)
     data = dataset_rows(config, run_dir, own_data)[:rows]
     marks = COLOR_MARKS if (out.isatty() if color is None else color) else PLAIN_MARKS
-    out.write(f"legend: {marks[0]}trained{marks[1]} tokens carry the loss; the rest is context (label -100)\n")
+    from lora_pipeline.tokenization import IGNORE_INDEX
+
+    legend = f"legend: {marks[0]}trained{marks[1]} tokens carry the loss; the rest is context (label {IGNORE_INDEX})"
+    out.write(legend + "\n")
     for i, row in enumerate(data, 1):
         header, shown = render_row(tokenizer, row, config.train.max_seq_len, marks)
         out.write(f"--- row {i}: {header} ---\n{shown}\n")

@@ -4,7 +4,8 @@ Without a terminal (CI, a pod's log): one log line about every tenth of the work
 seconds, whichever comes first, and at the end, e.g.
 `train: step 40/900 (4%) loss 1.2345 lr 2.0e-04 9,500 tok/s ETA 0:31`, plus one line per evaluation.
 On a terminal: the same text as one line redrawn in place (`TerminalLine`), cleared before any log line is
-printed so that no line is glued onto it; the last state stays as a log line.
+printed so that no line is glued onto it; the last state stays as a log line. The Trainer callback that
+writes the train stage's lines is `training.callbacks.ProgressLogCallback`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any
+from typing import IO
 
 
 def format_eta(seconds: float) -> str:
@@ -87,79 +88,6 @@ class _ClearBeforeRecord(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         self.line.clear()
         return True
-
-
-def make_progress_callback(
-    tokens_per_step: float, logger: logging.Logger, every_seconds: float = 30.0, live: TerminalLine | None = None
-) -> Any:
-    """A TrainerCallback logging progress lines to `logger` (on the main process only); with `live` (a
-    terminal), the line is redrawn at every step instead, and logged once at the end."""
-    from transformers import TrainerCallback
-
-    class ProgressLogCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.loss: float | None = None
-            self.lr: float | None = None
-            self.started = self.last_line = time.monotonic()
-            self.first_step = 0
-            self.pending = False
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.started = self.last_line = time.monotonic()
-            self.first_step = state.global_step  # a resumed run measures its speed from where it started
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not state.is_world_process_zero:
-                return
-            if live is not None:
-                if state.global_step < state.max_steps:
-                    live.draw(f"train: {self.text(state)}")
-                else:
-                    self.pending = bool(control.should_log)  # the last line waits for the last loss
-                    if not self.pending:
-                        self.emit(state)
-                return
-            if self.pending:  # the line waited for a loss that was not logged
-                self.emit(state)
-            every_steps = max(1, -(-state.max_steps // 10))  # about ten lines a run
-            step = state.global_step
-            due = step % every_steps == 0 or step == state.max_steps
-            if due or time.monotonic() - self.last_line >= every_seconds:
-                # The Trainer logs this step's loss right after on_step_end: when it will, the line waits for it.
-                self.pending = bool(control.should_log)
-                if not self.pending:
-                    self.emit(state)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            logs = logs or {}
-            if "loss" in logs:
-                self.loss, self.lr = logs["loss"], logs.get("learning_rate", self.lr)
-                if self.pending:
-                    self.emit(state)
-                elif live is not None and state.is_world_process_zero:
-                    live.draw(f"train: {self.text(state)}", force=True)
-            if "eval_loss" in logs and state.is_world_process_zero:
-                logger.info(
-                    "train: eval loss %.4f at step %d/%d", logs["eval_loss"], state.global_step, state.max_steps
-                )
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if live is not None:
-                if self.pending:
-                    self.emit(state)
-                live.close()
-
-        def text(self, state: Any) -> str:
-            done, elapsed = state.global_step - self.first_step, time.monotonic() - self.started
-            rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
-            return progress_line(state.global_step, state.max_steps, self.loss, self.lr, rate, tokens_per_step)
-
-        def emit(self, state: Any) -> None:
-            self.pending = False
-            self.last_line = time.monotonic()
-            logger.info("train: %s", self.text(state))  # on a terminal the filter clears the live line first
-
-    return ProgressLogCallback()
 
 
 class Meter:

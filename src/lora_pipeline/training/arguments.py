@@ -1,5 +1,6 @@
 """The train stage's run-shaping knobs: experiment trackers, max_steps, weight decay, evaluation every N steps,
-gradient checkpointing, keep-best and early stopping, mapped onto transformers' Trainer.
+gradient checkpointing, keep-best and early stopping, mapped onto transformers' Trainer; `training_arguments`
+is the whole mapping of a TrainConfig onto transformers' TrainingArguments.
 
 Keep-best and early stopping are decided from the Trainer's `log_history` (restored from a checkpoint on
 resume), not from callback state: a resumed run sees every evaluation made before its checkpoint. The best
@@ -65,16 +66,50 @@ def step_count(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
 
 
-def training_arguments(cfg: TrainConfig, has_eval_rows: bool) -> dict[str, Any]:
-    """TrainingArguments for the knobs above (the rest are built in the train stage)."""
+def training_arguments(
+    cfg: TrainConfig,
+    work: Path,
+    *,
+    step_rows: int,
+    eval_batch: int,
+    total_steps: int,
+    has_eval_rows: bool,
+    cuda: bool,
+    liger: bool,
+) -> Any:
+    """transformers' TrainingArguments for this run: `cfg`'s knobs, and the settings the token-budget trainer
+    relies on (one batch per optimizer step, no column pruning, our own progress lines)."""
+    import torch
+    import transformers
+
     evals = "no" if not has_eval_rows else "steps" if cfg.eval_steps else "epoch"
-    return {
-        "max_steps": cfg.max_steps if cfg.max_steps > 0 else -1,
-        "weight_decay": cfg.weight_decay,
-        "eval_strategy": evals,
-        "eval_steps": cfg.eval_steps or None,
-        "report_to": trackers(cfg),
-    }
+    return transformers.TrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        per_device_train_batch_size=step_rows,  # not used for training: the StepSampler makes the batches
+        per_device_eval_batch_size=eval_batch,
+        gradient_accumulation_steps=1,  # one batch is one optimizer step; its micro-batches run in training_step
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.lr_warmup,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=max(1, total_steps // 200),
+        eval_strategy=evals,
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or 500,
+        save_total_limit=2,  # the newest complete one is enough to resume; rotation happens after a save completes
+        report_to=trackers(cfg),
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_liger_kernel=liger,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # our own progress (see training.callbacks): HF's bar has no loss, no tokens/s
+    )
 
 
 def use_checkpointing(cfg: TrainConfig, cuda: bool, estimate: dict[str, int]) -> dict[str, Any]:

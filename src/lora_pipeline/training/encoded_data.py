@@ -16,6 +16,7 @@ from typing import Any
 from lora_pipeline import __version__
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.files import atomic_dir, read_jsonl, write_jsonl
+from lora_pipeline.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +66,13 @@ def encode_rows(rows: list[dict], tokenizer: Any, cfg: TrainConfig) -> list[dict
     if dropped:
         log.warning("train: %d rows have no assistant token within max_seq_len=%d, skipped", dropped, cfg.max_seq_len)
     return [e for e in encoded if e is not None]
+
+
+def tokens_in(rows: list[dict]) -> int:
+    """The tokens of encoded rows, prompt and target."""
+    return sum(len(r["input_ids"]) for r in rows)
+
+
+def targets_in(rows: list[dict]) -> int:
+    """The tokens that carry the loss."""
+    return sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in rows)

@@ -1,9 +1,10 @@
 """Several training processes on one machine: `train.num_procs N` launches them with torchrun.
 
 The train stage, asked for N > 1 processes outside torchrun, starts `python -m torch.distributed.run
---standalone --nproc-per-node N` (rendezvous on loopback) with this module as each process's entry; each
-process trains its share of every optimizer step (see `batching.StepSampler`), gradients are all-reduced
-(gloo on CPU, NCCL on GPU) and rank 0 writes the output. On CPU the cores are divided among the processes.
+--standalone --nproc-per-node N` (rendezvous on loopback) with the stage's module as each process's entry (its
+`__main__` calls `worker_main`); each process trains its share of every optimizer step (see
+`batching.StepSampler`), gradients are all-reduced (gloo on CPU, NCCL on GPU) and rank 0 writes the output. On
+CPU the cores are divided among the processes.
 Under torchrun already (`lora-pipeline train --input dataset=DIR --out DIR` as a TrainJob runs it), the stage
 trains in place and launches nothing.
 
@@ -20,11 +21,12 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.errors import StageError
-from lora_pipeline.training.checkpoints import last_complete_checkpoint, prepare_work_dir
+from lora_pipeline.training.distributed import under_torchrun
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,9 @@ def resolve_num_procs(value: str) -> int:
     return int(value)
 
 
-def under_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path | None:
-    """Train in `num_procs` processes and return `out`; None when this process should train itself."""
+def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path, worker_module: str) -> Path | None:
+    """Train in `num_procs` processes, each running `python -m worker_module` (whose `__main__` calls
+    `worker_main`), and return `out`; None when this process should train itself."""
     procs = resolve_num_procs(cfg.num_procs)
     if procs <= 1 or under_torchrun():
         return None
@@ -67,7 +66,7 @@ def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path | None:
             "--standalone",
             f"--nproc-per-node={procs}",
             "--module",
-            "lora_pipeline.training.launch",
+            worker_module,
             str(config_file),
             str(dataset_dir),
             str(out),
@@ -82,44 +81,6 @@ def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path | None:
     if code != 0:
         raise StageError(f"{procs} training processes failed (exit {code}); their error is above", field="train")
     return out
-
-
-def process_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def prepare_work_dir_once(work: Path, key: str, world: int, rank: int, cuda: bool) -> Path | None:
-    """The checkpoint to resume from. With several processes, rank 0 alone clears or keeps the work directory
-    (they would race) while the others wait at a barrier, then read the same checkpoint."""
-    if world == 1:
-        return prepare_work_dir(work, key)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # accelerate would start it later; the barrier is needed now
-        if cuda:
-            import torch
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    resume = prepare_work_dir(work, key) if rank == 0 else None
-    dist.barrier()
-    return resume if rank == 0 else last_complete_checkpoint(work / "checkpoints")
-
-
-def sum_over_processes(counts: list[int], world: int) -> list[int]:
-    if world == 1:
-        return counts
-    import torch
-    import torch.distributed as dist
-
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    total = torch.tensor(counts, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return [int(x) for x in total.tolist()]
 
 
 def _stop_with_parent() -> None:
@@ -138,12 +99,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: list[str]) -> int:
-    """One training process under torchrun: the config file, the dataset directory, the output directory."""
+def worker_main(train_adapter: Callable[[TrainConfig, Path, Path], Path], argv: list[str]) -> int:
+    """One training process under torchrun (the train stage's `__main__`, so that nothing here imports the
+    stage): the config file, the dataset directory, the output directory."""
     from lora_pipeline.errors import LoraPipelineError
     from lora_pipeline.logs import apply_verbosity, setup_logging
     from lora_pipeline.redaction import scrub
-    from lora_pipeline.stages.train import train_adapter
 
     config_file, dataset_dir, out = argv
     setup_logging()
@@ -157,7 +118,3 @@ def main(argv: list[str]) -> int:
         print(f"lora-pipeline: error: {scrub(str(exc))}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

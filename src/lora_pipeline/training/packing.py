@@ -32,6 +32,7 @@ from typing import Any
 
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.tokenization import IGNORE_INDEX
+from lora_pipeline.training.encoded_data import tokens_in
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def sample_packing(cfg: TrainConfig, rows: list[dict], padding_free: bool) -> tu
         return {"requested": True, "applied": False, "reason": reason}, rows
     seq_tokens = min(cfg.max_seq_len, cfg.max_tokens_per_gpu)
     packed = pack_rows(rows, seq_tokens)
-    fill = sum(len(r["input_ids"]) for r in rows) / (len(packed) * seq_tokens)
+    fill = tokens_in(rows) / (len(packed) * seq_tokens)
     log.info(
         "train.lora_sample_packing: %d rows packed into %d sequences of up to %d tokens (%.0f%% full)",
         len(rows),
