@@ -18,11 +18,10 @@ from lora_pipeline.config import RegistryConfig
 from lora_pipeline.errors import RegistryError, StageError
 from lora_pipeline.files import read_json
 from lora_pipeline.registry import Entry
-from lora_pipeline.registry.artifacts import tree_digest
+from lora_pipeline.registry.artifacts import canonical_adapter_config, tree_digest
 from lora_pipeline.registry.commands import show_model
 from lora_pipeline.registry.local import LocalRegistry
 from lora_pipeline.stages.register import artifact_uri, register_adapter
-from lora_pipeline.stages.train import canonical_adapter_config
 
 SHA = "ab" * 32
 

@@ -148,11 +148,15 @@ def place_complete(done: Path, target: Path, note: str) -> None:
 
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file's bytes, read in blocks: data files and weights can be larger than memory."""
-    digest = hashlib.sha256()
+    return hash_file_into(hashlib.sha256(), path).hexdigest()
+
+
+def hash_file_into(digest: Any, path: Path) -> Any:
+    """Feed a file's bytes into `digest` in blocks (for digests over several files and options); returns it."""
     with open(path, "rb") as fh:
         while block := fh.read(_BLOCK):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 _BLOCK = 1 << 20

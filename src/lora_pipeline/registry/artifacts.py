@@ -9,6 +9,7 @@ registry keeps its own copy under `blobs/sha256/<digest>/` beside its file, whic
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -98,3 +99,13 @@ def next_patch(versions: Iterable[str]) -> str:
 def merged_name(model_name: str) -> str:
     """The name of a version's second artifact, the merged model (the adapter's artifact is `model_name`)."""
     return model_name + MERGED_SUFFIX
+
+
+def canonical_adapter_config(adapter: Path) -> None:
+    """PEFT writes `target_modules` from a set, in an order that changes with the interpreter's hash seed:
+    sorted, the same training gives the same bytes, so the registry recognises it as the same content."""
+    path = Path(adapter) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -28,7 +28,7 @@ from lora_pipeline.data import mixing
 from lora_pipeline.data.formats import RowError, describe_formats, detect, normalise
 from lora_pipeline.data.readers import data_files, read_rows
 from lora_pipeline.errors import DataError, LoraPipelineError
-from lora_pipeline.files import atomic_dir, owned_prefix, remove_stale_temp, write_json_atomic
+from lora_pipeline.files import atomic_dir, hash_file_into, owned_prefix, remove_stale_temp, write_json_atomic
 from lora_pipeline.progress import Meter
 from lora_pipeline.stages.outputs import DATASET_RECORD, EVAL_ROWS, TRAIN_ROWS
 
@@ -340,7 +340,5 @@ def _label(f: Path, root: Path) -> str:
 def _sha256(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        hash_file_into(digest, f)
     return digest.hexdigest()

@@ -9,7 +9,6 @@ one function below, in the order it runs. The parts they put together are in `lo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,6 +32,8 @@ from lora_pipeline.models import (
     wrap_lora,
 )
 from lora_pipeline.progress import TerminalLine
+from lora_pipeline.registry.artifacts import canonical_adapter_config
+from lora_pipeline.stages.outputs import ADAPTER, DATASET_RECORD, EVAL_ROWS, LOSS_CHART, METRICS, TRAIN_ROWS
 from lora_pipeline.tokenization import PadCollator
 from lora_pipeline.training import batching
 from lora_pipeline.training.arguments import (
@@ -135,11 +136,11 @@ def _train(cfg: TrainConfig, dataset_dir: Path, out: Path) -> Path:
 def setup(cfg: TrainConfig, dataset_dir: Path) -> tuple[dict[str, Any] | None, str, str]:
     """Checks that need no model, then torch's threads, seed and float mode; (quantization, backend, where the
     thread count came from)."""
-    if not (dataset_dir / "train.jsonl").exists():
+    if not (dataset_dir / TRAIN_ROWS).exists():
         raise StageError(f"no train.jsonl in {dataset_dir}: run the dataset stage first", field="train")
     quant = quantization_settings(cfg)
     check_quantization_available(quant, f"train.lora_load_in_{'4' if cfg.lora_load_in_4bit else '8'}bit")
-    check_train_options(cfg, has_eval_rows=(dataset_dir / "eval.jsonl").exists())
+    check_train_options(cfg, has_eval_rows=(dataset_dir / EVAL_ROWS).exists())
     backend = choose_backend(cfg)
     drop_library_notices()
 
@@ -166,8 +167,8 @@ def load_data(cfg: TrainConfig, dataset_dir: Path, out: Path, model_ref: str, to
     if cached:
         train_rows, eval_rows = cached
     else:
-        train_rows = encode_rows(read_jsonl(dataset_dir / "train.jsonl"), tokenizer, cfg)
-        eval_path = dataset_dir / "eval.jsonl"
+        train_rows = encode_rows(read_jsonl(dataset_dir / TRAIN_ROWS), tokenizer, cfg)
+        eval_path = dataset_dir / EVAL_ROWS
         eval_rows = encode_rows(read_jsonl(eval_path), tokenizer, cfg) if eval_path.exists() else []
         if cfg.data_output_dir and train_rows:
             save_encoded(data_root, data_key, train_rows, eval_rows)
@@ -365,13 +366,13 @@ def save_outputs(
     history = trainer.state.log_history
     best = restore_best(model.module, steps.work, history) if cfg.load_best_model_at_end else None
     with atomic_dir(out) as tmp:
-        model.module.save_pretrained(tmp / "adapter")
-        canonical_adapter_config(tmp / "adapter")
-        model.tokenizer.save_pretrained(tmp / "adapter")
+        model.module.save_pretrained(tmp / ADAPTER)
+        canonical_adapter_config(tmp / ADAPTER)
+        model.tokenizer.save_pretrained(tmp / ADAPTER)
         if cfg.merge:
             from lora_pipeline.export.merged import export_merged
 
-            export_merged(model.ref, tmp / "adapter", tmp / "merged", cfg.trust_remote_code)
+            export_merged(model.ref, tmp / ADAPTER, tmp / "merged", cfg.trust_remote_code)
         move_epoch_checkpoints(steps.work / "epoch_checkpoints", tmp / "checkpoints")
         if (steps.work / "logs").exists():
             shutil.move(str(steps.work / "logs"), tmp / "logs")
@@ -379,25 +380,15 @@ def save_outputs(
             save_encoded(tmp / "data", data.key, data.train, data.eval)
         # The held-out rows and the dataset record travel with the adapter: the eval stage's `split` task and
         # the registry's lineage read them from here when only this output is mounted (a Kubeflow pod).
-        for name in ("eval.jsonl", "dataset.json"):
+        for name in (EVAL_ROWS, DATASET_RECORD):
             if (dataset_dir / name).exists():
                 shutil.copy(dataset_dir / name, tmp / name)
         metrics = run_metrics(cfg, data, model, steps, trainer, outcome, best)
-        write_json_atomic(metrics, tmp / "metrics.json")
-        write_loss_chart(history, tmp / "loss_chart.html", title=f"LoRA training loss: {model.ref}")
+        write_json_atomic(metrics, tmp / METRICS)
+        write_loss_chart(history, tmp / LOSS_CHART, title=f"LoRA training loss: {model.ref}")
     shutil.rmtree(steps.work, ignore_errors=True)
     summary = loss_summary(metrics["final_loss"], metrics["mean_loss"])
     log.info("train: %s after %d steps in %.1fs -> %s", summary, trainer.state.global_step, outcome.seconds, out)
-
-
-def canonical_adapter_config(adapter: Path) -> None:
-    """PEFT writes `target_modules` from a set, in an order that changes with the interpreter's hash seed:
-    sorted, the same training gives the same bytes, so the registry recognises it as the same content."""
-    path = Path(adapter) / "adapter_config.json"
-    config = json.loads(path.read_text())
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-        path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import TrainConfig, output_options
+from lora_pipeline.files import hash_file_into
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,7 @@ def training_key(cfg: TrainConfig, dataset_dir: Path) -> str:
     for name in ("train.jsonl", "eval.jsonl"):
         path = Path(dataset_dir) / name
         if path.exists():
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file_into(digest, path)
     return digest.hexdigest()[:16]
 
 

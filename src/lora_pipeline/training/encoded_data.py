@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_pipeline import __version__
 from lora_pipeline.config import TrainConfig
-from lora_pipeline.files import atomic_dir, read_jsonl, write_jsonl
+from lora_pipeline.files import atomic_dir, hash_file_into, read_jsonl, write_jsonl
 from lora_pipeline.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,7 @@ def encoded_key(dataset_dir: Path, tokenizer_dir: Path | None, chat_template: st
     for path in files:
         if path.exists():
             digest.update(path.name.encode())
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file_into(digest, path)
     return digest.hexdigest()[:16]
 
 
