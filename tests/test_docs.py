@@ -3,6 +3,7 @@ CONTRIBUTING.md and docs/*.md reaches a file (and a heading, when it names one).
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -59,3 +60,31 @@ def test_relative_links_resolve(doc: Path):
         elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
             broken.append(f"{target} (no heading #{anchor})")
     assert not broken, f"{doc.name}: broken links: {broken}"
+
+
+def test_contributing_tree_names_every_module_and_only_those() -> None:
+    """CONTRIBUTING.md's layout has one line per module of src/lora_pipeline, and no line for one that is gone."""
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    block = text.split("```\nsrc/lora_pipeline/\n", 1)[1].split("```", 1)[0]
+    listed, folders = set(), []
+    for line in block.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        depth = (len(line) - len(line.lstrip())) // 2
+        if depth == 0 or not name:  # tests/, bench/, ... beside the package
+            continue
+        folders = folders[: depth - 1]
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+        elif name.endswith(".py"):
+            listed.add("/".join([*folders, name]))
+    package = ROOT / "src" / "lora_pipeline"
+    modules = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
+    # a package's __init__ that only re-exports or documents needs no line of its own
+    modules -= {m for m in modules if m.endswith("__init__.py") and not _defines_code(package / m)}
+    assert modules - listed == set(), "modules missing from CONTRIBUTING.md's layout"
+    assert listed - modules - {m for m in listed if m.endswith("__init__.py")} == set(), "listed but gone"
+
+
+def _defines_code(path: Path) -> bool:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body)
