@@ -18,8 +18,6 @@ from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.evaluate import check_eval_options, compare, evaluate_adapter, precision_label
 from lora_pipeline.stages.train import train_adapter
 
-integration = pytest.mark.integration
-
 
 def small_train_config(model_dir: Path, **overrides) -> TrainConfig:
     values = dict(
@@ -110,7 +108,7 @@ def write_task(directory: Path, name: str, data_file: str) -> Path:
 # --- scoring ---------------------------------------------------------------------------------------------
 
 
-@integration
+@pytest.mark.integration
 def test_base_and_tuned_side_by_side(demo_assets, train_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import torch.utils.collect_env
 
@@ -147,7 +145,7 @@ def test_base_and_tuned_side_by_side(demo_assets, train_dir: Path, tmp_path: Pat
     assert loglikelihoods(samples / f"tuned_{task}.jsonl") != loglikelihoods(samples / f"base_{task}.jsonl")
 
 
-@integration
+@pytest.mark.integration
 def test_compare_base_off_no_samples_and_nothing_extra_without_quantization(
     demo_assets, train_dir: Path, tmp_path: Path, scored_models: list[dict]
 ) -> None:
@@ -159,7 +157,7 @@ def test_compare_base_off_no_samples_and_nothing_extra_without_quantization(
     assert "tuned_full_precision" not in results and len(scored_models) == 1
 
 
-@integration
+@pytest.mark.integration
 def test_qlora_adapter_is_scored_on_its_4bit_base(
     demo_assets, qlora_train_dir: Path, tmp_path: Path, scored_models: list[dict], caplog
 ) -> None:
@@ -227,7 +225,7 @@ def _manual_loglikelihoods(train_dir: Path, quant: dict | None, samples_file: Pa
     return out
 
 
-@integration
+@pytest.mark.integration
 def test_full_precision_adds_the_full_precision_pair(
     demo_assets, qlora_train_dir: Path, tmp_path: Path, scored_models: list[dict]
 ) -> None:
@@ -284,7 +282,7 @@ def test_precision_labels() -> None:
     assert precision_label({"bits": 8}) == "8-bit"
 
 
-@integration
+@pytest.mark.integration
 def test_missing_bitsandbytes_at_eval_is_one_line(demo_assets, qlora_train_dir: Path, tmp_path: Path, monkeypatch):
     import importlib.util
 
@@ -380,7 +378,7 @@ def test_check_absolute_data_files_missing(tmp_path: Path) -> None:
     assert err.value.field == "eval.include_path" and "working directory" not in str(err.value)
 
 
-@integration  # an unknown name makes lm-eval index its thousands of built-in tasks (~8 s)
+@pytest.mark.integration  # an unknown name makes lm-eval index its thousands of built-in tasks (~8 s)
 def test_check_unknown_task_lists_the_unknown_names(demo_assets) -> None:
     cfg = eval_config(demo_assets, tasks=[demo_assets.task_name, "no_such_task", "nor_this"])
     with pytest.raises(ConfigError, match="unknown lm-eval task.*no_such_task, nor_this") as err:
@@ -391,7 +389,7 @@ def test_check_unknown_task_lists_the_unknown_names(demo_assets) -> None:
 # --- the same failures at eval time: one StageError line, nothing written ----------------------------------
 
 
-@integration
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -409,7 +407,7 @@ def test_eval_time_failures_are_one_stage_error(
     assert not (tmp_path / "eval").exists()
 
 
-@integration
+@pytest.mark.integration
 def test_eval_time_task_data_failures_are_one_stage_error(train_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     tasks = write_task(tmp_path / "tasks", "relative_task", "missing/test.jsonl")

@@ -21,8 +21,6 @@ from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.checkpoints import last_complete_checkpoint, make_checkpoint_callback, training_key
 
-pytestmark = pytest.mark.integration
-
 # The train stage as a process of its own, so that it can be killed: config as JSON, then dataset and output dirs.
 TRAIN = """
 import json, logging, sys
@@ -105,6 +103,7 @@ def losses(metrics: dict) -> list[float]:
     return [h["loss"] for h in metrics["history"] if "loss" in h]
 
 
+@pytest.mark.integration
 def test_killed_then_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     demo_assets, dataset_dir: Path, tmp_path: Path
 ) -> None:
@@ -144,6 +143,7 @@ def test_killed_then_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     assert not (out / "checkpoints").exists()  # save_epoch is off: no empty folder
 
 
+@pytest.mark.integration
 def test_a_changed_config_does_not_resume_stale_checkpoints(
     demo_assets, dataset_dir: Path, tmp_path: Path, caplog
 ) -> None:
