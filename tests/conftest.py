@@ -44,6 +44,17 @@ def demo_assets(tmp_path_factory: pytest.TempPathFactory):
     return build_demo(tmp_path_factory.mktemp("home"))
 
 
+@pytest.fixture(scope="session")
+def demo_dataset(demo_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dataset stage's output for the first 96 demo rows: 72 train rows (9 steps of 8), 24 eval rows.
+    Shared by the session: a test that must change it copies it first."""
+    from lora_pipeline.config import DatasetConfig
+    from lora_pipeline.stages.dataset import prepare_dataset
+
+    config = DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75)
+    return prepare_dataset(config, tmp_path_factory.mktemp("demo-dataset") / "dataset")
+
+
 @pytest.fixture(autouse=True)
 def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test registers into its own local registry file (the demo registers locally)."""

@@ -11,45 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.config import DatasetConfig, EvalConfig, TrainConfig
+from helpers import train_config
+from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import ConfigError, StageError
 from lora_pipeline.files import read_json, read_jsonl
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.evaluate import check_eval_options, compare, evaluate_adapter, precision_label
 from lora_pipeline.stages.train import train_adapter
 
 
-def small_train_config(model_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model_dir),
-        effective_batch_size=16,
-        micro_batch_size=16,
-        epochs=1,
-        learning_rate=5e-3,  # large enough that the adapter visibly moves the scores of a 2-step run
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
 @pytest.fixture(scope="module")
-def dataset_dir(demo_assets, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("evalds")
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=64), root / "dataset")
-
-
-@pytest.fixture(scope="module")
-def train_dir(demo_assets, dataset_dir, tmp_path_factory) -> Path:
+def train_dir(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evalrun") / "train"
-    return train_adapter(small_train_config(demo_assets.model_dir), dataset_dir, out)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16)
+    return train_adapter(cfg, demo_dataset, out)
 
 
 @pytest.fixture(scope="module")
-def qlora_train_dir(demo_assets, dataset_dir, tmp_path_factory) -> Path:
+def qlora_train_dir(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qlorarun") / "train"
-    return train_adapter(small_train_config(demo_assets.model_dir, lora_load_in_4bit=True), dataset_dir, out)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16, lora_load_in_4bit=True)
+    return train_adapter(cfg, demo_dataset, out)
 
 
 @pytest.fixture

@@ -6,30 +6,31 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
-from lora_pipeline.config import DatasetConfig, EvalConfig
+from helpers import train_config
+from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import backends, split_task
 from lora_pipeline.evaluation.results import format_table
 from lora_pipeline.files import read_json, read_jsonl
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.evaluate import evaluate_adapter
 from lora_pipeline.stages.train import train_adapter
 from test_bad_inputs import LOG_LINE
-from test_eval import small_train_config
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_assets, tmp_path_factory) -> Path:
+def run_dir(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     """A run directory as `lora-pipeline run` lays it out: dataset/ beside train/."""
     root = tmp_path_factory.mktemp("splitrun")
-    prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), root / "dataset")
-    train_adapter(small_train_config(demo_assets.model_dir, epochs=2), root / "dataset", root / "train")
+    shutil.copytree(demo_dataset, root / "dataset")
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16, epochs=2)
+    train_adapter(cfg, root / "dataset", root / "train")
     return root
 
 

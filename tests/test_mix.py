@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import write_jsonl
-from lora_pipeline.data import mixing
 from lora_pipeline.cli import main
 from lora_pipeline.config import DatasetConfig, from_dict, validate
 from lora_pipeline.config.mix import parse_sources, split_weight
+from lora_pipeline.data import mixing
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import read_json, read_jsonl
 

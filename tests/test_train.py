@@ -12,40 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from helpers import train_config
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import read_json
 from lora_pipeline.progress import format_eta, progress_line
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.cpu import cpu_threads
-
-
-def small_train_config(model_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model_dir),
-        effective_batch_size=8,
-        micro_batch_size=4,
-        epochs=1,
-        learning_rate=5e-3,
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def demo_dataset(demo_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ds") / "dataset"
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), out)
 
 
 @pytest.fixture(scope="module")
 def trained(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train") / "train"
-    return train_adapter(small_train_config(demo_assets.model_dir, save_epoch=True), demo_dataset, out)
+    return train_adapter(train_config(demo_assets.model_dir, micro_batch_size=4, save_epoch=True), demo_dataset, out)
 
 
 @pytest.mark.integration
@@ -103,7 +81,7 @@ def test_adapter_loads_with_plain_peft_and_generates(trained: Path, demo_assets)
 
 @pytest.mark.integration
 def test_seed_makes_training_repeatable(demo_assets, demo_dataset, tmp_path: Path) -> None:
-    cfg = small_train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16)
     a = read_json(train_adapter(cfg, demo_dataset, tmp_path / "a") / "metrics.json")
     b = read_json(train_adapter(cfg, demo_dataset, tmp_path / "b") / "metrics.json")
     assert [h.get("loss") for h in a["history"]] == [h.get("loss") for h in b["history"]]
@@ -111,7 +89,7 @@ def test_seed_makes_training_repeatable(demo_assets, demo_dataset, tmp_path: Pat
 
 @pytest.mark.integration
 def test_4bit_qlora_runs_on_cpu(demo_assets, demo_dataset, tmp_path: Path) -> None:
-    cfg = small_train_config(
+    cfg = train_config(
         demo_assets.model_dir, effective_batch_size=24, micro_batch_size=24, lora_load_in_4bit=True, lora_r=4
     )
     metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "q") / "metrics.json")
@@ -120,7 +98,7 @@ def test_4bit_qlora_runs_on_cpu(demo_assets, demo_dataset, tmp_path: Path) -> No
 
 @pytest.mark.integration
 def test_unknown_target_module_names_the_field(demo_assets, demo_dataset, tmp_path: Path) -> None:
-    cfg = small_train_config(demo_assets.model_dir, lora_target_modules="no_such_proj")
+    cfg = train_config(demo_assets.model_dir, lora_target_modules="no_such_proj")
     with pytest.raises(StageError) as err:
         train_adapter(cfg, demo_dataset, tmp_path / "t")
     assert err.value.field == "train.lora_target_modules"
@@ -129,14 +107,14 @@ def test_unknown_target_module_names_the_field(demo_assets, demo_dataset, tmp_pa
 
 def test_missing_model_names_the_field(demo_dataset, tmp_path: Path) -> None:
     with pytest.raises(StageError) as err:
-        train_adapter(small_train_config(tmp_path / "nowhere"), demo_dataset, tmp_path / "t")
+        train_adapter(train_config(tmp_path / "nowhere"), demo_dataset, tmp_path / "t")
     assert err.value.field == "train.model"
 
 
 @pytest.mark.integration
 def test_threads_option_sets_torch_threads(demo_assets, demo_dataset, tmp_path) -> None:
     before = torch.get_num_threads()
-    cfg = small_train_config(demo_assets.model_dir, threads=1, effective_batch_size=24)
+    cfg = train_config(demo_assets.model_dir, threads=1, effective_batch_size=24)
     metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
     assert metrics["threads"] == {"torch": 1, "from": "train.threads"}  # read back from torch while training
     assert torch.get_num_threads() == before  # restored for whatever runs next in this process
@@ -154,7 +132,7 @@ def test_threads_default_to_omp_num_threads_then_the_cores_this_process_may_use(
 def test_spec_defaults_4bit_two_epochs_with_eval_split_train_on_cpu(demo_assets, demo_dataset, tmp_path) -> None:
     # The spec's defaults: 4-bit QLoRA, 2 epochs, an eval split. bitsandbytes repacked the 4-bit weights for
     # CPU inference during the epoch-1 eval and the next training step failed; it must train through.
-    cfg = small_train_config(
+    cfg = train_config(
         demo_assets.model_dir, lora_load_in_4bit=True, epochs=2, effective_batch_size=24, micro_batch_size=24
     )
     metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "q") / "metrics.json")
@@ -164,7 +142,7 @@ def test_spec_defaults_4bit_two_epochs_with_eval_split_train_on_cpu(demo_assets,
 
 @pytest.mark.integration
 def test_too_few_optimizer_steps_is_one_warning_recorded_in_metrics(demo_assets, demo_dataset, tmp_path, caplog):
-    cfg = small_train_config(demo_assets.model_dir, effective_batch_size=128, micro_batch_size=0, epochs=2)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=128, micro_batch_size=0, epochs=2)
     with caplog.at_level("WARNING", logger="lora_pipeline"):
         metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "few") / "metrics.json")
     assert metrics["steps"] == 2
@@ -187,7 +165,7 @@ def test_plain_text_rows_train_on_every_token(demo_assets, tmp_path) -> None:
     data.mkdir()
     rows = [{"text": f"Note {i}: the cat slept on mat number {i}."} for i in range(24)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = read_json(train_adapter(small_train_config(demo_assets.model_dir), data, tmp_path / "t") / "metrics.json")
+    metrics = read_json(train_adapter(train_config(demo_assets.model_dir), data, tmp_path / "t") / "metrics.json")
     assert metrics["train_rows"] == 24 and metrics["tokens"]["target"] > 24 * 8  # every token is a target
 
 
@@ -207,13 +185,7 @@ train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sy
 @pytest.mark.integration
 def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_assets, demo_dataset, tmp_path) -> None:
     # use_liger stays on (the spec default): on CPU that is an INFO line, not a warning. Checkpoints are saved.
-    cfg = TrainConfig(
-        model=str(demo_assets.model_dir),
-        lora_load_in_4bit=False,
-        effective_batch_size=8,
-        max_seq_len=128,
-        checkpoint_steps=4,
-    )
+    cfg = train_config(demo_assets.model_dir, epochs=2, use_liger=True, checkpoint_steps=4)
     config = json.dumps(dataclasses.asdict(cfg))
     out = subprocess.run(
         [sys.executable, "-c", TRAIN, config, str(demo_dataset), str(tmp_path / "t")],
@@ -247,9 +219,7 @@ def test_on_a_terminal_progress_is_our_own_redrawn_line(demo_assets, demo_datase
     import select
     import time
 
-    cfg = TrainConfig(
-        model=str(demo_assets.model_dir), lora_load_in_4bit=False, effective_batch_size=8, max_seq_len=128
-    )
+    cfg = train_config(demo_assets.model_dir, epochs=2)
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-c", TRAIN, json.dumps(dataclasses.asdict(cfg)), str(demo_dataset), str(tmp_path / "t")],
@@ -297,7 +267,7 @@ def test_progress_line_format() -> None:
 @pytest.mark.integration
 def test_tokenized_data_is_kept_by_content_and_reused(demo_assets, demo_dataset, tmp_path, caplog) -> None:
     enc = tmp_path / "encoded"
-    cfg = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), effective_batch_size=24)
+    cfg = train_config(demo_assets.model_dir, data_output_dir=str(enc), effective_batch_size=24)
     with caplog.at_level("INFO", logger="lora_pipeline"):
         first = read_json(train_adapter(cfg, demo_dataset, tmp_path / "a") / "metrics.json")
         assert not [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
@@ -305,7 +275,7 @@ def test_tokenized_data_is_kept_by_content_and_reused(demo_assets, demo_dataset,
     assert [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
     assert len(list(enc.iterdir())) == 1 and (next(enc.iterdir()) / "train.jsonl").exists()
     assert first["mean_loss"] == second["mean_loss"] and not (tmp_path / "b" / "data").exists()
-    longer = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), max_seq_len=96)
+    longer = train_config(demo_assets.model_dir, data_output_dir=str(enc), max_seq_len=96)
     train_adapter(longer, demo_dataset, tmp_path / "c")
     assert len(list(enc.iterdir())) == 2  # another sequence limit is other data
 
