@@ -36,6 +36,16 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     )
 
 
+def cli_exit_code(argv: list[str]) -> int:
+    """`cli.main` in this process: its exit code, whether it returns it or argparse exits with it."""
+    from lora_pipeline.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory: pytest.TempPathFactory):
     """The demo model, data and task, built once per test session into a private home."""

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import cli_exit_code
 from helpers import train_config
 from lora_pipeline.files import read_json
 from lora_pipeline.stages.train import train_adapter
@@ -74,16 +75,12 @@ def test_under_torchrun_the_stage_command_trains_in_place(demo_assets, demo_data
     assert result.stdout.count(f"train: {out}") == 1  # rank 0 reports; the other process trains quietly
 
 
-def test_a_run_directory_under_torchrun_is_refused_in_one_line(tmp_path) -> None:
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_pipeline.cli", "run", "-o", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "--train.num_procs N" in result.stderr
+def test_a_run_directory_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli_exit_code(["run", "-o", str(tmp_path / "run")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().count("\n") == 0 and "--train.num_procs N" in stderr
     assert not (tmp_path / "run").exists()
 
 
