@@ -13,6 +13,7 @@ from lora_pipeline.cli_options import flag_name
 from lora_pipeline.config import SECTIONS, fields_of, kfp_parameters
 
 
+@pytest.mark.integration
 def test_run_help_lists_every_parameter_with_default_and_spec_name() -> None:
     out = run_cli("run", "--help")
     assert out.returncode == 0
@@ -28,6 +29,7 @@ def test_run_help_lists_every_parameter_with_default_and_spec_name() -> None:
     assert "training_lora_bnb_4bit_quant_type" in kfp
 
 
+@pytest.mark.integration
 def test_help_does_not_import_heavy_libraries() -> None:
     code = (
         "import sys; from lora_pipeline import cli; "
@@ -76,6 +78,7 @@ def test_yaml_unknown_key_and_bad_yaml(tmp_path: Path, capsys) -> None:
     assert "config file not found" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_yaml_then_flags_override(tmp_path: Path, chat_file: Path) -> None:
     (tmp_path / "c.yaml").write_text(f"dataset:\n  data_uri: {chat_file}\ntrain:\n  lora_r: 8\n  lora_alpha: 16\n")
     out = run_cli("run", "-c", str(tmp_path / "c.yaml"), "--train.lora_r", "4", "--print_config")
@@ -84,11 +87,13 @@ def test_yaml_then_flags_override(tmp_path: Path, chat_file: Path) -> None:
     assert f"data_uri: {chat_file}" in out.stdout
 
 
+@pytest.mark.integration
 def test_bare_boolean_flag_means_true(tmp_path: Path, chat_file: Path) -> None:
     out = run_cli("run", "--dataset.data_uri", str(chat_file), "--train.save_epoch", "--print_config")
     assert "save_epoch: true" in out.stdout
 
 
+@pytest.mark.integration
 def test_dataset_subcommand_writes_into_run_dir(tmp_path: Path, chat_file: Path) -> None:
     out = run_cli("dataset", "-o", str(tmp_path / "run"), "--dataset.data_uri", str(chat_file))
     assert out.returncode == 0, out.stderr
@@ -122,6 +127,7 @@ def test_stage_commands_take_explicit_inputs_and_output(tmp_path: Path, chat_fil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "data", "train"]  # no lock or work left
 
 
+@pytest.mark.integration
 def test_console_command_keeps_exit_code_output_and_exit_handlers(tmp_path: Path) -> None:
     """`run` skips the interpreter's teardown, but not the exit code, buffered output or atexit handlers."""
     marker = tmp_path / "atexit-ran"
