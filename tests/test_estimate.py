@@ -50,6 +50,7 @@ def test_4bit_weights_count_their_packed_size(demo_assets) -> None:
     assert packed["lora"] == full["lora"]
 
 
+@pytest.mark.integration
 def test_activation_estimate_matches_what_autograd_saves(demo_assets) -> None:
     """The estimate's per-token constant against the bytes autograd keeps for the backward of one pass."""
     model = lora_model(demo_assets)

@@ -62,6 +62,7 @@ def demo_model(demo_assets):
     return transformers.AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.float32)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_rows_get_the_losses_and_logits_they_get_alone(demo_model, attention) -> None:
     demo_model.set_attn_implementation(attention)
@@ -109,6 +110,7 @@ def torch_2_10_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=
     return reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kernel", [reference_varlen_attn, torch_2_10_varlen_attn])
 def test_varlen_kernel_path_gives_the_padded_losses(demo_model, kernel, monkeypatch) -> None:
     """On CUDA a padding-free batch goes through torch's varlen flash-attention, one call per layer. Here a CPU
@@ -161,6 +163,7 @@ def test_row_by_row_attention_on_a_gpu_is_named_as_slow(demo_assets, monkeypatch
     assert warning.startswith("train: padding-free attention runs row by row on this GPU") and "2.10" in warning
 
 
+@pytest.mark.integration
 def test_padding_free_gradients_match_padded(demo_assets) -> None:
     from peft import LoraConfig, get_peft_model
 
