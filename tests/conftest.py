@@ -36,12 +36,33 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     )
 
 
+def cli_exit_code(argv: list[str]) -> int:
+    """`cli.main` in this process: its exit code, whether it returns it or argparse exits with it."""
+    from lora_pipeline.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory: pytest.TempPathFactory):
     """The demo model, data and task, built once per test session into a private home."""
     from lora_pipeline.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(demo_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dataset stage's output for the first 96 demo rows: 72 train rows (9 steps of 8), 24 eval rows.
+    Shared by the session: a test that must change it copies it first."""
+    from lora_pipeline.config import DatasetConfig
+    from lora_pipeline.stages.dataset import prepare_dataset
+
+    config = DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75)
+    return prepare_dataset(config, tmp_path_factory.mktemp("demo-dataset") / "dataset")
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from helpers import train_config
+from lora_pipeline.config import TrainConfig
 from lora_pipeline.files import read_json
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training import backends
 
@@ -47,23 +47,19 @@ def test_liger_needs_cuda_and_the_package(monkeypatch, caplog) -> None:
 @pytest.mark.integration
 @pytest.mark.skipif(not backends.cuda_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["peft", "unsloth"])
-def test_cuda_backends_train_and_say_what_ran(backend, demo_assets, tmp_path: Path) -> None:
+def test_cuda_backends_train_and_say_what_ran(backend, demo_assets, demo_dataset, tmp_path: Path) -> None:
     if backend == "unsloth" and not backends.unsloth_importable():
         pytest.skip("unsloth is not installed")
-    ds = prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=64), tmp_path / "ds")
     cfg = TrainConfig(model=str(demo_assets.model_dir), backend=backend, effective_batch_size=8, epochs=1)
-    metrics = read_json(train_adapter(cfg, ds, tmp_path / "train") / "metrics.json")
+    metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "train") / "metrics.json")
     assert metrics["backend"] == backend and metrics["device"] == "cuda"
     assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.integration
-def test_fsdp_strategy_is_named_as_not_applied(demo_assets, tmp_path: Path, caplog) -> None:
-    from helpers import train_config
-
-    ds = prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=40), tmp_path / "ds")
+def test_fsdp_strategy_is_named_as_not_applied(demo_assets, demo_dataset, tmp_path: Path, caplog) -> None:
     cfg = train_config(demo_assets.model_dir, fsdp_sharding_strategy="FULL_SHARD")
     with caplog.at_level("WARNING", logger="lora_pipeline"):
-        train_adapter(cfg, ds, tmp_path / "train")
+        train_adapter(cfg, demo_dataset, tmp_path / "train")
     warned = [r.getMessage() for r in caplog.records if "fsdp_sharding_strategy" in r.getMessage()]
     assert warned == ["train.fsdp_sharding_strategy FULL_SHARD: not applied; this run has one process"]

@@ -1,9 +1,9 @@
 """Bad input, tried as a user would: each case is exit 2, one line naming the field or file:row, no
 traceback, and nothing left on disk (hidden work directories included).
 
-Cases run through the console script in a fresh interpreter. Each is placed where it fails fastest:
-config values on `run` (validation precedes everything), data on `dataset`, model paths on `train`,
-eval options on `eval`, registry options on `register`, so the table stays quick.
+Cases run in-process through `cli.main` (test_cli.py runs the console script itself). Each is placed where it
+fails fastest: config values on `run` (validation precedes everything), data on `dataset`, model paths on
+`train`, eval options on `eval`, registry options on `register`, so the table stays quick.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 
-from conftest import CHAT_ROWS, run_cli, write_jsonl
+from conftest import CHAT_ROWS, cli_exit_code, write_jsonl
 
 # (id, command, args, text the single error line must contain). Placeholders in args:
 #   {data} good chat file   {tmp} a fresh dir   {model} the demo model   {file} a plain file
@@ -221,9 +222,20 @@ def _snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize(("command", "args", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def _params() -> list:
+    """The cases; those that start the HTTP server, and the unknown task name (lm-eval indexes its thousands of
+    built-in tasks first, ~8 s: the eval stage's own work), run with the integration tests."""
+    params = []
+    for name, command, args, expected in CASES:
+        integration = name == "eval-unknown-task" or any("{http}" in arg for arg in args)
+        marks = [pytest.mark.integration] if integration else []
+        params.append(pytest.param(command, args, expected, id=name, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize(("command", "args", "expected"), _params())
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
-    command: str, args: list[str], expected: str, files, http_base, demo_assets, tmp_path: Path
+    command: str, args: list[str], expected: str, files, tmp_path: Path, request, monkeypatch, capsys
 ) -> None:
     root = files["root"]
     values = {
@@ -231,7 +243,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
         "tmp": str(tmp_path),
         "model": str(files["model"]),
         "file": str(root / "plain_file"),
-        "http": http_base,
+        "http": request.getfixturevalue("http_base") if any("{http}" in arg for arg in args) else "",
         "tasks": str(files["tasks"]),
         "closed": str(_closed_port()),
     }
@@ -249,14 +261,20 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
         argv += ["--train.model", str(files["model"])]  # a valid model, so the case fails where it means to
     before_inputs, before_tmp = _snapshot(root), _snapshot(tmp_path)
 
-    out = run_cli(command, *argv, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, when the hub is imported
+    monkeypatch.setattr("lora_pipeline.sources.http.time.sleep", lambda s: None)  # retries without the backoff
 
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2, out.stderr[-2000:]
+    code = cli_exit_code([command, *argv])
+    stderr = capsys.readouterr().err
+
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr[-2000:]
     errors = [line for line in lines if not LOG_LINE.match(line)]  # progress/retry log lines may come first
-    assert len(errors) == 1 and errors == lines[-1:], out.stderr[-2000:]
+    assert len(errors) == 1 and errors == lines[-1:], stderr[-2000:]
     assert errors[0].startswith("lora-pipeline: error: ") and expected in errors[0], errors[0]
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in stderr
     assert _snapshot(root) == before_inputs  # nothing written beside the inputs
     assert _snapshot(tmp_path) == before_tmp  # no run dir, no hidden work or lock files
 

@@ -39,11 +39,6 @@ def one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2
     return lines[0]
 
 
-@pytest.fixture
-def chat(tmp_path: Path) -> Path:
-    return write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
-
-
 # --- config files (-c) ------------------------------------------------------------------------------------
 
 CONFIG_FILES: list[tuple[str, bytes | None]] = [
@@ -183,11 +178,11 @@ RUN_JSON = [
 
 
 @pytest.mark.parametrize("name,text", RUN_JSON, ids=[r[0] for r in RUN_JSON])
-def test_hand_edited_run_json(name: str, text: str, tmp_path: Path, chat: Path, capsys) -> None:
+def test_hand_edited_run_json(name: str, text: str, tmp_path: Path, chat_file: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run.json").write_bytes(text.encode("utf-8", "surrogateescape"))
-    line = one_error(capsys, ["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat)])
+    line = one_error(capsys, ["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file)])
     assert "run.json" in line
 
 
@@ -200,12 +195,12 @@ STAGE_JSON = [
 
 
 @pytest.mark.parametrize("name,text", STAGE_JSON, ids=[r[0] for r in STAGE_JSON])
-def test_hand_edited_stage_json(name: str, text: str, tmp_path: Path, chat: Path, capsys) -> None:
+def test_hand_edited_stage_json(name: str, text: str, tmp_path: Path, chat_file: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     (run_dir / "dataset").mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"config": {}, "stages": {}}))
     (run_dir / "dataset" / "stage.json").write_bytes(text.encode("utf-8", "surrogateescape"))
-    line = one_error(capsys, ["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat)])
+    line = one_error(capsys, ["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file)])
     assert "stage.json" in line
 
 
@@ -300,19 +295,21 @@ def _raise(number: int):
 
 
 @pytest.mark.parametrize("number", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
-def test_full_or_read_only_disk_during_a_stage(number: int, tmp_path: Path, chat: Path, monkeypatch, capsys) -> None:
+def test_full_or_read_only_disk_during_a_stage(
+    number: int, tmp_path: Path, chat_file: Path, monkeypatch, capsys
+) -> None:
     run_dir = tmp_path / "run"
-    assert main(["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat)]) == 0
+    assert main(["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file)]) == 0
     capsys.readouterr()
     monkeypatch.setattr("lora_pipeline.stages.dataset.write_json_atomic", _raise(number))
-    line = one_error(capsys, ["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat), "--force"])
+    line = one_error(capsys, ["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file), "--force"])
     assert os.strerror(number).lower() in line and "dataset.json" in line
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["status"] == "failed" and manifest["stages"]["dataset"]["status"] == "failed"
     assert not list(run_dir.glob(".dataset.tmp-*"))  # the partial output is gone
 
 
-def test_read_only_data_output_dir(tmp_path: Path, chat: Path, monkeypatch, capsys) -> None:
+def test_read_only_data_output_dir(tmp_path: Path, chat_file: Path, monkeypatch, capsys) -> None:
     target = tmp_path / "ro"
     target.mkdir()
     real = files.tempfile.mkstemp
@@ -372,7 +369,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_killed_runs_temp_dirs_are_cleaned(tmp_path: Path, chat: Path, monkeypatch, capsys) -> None:
+def test_killed_runs_temp_dirs_are_cleaned(tmp_path: Path, chat_file: Path, monkeypatch, capsys) -> None:
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(tmpdir))
@@ -386,28 +383,30 @@ def test_killed_runs_temp_dirs_are_cleaned(tmp_path: Path, chat: Path, monkeypat
     for d in (stale, live, other_host, legacy, owned):
         d.mkdir(parents=True)
         (d / "part").write_text("half")
-    assert main(["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat)]) == 0
+    assert main(["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file)]) == 0
     assert not stale.exists() and not legacy.exists() and not owned.exists()
     assert live.exists() and other_host.exists()  # a live process's, and another machine's, are theirs
 
 
-def test_stale_out_dir_temp_is_cleaned(tmp_path: Path, chat: Path) -> None:
+def test_stale_out_dir_temp_is_cleaned(tmp_path: Path, chat_file: Path) -> None:
     stale = tmp_path / f".out.tmp-{_dead_pid()}-{files._HOST}-q"
     stale.mkdir()
-    assert main(["dataset", "--dataset.data_uri", str(chat), "--out", str(tmp_path / "out")]) == 0
+    assert main(["dataset", "--dataset.data_uri", str(chat_file), "--out", str(tmp_path / "out")]) == 0
     assert not stale.exists()
 
 
 # --- the last resort, and the error line itself ---------------------------------------------------------------
 
 
-def test_unforeseen_error_is_one_line_and_a_traceback_file(tmp_path: Path, chat: Path, monkeypatch, capsys) -> None:
+def test_unforeseen_error_is_one_line_and_a_traceback_file(
+    tmp_path: Path, chat_file: Path, monkeypatch, capsys
+) -> None:
     def boom(*args, **kwargs):
         raise RuntimeError("something\nunforeseen\x1b[2J")
 
     monkeypatch.setattr("lora_pipeline.stages.dataset.write_json_atomic", boom)
     run_dir = tmp_path / "run"
-    assert main(["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat), "--force"]) == 1
+    assert main(["dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file), "--force"]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err and "\x1b" not in err
     assert "internal error: RuntimeError: something | unforeseen" in err

@@ -135,6 +135,7 @@ def step_loss_and_grads(model, rows: list[dict], max_tokens: int, tmp_path: Path
     return loss, grads, len(batch["micro_batches"])
 
 
+@pytest.mark.integration
 def test_a_steps_flops_are_the_trainers_estimate_with_the_parameters_counted_once(
     lora_model, tmp_path: Path, monkeypatch
 ) -> None:
@@ -152,6 +153,7 @@ def test_a_steps_flops_are_the_trainers_estimate_with_the_parameters_counted_onc
     assert len(counted) == 1  # not a walk over every module in every step
 
 
+@pytest.mark.integration
 def test_one_micro_batch_and_several_give_the_same_loss_and_gradients(lora_model, tmp_path: Path) -> None:
     lengths = [40, 37, 33, 30, 12, 11, 9, 8]
     rows = rows_of(lengths, seed=3)

@@ -56,6 +56,7 @@ def manual_answers(run: Path, turns: list[str], max_new_tokens: int) -> list[str
     return answers
 
 
+@pytest.mark.integration
 def test_prompt_answers_as_base_plus_adapter_greedy(run_dir: Path, capsys) -> None:
     assert main(["chat", "-o", str(run_dir), "--prompt", QUESTION, "--max_new_tokens", "12"]) == 0
     out = capsys.readouterr().out
@@ -64,6 +65,7 @@ def test_prompt_answers_as_base_plus_adapter_greedy(run_dir: Path, capsys) -> No
     assert out == expected + "\n"
 
 
+@pytest.mark.integration
 def test_interactive_keeps_history_until_eof(run_dir: Path, capsys, monkeypatch) -> None:
     turns = [QUESTION, "And the second sentence: a red apple fell."]
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(t + "\n" for t in turns)))
@@ -72,6 +74,7 @@ def test_interactive_keeps_history_until_eof(run_dir: Path, capsys, monkeypatch)
     assert capsys.readouterr().out == f"{first}\n{second}\n"
 
 
+@pytest.mark.integration
 def test_interactive_exit_and_blank_lines(run_dir: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO(f"\n{QUESTION}\n/exit\nnever answered\n"))
     assert main(["chat", "-o", str(run_dir), "--max_new_tokens", "8"]) == 0
@@ -79,6 +82,7 @@ def test_interactive_exit_and_blank_lines(run_dir: Path, capsys, monkeypatch) ->
     assert capsys.readouterr().out == f"{first}\n"
 
 
+@pytest.mark.integration
 def test_sampling_answers(run_dir: Path, capsys) -> None:
     argv = ["chat", "-o", str(run_dir), "--prompt", QUESTION, "--max_new_tokens", "4", "--temperature", "0.8"]
     assert main(argv) == 0

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_exit_code, run_cli
 from lora_pipeline.cli_options import flag_name
 from lora_pipeline.config import SECTIONS, fields_of, kfp_parameters
 
 
+@pytest.mark.integration
 def test_run_help_lists_every_parameter_with_default_and_spec_name() -> None:
     out = run_cli("run", "--help")
     assert out.returncode == 0
@@ -28,6 +29,7 @@ def test_run_help_lists_every_parameter_with_default_and_spec_name() -> None:
     assert "training_lora_bnb_4bit_quant_type" in kfp
 
 
+@pytest.mark.integration
 def test_help_does_not_import_heavy_libraries() -> None:
     code = (
         "import sys; from lora_pipeline import cli; "
@@ -53,28 +55,30 @@ def test_help_does_not_import_heavy_libraries() -> None:
         ([], "dataset.data_uri"),  # required, and no demo asked for
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path: Path) -> None:
-    out = run_cli("run", "-o", str(tmp_path / "run"), *args)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
+def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path: Path, capsys) -> None:
+    code = cli_exit_code(["run", "-o", str(tmp_path / "run"), *args])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert field in lines[0]
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_yaml_unknown_key_and_bad_yaml(tmp_path: Path) -> None:
+def test_yaml_unknown_key_and_bad_yaml(tmp_path: Path, capsys) -> None:
     (tmp_path / "a.yaml").write_text("train:\n  lora_r: 8\n  lora_rank: 4\n")
-    out = run_cli("run", "-c", str(tmp_path / "a.yaml"))
-    assert out.returncode == 2
-    assert "train.lora_rank: unknown option" in out.stderr
+    assert cli_exit_code(["run", "-c", str(tmp_path / "a.yaml")]) == 2
+    assert "train.lora_rank: unknown option" in capsys.readouterr().err
     (tmp_path / "b.yaml").write_text("train: [unclosed\n")
-    out = run_cli("run", "-c", str(tmp_path / "b.yaml"))
-    assert out.returncode == 2 and "not valid YAML" in out.stderr and len(out.stderr.splitlines()) == 1
-    out = run_cli("run", "-c", str(tmp_path / "missing.yaml"))
-    assert out.returncode == 2 and "config file not found" in out.stderr
+    assert cli_exit_code(["run", "-c", str(tmp_path / "b.yaml")]) == 2
+    stderr = capsys.readouterr().err
+    assert "not valid YAML" in stderr and len(stderr.splitlines()) == 1
+    assert cli_exit_code(["run", "-c", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_yaml_then_flags_override(tmp_path: Path, chat_file: Path) -> None:
     (tmp_path / "c.yaml").write_text(f"dataset:\n  data_uri: {chat_file}\ntrain:\n  lora_r: 8\n  lora_alpha: 16\n")
     out = run_cli("run", "-c", str(tmp_path / "c.yaml"), "--train.lora_r", "4", "--print_config")
@@ -83,11 +87,13 @@ def test_yaml_then_flags_override(tmp_path: Path, chat_file: Path) -> None:
     assert f"data_uri: {chat_file}" in out.stdout
 
 
+@pytest.mark.integration
 def test_bare_boolean_flag_means_true(tmp_path: Path, chat_file: Path) -> None:
     out = run_cli("run", "--dataset.data_uri", str(chat_file), "--train.save_epoch", "--print_config")
     assert "save_epoch: true" in out.stdout
 
 
+@pytest.mark.integration
 def test_dataset_subcommand_writes_into_run_dir(tmp_path: Path, chat_file: Path) -> None:
     out = run_cli("dataset", "-o", str(tmp_path / "run"), "--dataset.data_uri", str(chat_file))
     assert out.returncode == 0, out.stderr
@@ -97,12 +103,13 @@ def test_dataset_subcommand_writes_into_run_dir(tmp_path: Path, chat_file: Path)
     assert "cached" in again.stdout + again.stderr
 
 
-def test_train_without_dataset_is_one_line(tmp_path: Path, demo_assets) -> None:
+def test_train_without_dataset_is_one_line(tmp_path: Path, demo_assets, capsys) -> None:
     model = str(demo_assets.model_dir)
-    out = run_cli("train", "-o", str(tmp_path / "run"), "--train.lora_load_in_4bit", "false", "--train.model", model)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith("lora-pipeline: error: train: no train.jsonl")
-    assert "Traceback" not in out.stderr
+    argv = ["train", "-o", str(tmp_path / "run"), "--train.lora_load_in_4bit", "false", "--train.model", model]
+    assert cli_exit_code(argv) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines()[-1].startswith("lora-pipeline: error: train: no train.jsonl")
+    assert "Traceback" not in stderr
     assert not (tmp_path / "run").exists()  # a run directory in which nothing completed is not left behind
 
 
@@ -120,6 +127,7 @@ def test_stage_commands_take_explicit_inputs_and_output(tmp_path: Path, chat_fil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "data", "train"]  # no lock or work left
 
 
+@pytest.mark.integration
 def test_console_command_keeps_exit_code_output_and_exit_handlers(tmp_path: Path) -> None:
     """`run` skips the interpreter's teardown, but not the exit code, buffered output or atexit handlers."""
     marker = tmp_path / "atexit-ran"

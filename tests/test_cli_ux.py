@@ -77,7 +77,7 @@ def test_a_prefix_of_a_flag_is_refused_and_the_flag_suggested(capsys: pytest.Cap
     assert line.endswith(f"unknown option {flag[:-1]} (did you mean {flag}?)")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flag=st.sampled_from(ALL_FLAGS), at=st.integers(2, 40), char=st.sampled_from("abcdefghijklmnopqrstuvwxyz_"))
 def test_a_one_letter_typo_is_refused_with_a_suggestion(capsys, flag: str, at: int, char: str) -> None:
     at = min(at, len(flag))

@@ -193,6 +193,7 @@ def test_object_keys_climbing_out_are_refused() -> None:
     assert _relative("p/a/b.jsonl", "p/") == "a/b.jsonl"
 
 
+@pytest.mark.integration
 def test_url_file_name_climbing_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from test_deadlines import http_server
 
@@ -201,6 +202,7 @@ def test_url_file_name_climbing_out_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert code == 2 and len(err) == 1 and "file name in the URL '..' climbs out" in err[0], err
 
 
+@pytest.mark.integration
 def test_downloaded_zip_naming_an_absolute_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from test_deadlines import http_server
 

@@ -133,6 +133,7 @@ def http_server(chat_file: Path) -> Iterator[str]:
     server.server_close()
 
 
+@pytest.mark.integration
 def test_https_source_retries_server_errors(http_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lora_pipeline.sources.http.time.sleep", lambda s: None)
     _Handler.failures_left = 2  # 500, 500, then 200
@@ -141,6 +142,7 @@ def test_https_source_retries_server_errors(http_server: str, tmp_path: Path, mo
     assert meta["rows_used"] == 40 and meta["files"] == ["chat.jsonl"]
 
 
+@pytest.mark.integration
 def test_http_404_is_not_retried_and_names_the_field(http_server: str, tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="HTTP 404") as err:
         prepare_dataset(DatasetConfig(data_uri=f"{http_server}/missing.jsonl"), tmp_path / "ds")
@@ -165,6 +167,7 @@ def _assert_no_secrets(root: Path, *texts: str) -> None:
         assert "secretpw" not in text and "SECRETTOKEN" not in text, text
 
 
+@pytest.mark.integration
 def test_credentials_are_used_but_never_stored_or_logged(
     http_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,6 +183,7 @@ def test_credentials_are_used_but_never_stored_or_logged(
     _assert_no_secrets(tmp_path, caplog.text)
 
 
+@pytest.mark.integration
 def test_credentials_stay_out_of_a_failed_download(
     http_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

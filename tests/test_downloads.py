@@ -87,6 +87,7 @@ def serve() -> Iterator:
         server.server_close()
 
 
+@pytest.mark.integration
 def test_dropped_connection_is_resumed_with_range(serve, tmp_path: Path) -> None:  # noqa: ANN001
     script = Script("drop")
     path = sources.fetch(serve(script), tmp_path)
@@ -94,6 +95,7 @@ def test_dropped_connection_is_resumed_with_range(serve, tmp_path: Path) -> None
     assert script.ranges == [None, f"bytes={len(BODY) // 2}-"]  # the second request asked for the rest only
 
 
+@pytest.mark.integration
 def test_two_server_errors_then_success_with_checksum(serve, tmp_path: Path) -> None:  # noqa: ANN001
     script = Script("500", "500")
     digest = hashlib.sha256(BODY).hexdigest()
@@ -101,6 +103,7 @@ def test_two_server_errors_then_success_with_checksum(serve, tmp_path: Path) -> 
     assert path.read_bytes() == BODY and len(script.ranges) == 3
 
 
+@pytest.mark.integration
 def test_checksum_mismatch_is_one_line(serve, tmp_path: Path) -> None:  # noqa: ANN001
     with pytest.raises(
         SourceError, match=r"^dataset.data_uri: checksum mismatch: .* has sha256 [0-9a-f]{64}, expected 0+$"
@@ -108,6 +111,7 @@ def test_checksum_mismatch_is_one_line(serve, tmp_path: Path) -> None:  # noqa: 
         sources.fetch(serve(Script()), tmp_path, Limits(sha256="0" * 64))
 
 
+@pytest.mark.integration
 def test_size_cap_stops_the_download(serve, tmp_path: Path) -> None:  # noqa: ANN001
     with pytest.raises(SourceError, match="larger than dataset.max_bytes"):
         sources.fetch(serve(Script()), tmp_path, Limits(max_bytes=1000))

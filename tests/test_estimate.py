@@ -9,9 +9,8 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from helpers import train_config
 from lora_pipeline.files import read_json
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.estimate import BACKWARD_WORKING_SET, PeakMemory, estimate_memory, format_bytes
 
@@ -51,6 +50,7 @@ def test_4bit_weights_count_their_packed_size(demo_assets) -> None:
     assert packed["lora"] == full["lora"]
 
 
+@pytest.mark.integration
 def test_activation_estimate_matches_what_autograd_saves(demo_assets) -> None:
     """The estimate's per-token constant against the bytes autograd keeps for the backward of one pass."""
     model = lora_model(demo_assets)
@@ -72,19 +72,10 @@ def test_activation_estimate_matches_what_autograd_saves(demo_assets) -> None:
 
 
 @pytest.mark.integration
-def test_training_records_estimates_and_peaks(demo_assets, tmp_path: Path, caplog) -> None:
-    ds = prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96), tmp_path / "ds")
-    cfg = TrainConfig(
-        model=str(demo_assets.model_dir),
-        effective_batch_size=8,
-        epochs=1,
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-        threads=1,
-    )
+def test_training_records_estimates_and_peaks(demo_assets, demo_dataset, tmp_path: Path, caplog) -> None:
+    cfg = train_config(demo_assets.model_dir)
     with caplog.at_level("INFO", logger="lora_pipeline"):
-        metrics = read_json(train_adapter(cfg, ds, tmp_path / "t") / "metrics.json")
+        metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
     memory, timing = metrics["memory"], metrics["time"]
     assert memory["estimate"]["total"] > 0
     peak = memory["peak"]

@@ -11,47 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.config import DatasetConfig, EvalConfig, TrainConfig
+from helpers import train_config
+from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import ConfigError, StageError
 from lora_pipeline.files import read_json, read_jsonl
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.evaluate import check_eval_options, compare, evaluate_adapter, precision_label
 from lora_pipeline.stages.train import train_adapter
 
-integration = pytest.mark.integration
-
-
-def small_train_config(model_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model_dir),
-        effective_batch_size=16,
-        micro_batch_size=16,
-        epochs=1,
-        learning_rate=5e-3,  # large enough that the adapter visibly moves the scores of a 2-step run
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
 
 @pytest.fixture(scope="module")
-def dataset_dir(demo_assets, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("evalds")
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=64), root / "dataset")
-
-
-@pytest.fixture(scope="module")
-def train_dir(demo_assets, dataset_dir, tmp_path_factory) -> Path:
+def train_dir(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evalrun") / "train"
-    return train_adapter(small_train_config(demo_assets.model_dir), dataset_dir, out)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16)
+    return train_adapter(cfg, demo_dataset, out)
 
 
 @pytest.fixture(scope="module")
-def qlora_train_dir(demo_assets, dataset_dir, tmp_path_factory) -> Path:
+def qlora_train_dir(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qlorarun") / "train"
-    return train_adapter(small_train_config(demo_assets.model_dir, lora_load_in_4bit=True), dataset_dir, out)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16, lora_load_in_4bit=True)
+    return train_adapter(cfg, demo_dataset, out)
 
 
 @pytest.fixture
@@ -110,7 +89,7 @@ def write_task(directory: Path, name: str, data_file: str) -> Path:
 # --- scoring ---------------------------------------------------------------------------------------------
 
 
-@integration
+@pytest.mark.integration
 def test_base_and_tuned_side_by_side(demo_assets, train_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import torch.utils.collect_env
 
@@ -147,7 +126,7 @@ def test_base_and_tuned_side_by_side(demo_assets, train_dir: Path, tmp_path: Pat
     assert loglikelihoods(samples / f"tuned_{task}.jsonl") != loglikelihoods(samples / f"base_{task}.jsonl")
 
 
-@integration
+@pytest.mark.integration
 def test_compare_base_off_no_samples_and_nothing_extra_without_quantization(
     demo_assets, train_dir: Path, tmp_path: Path, scored_models: list[dict]
 ) -> None:
@@ -159,7 +138,7 @@ def test_compare_base_off_no_samples_and_nothing_extra_without_quantization(
     assert "tuned_full_precision" not in results and len(scored_models) == 1
 
 
-@integration
+@pytest.mark.integration
 def test_qlora_adapter_is_scored_on_its_4bit_base(
     demo_assets, qlora_train_dir: Path, tmp_path: Path, scored_models: list[dict], caplog
 ) -> None:
@@ -227,7 +206,7 @@ def _manual_loglikelihoods(train_dir: Path, quant: dict | None, samples_file: Pa
     return out
 
 
-@integration
+@pytest.mark.integration
 def test_full_precision_adds_the_full_precision_pair(
     demo_assets, qlora_train_dir: Path, tmp_path: Path, scored_models: list[dict]
 ) -> None:
@@ -284,7 +263,7 @@ def test_precision_labels() -> None:
     assert precision_label({"bits": 8}) == "8-bit"
 
 
-@integration
+@pytest.mark.integration
 def test_missing_bitsandbytes_at_eval_is_one_line(demo_assets, qlora_train_dir: Path, tmp_path: Path, monkeypatch):
     import importlib.util
 
@@ -380,7 +359,7 @@ def test_check_absolute_data_files_missing(tmp_path: Path) -> None:
     assert err.value.field == "eval.include_path" and "working directory" not in str(err.value)
 
 
-@integration  # an unknown name makes lm-eval index its thousands of built-in tasks (~8 s)
+@pytest.mark.integration  # an unknown name makes lm-eval index its thousands of built-in tasks (~8 s)
 def test_check_unknown_task_lists_the_unknown_names(demo_assets) -> None:
     cfg = eval_config(demo_assets, tasks=[demo_assets.task_name, "no_such_task", "nor_this"])
     with pytest.raises(ConfigError, match="unknown lm-eval task.*no_such_task, nor_this") as err:
@@ -391,7 +370,7 @@ def test_check_unknown_task_lists_the_unknown_names(demo_assets) -> None:
 # --- the same failures at eval time: one StageError line, nothing written ----------------------------------
 
 
-@integration
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -409,7 +388,7 @@ def test_eval_time_failures_are_one_stage_error(
     assert not (tmp_path / "eval").exists()
 
 
-@integration
+@pytest.mark.integration
 def test_eval_time_task_data_failures_are_one_stage_error(train_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     tasks = write_task(tmp_path / "tasks", "relative_task", "missing/test.jsonl")

@@ -43,6 +43,7 @@ def test_gen_kwargs_and_model_args_strings_are_typed_from_yaml_and_flags() -> No
     assert from_dict({"train": {"labels": "team=1"}}).train.labels == "team=1"
 
 
+@pytest.mark.integration
 def test_cli_flag_gives_the_number_zero(tmp_path: Path) -> None:
     out = run_cli("run", "--eval.gen_kwargs", "temperature=0,top_k=5", "--print_config", "-o", str(tmp_path / "r"))
     assert out.returncode == 0, out.stderr
@@ -60,6 +61,7 @@ def test_auto_backend_is_vllm_only_with_cuda_and_vllm(monkeypatch) -> None:
     assert resolve_backend("hf") == "hf"
 
 
+@pytest.mark.integration
 def test_help_says_how_auto_picks(tmp_path: Path) -> None:
     out = run_cli("run", "--help")
     assert "--eval.backend" in out.stdout

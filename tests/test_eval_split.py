@@ -6,36 +6,35 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
-from lora_pipeline.config import DatasetConfig, EvalConfig
+from helpers import train_config
+from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import backends, split_task
 from lora_pipeline.evaluation.results import format_table
 from lora_pipeline.files import read_json, read_jsonl
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.evaluate import evaluate_adapter, find_eval_split
 from lora_pipeline.stages.train import train_adapter
 from test_bad_inputs import LOG_LINE
-from test_eval import small_train_config
-
-integration = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_assets, tmp_path_factory) -> Path:
+def run_dir(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     """A run directory as `lora-pipeline run` lays it out: dataset/ beside train/."""
     root = tmp_path_factory.mktemp("splitrun")
-    prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), root / "dataset")
-    train_adapter(small_train_config(demo_assets.model_dir, epochs=2), root / "dataset", root / "train")
+    shutil.copytree(demo_dataset, root / "dataset")
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16, epochs=2)
+    train_adapter(cfg, root / "dataset", root / "train")
     return root
 
 
-@integration
+@pytest.mark.integration
 def test_split_task_scores_base_and_tuned_on_the_runs_eval_split(demo_assets, run_dir: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     cfg = EvalConfig(tasks=["split", demo_assets.task_name], include_path=str(demo_assets.task_dir), limit=12)
@@ -60,7 +59,7 @@ def test_split_task_scores_base_and_tuned_on_the_runs_eval_split(demo_assets, ru
     assert time.monotonic() - started < 120
 
 
-@integration
+@pytest.mark.integration
 def test_split_only_text_rows_give_loss_only(demo_assets, run_dir: Path, tmp_path: Path) -> None:
     # A train output whose eval split holds plain-text rows (loss on every token) and one chat row.
     train = tmp_path / "run" / "train"
@@ -77,7 +76,7 @@ def test_split_only_text_rows_give_loss_only(demo_assets, run_dir: Path, tmp_pat
     assert not (out / "samples").exists()  # log_samples off: no samples file
 
 
-@integration
+@pytest.mark.integration
 def test_max_tokens_reaches_generate(demo_assets, run_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """gen_kwargs' max_tokens (the spec's, vLLM's name) bounds the split's generation on the hf backend, and
     reaches lm-eval's hf model as max_gen_toks."""
@@ -162,7 +161,7 @@ def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
-@integration
+@pytest.mark.integration
 def test_hub_task_offline_is_one_line_naming_the_task(run_dir: Path, tmp_path: Path) -> None:
     before = _snapshot(run_dir / "train")
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -176,7 +175,7 @@ def test_hub_task_offline_is_one_line_naming_the_task(run_dir: Path, tmp_path: P
     assert _snapshot(run_dir / "train") == before  # the train stage's output is untouched
 
 
-@integration
+@pytest.mark.integration
 @pytest.mark.parametrize("verbosity", ["WARNING", "DEBUG"])
 def test_verbosity_applies_to_the_whole_run(run_dir: Path, tmp_path: Path, verbosity: str) -> None:
     args = ["--input", f"train={run_dir / 'train'}", "--out", str(tmp_path / "eval"), "--eval.tasks", "split"]
@@ -191,7 +190,7 @@ def test_verbosity_applies_to_the_whole_run(run_dir: Path, tmp_path: Path, verbo
     assert (tmp_path / "eval" / "eval_results.json").exists()
 
 
-@integration
+@pytest.mark.integration
 def test_at_info_third_party_info_lines_are_hidden_and_warnings_kept(
     run_dir: Path, tmp_path: Path, demo_assets
 ) -> None:
@@ -205,7 +204,7 @@ def test_at_info_third_party_info_lines_are_hidden_and_warnings_kept(
     assert not [line for line in log_lines if " INFO " in line and " lora_pipeline" not in line], out.stderr
 
 
-@integration
+@pytest.mark.integration
 def test_a_narrower_re_eval_replaces_the_fuller_result_with_one_line(run_dir: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "eval"
     full = read_json(

@@ -28,6 +28,7 @@ def outputs_and_grads(model, ids):
     return out.logits.detach(), grads
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lora", [{}, {"use_rslora": True}])
 def test_fused_forward_matches_peft(demo_assets, lora) -> None:
     model = lora_model(demo_assets, **lora)
@@ -81,6 +82,7 @@ def test_cpu_dropout_mask_keeps_every_element_at_1_minus_p_independently(p) -> N
     assert not torch.equal(mask, _keep_mask(torch.ones(1000, 4000), keep))  # a new draw on every call
 
 
+@pytest.mark.integration
 def test_dropout_is_reproducible_and_trains(demo_assets) -> None:
     model = lora_model(demo_assets, lora_dropout=0.1)
     assert fuse_lora_linears(model) == 14
@@ -95,6 +97,7 @@ def test_dropout_is_reproducible_and_trains(demo_assets) -> None:
     assert all(g.abs().max() > 0 for g in first[1].values())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lora", [{"use_dora": True}], ids=["dora"])
 def test_cases_it_does_not_cover_go_through_peft(demo_assets, lora) -> None:
     model = lora_model(demo_assets, **lora)
@@ -109,6 +112,7 @@ def test_cases_it_does_not_cover_go_through_peft(demo_assets, lora) -> None:
     assert all(torch.equal(grads[n], fused_grads[n]) for n in grads)
 
 
+@pytest.mark.integration
 def test_disabled_adapter_gives_the_base(demo_assets) -> None:
     model = lora_model(demo_assets)
     fuse_lora_linears(model)

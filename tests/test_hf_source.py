@@ -98,6 +98,7 @@ def test_missing_repo_split_or_config_is_one_line(hub: Path, uri: str, message: 
     assert err.value.field == "dataset.data_uri"
 
 
+@pytest.mark.integration
 def test_the_cli_honours_hf_environment_variables(tmp_path: Path) -> None:
     hub = tmp_path / "home" / "hub"
     _snapshot(hub, SHA, CHAT_ROWS)

@@ -63,6 +63,7 @@ def _spec_required_lines() -> str:
     return "\n".join(line for line in (SPEC_DIR / "lora_pipeline.md").read_text().splitlines() if "[REQUIRED]" in line)
 
 
+@pytest.mark.integration
 @needs_spec
 def test_pipeline_parameters_are_the_spec_table(compiled: tuple[dict, dict]) -> None:
     spec = _spec_rows("lora_pipeline.md")
@@ -77,6 +78,7 @@ def test_pipeline_parameters_are_the_spec_table(compiled: tuple[dict, dict]) -> 
     assert "artifacts" not in compiled[0]["root"].get("inputDefinitions", {})
 
 
+@pytest.mark.integration
 @needs_spec
 def test_training_component_is_the_spec_interface(tmp_path: Path) -> None:
     out = tmp_path / "train_component.yaml"
@@ -104,6 +106,7 @@ def test_training_component_is_the_spec_interface(tmp_path: Path) -> None:
     assert outputs["parameters"] == {"Output": {"parameterType": "STRING"}}  # the spec's status message
 
 
+@pytest.mark.integration
 def test_four_components_wired_from_the_stage_table(compiled: tuple[dict, dict]) -> None:
     pipeline, _ = compiled
     tasks = pipeline["root"]["dag"]["tasks"]
@@ -133,6 +136,7 @@ def test_four_components_wired_from_the_stage_table(compiled: tuple[dict, dict])
         assert "from lora_pipeline.kubeflow.runtime import run_component" in command
 
 
+@pytest.mark.integration
 def test_register_runs_only_with_an_address(compiled: tuple[dict, dict]) -> None:
     pipeline, _ = compiled
     condition = pipeline["root"]["dag"]["tasks"]["condition-1"]
@@ -142,6 +146,7 @@ def test_register_runs_only_with_an_address(compiled: tuple[dict, dict]) -> None
     assert set(pipeline["components"]["comp-condition-1"]["dag"]["tasks"]) == {"register-model"}
 
 
+@pytest.mark.integration
 def test_secrets_are_kubernetes_secret_names_never_values(compiled: tuple[dict, dict]) -> None:
     pipeline, platform = compiled
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -158,6 +163,7 @@ def test_secrets_are_kubernetes_secret_names_never_values(compiled: tuple[dict, 
     assert not {p for p in parameters if "secret" in p or "aws" in p or "hf_token" in p}
 
 
+@pytest.mark.integration
 def test_compile_options_image_package_secrets_and_defaults(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"train": {"lora_r": 8, "micro_batch_size": 4}, "eval": {"limit": 5}}))
@@ -183,12 +189,14 @@ def test_compile_options_image_package_secrets_and_defaults(tmp_path: Path) -> N
     assert "workspace" not in json.dumps(platform)
 
 
+@pytest.mark.integration
 def test_default_compile_names_no_package_an_index_lacks(compiled: tuple[dict, dict]) -> None:
     container = compiled[0]["deploymentSpec"]["executors"]["exec-prepare-dataset"]["container"]
     assert "lora-pipeline[kubeflow]==" not in json.dumps(container)  # the wheel is embedded instead
     assert container["image"].startswith("pytorch/pytorch:")
 
 
+@pytest.mark.integration
 def test_help_loads_no_kfp() -> None:
     code = (
         "import sys; from lora_pipeline import cli; cli.build_parser().format_help(); "
@@ -257,6 +265,7 @@ def test_trainjob_auto_procs_and_no_gpu_leave_the_runtime_defaults() -> None:
     assert job.metadata.name.startswith("lora-")
 
 
+@pytest.mark.integration
 def test_trainjob_dry_run_prints_yaml_and_submits_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     result = run_cli(
         "compile", "--trainjob", "--dry-run", "--name", "demo", "--train.num_workers", "2",

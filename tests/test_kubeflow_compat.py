@@ -56,6 +56,7 @@ def _messages() -> dict[str, type]:
     ],  # fmt: skip
     ids=["defaults", "options"],
 )
+@pytest.mark.integration
 def test_compiled_yaml_parses_strictly_with_the_kfp_2_15_2_schemas(tmp_path: Path, args: list[str]) -> None:
     from google.protobuf import json_format
 

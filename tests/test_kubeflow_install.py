@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import cli_exit_code
 from lora_pipeline import __version__
 from lora_pipeline.cli import main
 from lora_pipeline.kubeflow.wheel import install_lora_pipeline, pip_options
@@ -54,6 +54,7 @@ def _embedded(source: str) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+@pytest.mark.integration
 def test_default_compile_embeds_the_wheel_in_every_component(default_yaml) -> None:
     from kfp import __version__ as kfp_version
 
@@ -74,6 +75,7 @@ def test_default_compile_embeds_the_wheel_in_every_component(default_yaml) -> No
     assert len(set(wheels)) == 1  # the same wheel in all four
 
 
+@pytest.mark.integration
 def test_no_argument_exceeds_linuxs_limit_and_the_program_rebuilds_the_source(default_yaml, tmp_path: Path) -> None:
     """exec refuses one argument over 128 KiB (E2BIG): the source goes in parts that KFP's program rejoins."""
     pipeline, _, _ = default_yaml
@@ -93,6 +95,7 @@ def test_no_argument_exceeds_linuxs_limit_and_the_program_rebuilds_the_source(de
         assert "install_lora_pipeline" in (tmp_path / "out.py").read_text()
 
 
+@pytest.mark.integration
 def test_embedded_wheel_is_this_checkouts_code_and_pip_accepts_it(default_yaml, tmp_path: Path) -> None:
     pipeline, _, _ = default_yaml
     (packed,) = _embedded(_source(pipeline, "train-model")).items()
@@ -142,6 +145,7 @@ def test_pip_options_follow_kfps_own(urls, hosts, expected) -> None:
     assert pip_options(urls, hosts) == expected
 
 
+@pytest.mark.integration
 def test_mirror_options_reach_kfps_install_and_the_wheels(tmp_path: Path) -> None:
     pipeline, _, _ = _compile(tmp_path, "--pip-index-url", "https://mirror.example/simple",
                               "--pip-trusted-host", "mirror.example")  # fmt: skip
@@ -163,6 +167,7 @@ def test_prebuilt_image_installs_nothing_and_a_spec_is_pip_installed(tmp_path: P
         assert "lora-pipeline[kubeflow]==0.1.0" in json.dumps(spec["deploymentSpec"]["executors"][f"exec-{stage}"])
 
 
+@pytest.mark.integration
 def test_given_wheel_is_embedded(tmp_path: Path, default_yaml) -> None:
     built = tmp_path / "w"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
@@ -188,10 +193,10 @@ def _wheel_files(source: str) -> dict[str, bytes]:
         (["--pip-index-url", "https://user:pw@mirror.example/simple"], "--pip-index-url"),
     ],
 )
-def test_bad_install_and_workspace_options_are_one_line(tmp_path: Path, args: list[str], field: str) -> None:
-    result = run_cli("compile", "-o", str(tmp_path / "p.yaml"), *args)
-    assert result.returncode == 2
-    assert field in result.stderr and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+def test_bad_install_and_workspace_options_are_one_line(tmp_path: Path, args: list[str], field: str, capsys) -> None:
+    assert cli_exit_code(["compile", "-o", str(tmp_path / "p.yaml"), *args]) == 2
+    stderr = capsys.readouterr().err
+    assert field in stderr and "Traceback" not in stderr and len(stderr.splitlines()) == 1
     assert not (tmp_path / "p.yaml").exists()
 
 
@@ -202,6 +207,7 @@ def _tasks(pipeline: dict) -> dict[str, dict]:
     return {name: t for name, t in tasks.items() if name in STAGES}
 
 
+@pytest.mark.integration
 def test_kfp_caching_is_off_unless_asked(default_yaml, tmp_path: Path) -> None:
     assert set(_tasks(default_yaml[0])) == set(STAGES)
     assert all(not t.get("cachingOptions", {}).get("enableCache") for t in _tasks(default_yaml[0]).values())
@@ -209,6 +215,7 @@ def test_kfp_caching_is_off_unless_asked(default_yaml, tmp_path: Path) -> None:
     assert all(t["cachingOptions"]["enableCache"] for t in _tasks(cached).values())
 
 
+@pytest.mark.integration
 def test_workspace_pvc_is_explicit(default_yaml, tmp_path: Path) -> None:
     default = {"size": "20Gi", "kubernetes": {"pvcSpecPatch": {"accessModes": ["ReadWriteOnce"]}}}
     assert _workspace(default_yaml[1]) == default  # no storage class: the cluster's default StorageClass
@@ -221,6 +228,7 @@ def test_workspace_pvc_is_explicit(default_yaml, tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.integration
 def test_multi_node_default_asks_for_read_write_many(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _compile(tmp_path, "--train.num_workers", "2")
     assert "--workspace-access-mode ReadWriteMany" in capsys.readouterr().out
@@ -232,6 +240,7 @@ def _workspace(platform: dict) -> dict:
     return platform["platforms"]["kubernetes"]["pipelineConfig"]["workspace"]
 
 
+@pytest.mark.integration
 def test_data_uri_is_required_unless_the_config_sets_it(default_yaml, tmp_path: Path) -> None:
     declared = default_yaml[0]["root"]["inputDefinitions"]["parameters"]["phase_01_dataset_man_data_uri"]
     assert declared == {"parameterType": "STRING"}  # no default, not optional
@@ -240,6 +249,7 @@ def test_data_uri_is_required_unless_the_config_sets_it(default_yaml, tmp_path: 
     assert set_uri["defaultValue"] == "s3://b/d.jsonl"
 
 
+@pytest.mark.integration
 def test_task_config_env_and_volumes_apply_to_the_training_task(default_yaml) -> None:
     passthroughs = default_yaml[0]["components"]["comp-train-model"]["taskConfigPassthroughs"]
     applied = {p["field"] for p in passthroughs if p.get("applyToTask")}
@@ -248,6 +258,7 @@ def test_task_config_env_and_volumes_apply_to_the_training_task(default_yaml) ->
     assert inputs["kubernetes_config"]["parameterType"] == "TASK_CONFIG"
 
 
+@pytest.mark.integration
 def test_installed_distribution_repacks_to_the_same_wheel(tmp_path: Path) -> None:
     """Without a checkout (installed from a wheel), compile embeds a wheel of the installed files."""
     import importlib.metadata

@@ -13,22 +13,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import train_config
-from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 
-pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def dataset_dir(demo_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mergeds") / "dataset"
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=48), out)
-
-
-def train(demo_assets, dataset_dir: Path, out: Path, **overrides) -> Path:
-    return train_adapter(train_config(demo_assets.model_dir, **overrides), dataset_dir, out)
+def train(demo_assets, dataset: Path, out: Path, **overrides) -> Path:
+    return train_adapter(train_config(demo_assets.model_dir, **overrides), dataset, out)
 
 
 def adapter_logits(demo_assets, trained: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -41,9 +31,10 @@ def adapter_logits(demo_assets, trained: Path, ids: torch.Tensor) -> torch.Tenso
         return model(input_ids=ids).logits
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "trained-in-4bit"])
-def test_merged_model_reproduces_the_adapter(demo_assets, dataset_dir, tmp_path, quantized) -> None:
-    trained = train(demo_assets, dataset_dir, tmp_path / "t", merge=True, lora_load_in_4bit=quantized)
+def test_merged_model_reproduces_the_adapter(demo_assets, demo_dataset, tmp_path, quantized) -> None:
+    trained = train(demo_assets, demo_dataset, tmp_path / "t", merge=True, lora_load_in_4bit=quantized)
     merged_dir = trained / "merged"
     assert (merged_dir / "model.safetensors").exists() and (merged_dir / "config.json").exists()
     assert (merged_dir / "tokenizer_config.json").exists()
@@ -62,12 +53,14 @@ def test_merged_model_reproduces_the_adapter(demo_assets, dataset_dir, tmp_path,
     assert torch.allclose(merged_logits, expected, atol=1e-4), (merged_logits - expected).abs().max()
 
 
-def test_no_merged_dir_unless_asked(demo_assets, dataset_dir, tmp_path) -> None:
-    trained = train(demo_assets, dataset_dir, tmp_path / "t")
+@pytest.mark.integration
+def test_no_merged_dir_unless_asked(demo_assets, demo_dataset, tmp_path) -> None:
+    trained = train(demo_assets, demo_dataset, tmp_path / "t")
     assert not (trained / "merged").exists()
     assert read_json(trained / "metrics.json")["merged"] is False
 
 
+@pytest.mark.integration
 def test_cli_offers_the_merge_option() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "lora_pipeline.cli", "train", "--help"], capture_output=True, text=True, check=True

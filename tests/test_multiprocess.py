@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import cli_exit_code
 from helpers import train_config
-from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.batching import StepSampler
 from lora_pipeline.training.launch import resolve_num_procs
@@ -43,17 +41,11 @@ def test_num_procs_auto_is_one_without_cuda() -> None:
     assert resolve_num_procs("3") == 3
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(demo_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mpds") / "dataset"
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=80, data_split=0.9), out)
-
-
 @pytest.mark.integration
-def test_two_processes_match_one_process_step_by_step(demo_assets, dataset_dir, tmp_path, monkeypatch) -> None:
+def test_two_processes_match_one_process_step_by_step(demo_assets, demo_dataset, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # loopback only
-    one = read_json(train_adapter(train_config(demo_assets.model_dir), dataset_dir, tmp_path / "one") / "metrics.json")
-    out = train_adapter(train_config(demo_assets.model_dir, num_procs="2"), dataset_dir, tmp_path / "two")
+    one = read_json(train_adapter(train_config(demo_assets.model_dir), demo_dataset, tmp_path / "one") / "metrics.json")
+    out = train_adapter(train_config(demo_assets.model_dir, num_procs="2"), demo_dataset, tmp_path / "two")
     two = read_json(out / "metrics.json")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["effective_batch_size"] == one["effective_batch_size"] == 8 and two["steps"] == one["steps"] == 9
@@ -68,12 +60,12 @@ def test_two_processes_match_one_process_step_by_step(demo_assets, dataset_dir, 
 
 
 @pytest.mark.integration
-def test_under_torchrun_the_stage_command_trains_in_place(demo_assets, dataset_dir, tmp_path) -> None:
+def test_under_torchrun_the_stage_command_trains_in_place(demo_assets, demo_dataset, tmp_path) -> None:
     """What a TrainJob node runs: torchrun around `lora-pipeline train --input dataset=DIR --out DIR`."""
     out = tmp_path / "train"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "lora_pipeline.cli", "train", "--input", f"dataset={dataset_dir}", "--out", str(out)]
+    command += ["-m", "lora_pipeline.cli", "train", "--input", f"dataset={demo_dataset}", "--out", str(out)]
     command += ["--train.model", str(demo_assets.model_dir), "--train.lora_load_in_4bit", "false"]
     command += ["--train.effective_batch_size", "8", "--train.epochs", "1", "--train.max_seq_len", "128"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -83,16 +75,12 @@ def test_under_torchrun_the_stage_command_trains_in_place(demo_assets, dataset_d
     assert result.stdout.count(f"train: {out}") == 1  # rank 0 reports; the other process trains quietly
 
 
-def test_a_run_directory_under_torchrun_is_refused_in_one_line(tmp_path) -> None:
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_pipeline.cli", "run", "-o", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "--train.num_procs N" in result.stderr
+def test_a_run_directory_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli_exit_code(["run", "-o", str(tmp_path / "run")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().count("\n") == 0 and "--train.num_procs N" in stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -107,7 +95,7 @@ train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sy
 
 
 @pytest.mark.integration
-def test_two_processes_killed_resume_and_end_as_one_process_does(demo_assets, dataset_dir, tmp_path) -> None:
+def test_two_processes_killed_resume_and_end_as_one_process_does(demo_assets, demo_dataset, tmp_path) -> None:
     import dataclasses
     import json
     import signal
@@ -117,12 +105,12 @@ def test_two_processes_killed_resume_and_end_as_one_process_does(demo_assets, da
 
     cfg = train_config(demo_assets.model_dir, num_procs="2", checkpoint_steps=3, checkpoint_minutes=0.0)
     straight = read_json(
-        train_adapter(train_config(demo_assets.model_dir), dataset_dir, tmp_path / "one") / "metrics.json"
+        train_adapter(train_config(demo_assets.model_dir), demo_dataset, tmp_path / "one") / "metrics.json"
     )
     out = tmp_path / "two"
     checkpoints = tmp_path / ".two.work" / "checkpoints"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", TRAIN, json.dumps(dataclasses.asdict(cfg)), str(dataset_dir), str(out)]
+    command = [sys.executable, "-c", TRAIN, json.dumps(dataclasses.asdict(cfg)), str(demo_dataset), str(out)]
     log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - the process writes it while the test polls
     parent = subprocess.Popen(command, env=env, stderr=log)
     deadline = time.monotonic() + 120
@@ -136,7 +124,7 @@ def test_two_processes_killed_resume_and_end_as_one_process_does(demo_assets, da
     _, alive = psutil.wait_procs(children, timeout=60)  # torchrun and its workers stop with their parent
     assert not alive
     assert not (out / "metrics.json").exists()
-    metrics = read_json(train_adapter(cfg, dataset_dir, out) / "metrics.json")
+    metrics = read_json(train_adapter(cfg, demo_dataset, out) / "metrics.json")
     assert metrics["resumed_from_step"] and metrics["world_size"] == 2
     resumed = [h["loss"] for h in metrics["history"] if "loss" in h]
     expected = [h["loss"] for h in straight["history"] if "loss" in h]

@@ -59,6 +59,7 @@ def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+@pytest.mark.integration
 def test_modelcar_image_trains_with_pull_secret(
     demo_assets, auth_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -90,6 +91,7 @@ def test_modelcar_image_trains_with_pull_secret(
     assert recorded_base(str(base_path), None) == str(base_path)
 
 
+@pytest.mark.integration
 def test_index_layers_and_whiteouts_apply_in_order(open_registry: Registry, tmp_path: Path) -> None:
     lower = tar_layer(
         [("models/config.json", b"{}"), ("models/old.bin", b"o"), ("models/sub/x", b"x"), ("etc/keep", b"k")]
@@ -125,6 +127,7 @@ def test_index_layers_and_whiteouts_apply_in_order(open_registry: Registry, tmp_
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temporary leftovers
 
 
+@pytest.mark.integration
 def test_oras_artifact(demo_assets, open_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import oras.client
 
@@ -137,6 +140,7 @@ def test_oras_artifact(demo_assets, open_registry: Registry, tmp_path: Path, mon
     assert (path / "config.json").read_bytes() == (demo_assets.model_dir / "config.json").read_bytes()
 
 
+@pytest.mark.integration
 def test_bearer_token_from_the_realm(demo_assets, open_registry: Registry, tmp_path: Path, monkeypatch) -> None:
     open_registry.push_image("demo", "bearer", [model_layer(demo_assets.model_dir)])
     front = BearerFront(open_registry.host, "puller", PASSWORD, "tok-123")
@@ -153,6 +157,7 @@ def test_bearer_token_from_the_realm(demo_assets, open_registry: Registry, tmp_p
         front.close()
 
 
+@pytest.mark.integration
 def test_pull_deadline_is_kept(open_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     open_registry.push_image("slow", "1", [tar_layer([("models/config.json", b"{}")])])
     uri = f"oci://{open_registry.host}/slow:1"
@@ -179,6 +184,7 @@ PREFLIGHT_CASES = [
 @pytest.mark.parametrize(
     ("password", "ref", "expected"), [c[1:] for c in PREFLIGHT_CASES], ids=[c[0] for c in PREFLIGHT_CASES]
 )
+@pytest.mark.integration
 def test_preflight_refuses_in_one_line(
     demo_assets, auth_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
     password: str | None, ref: str, expected: str,
@@ -201,6 +207,7 @@ def test_preflight_refuses_in_one_line(
     assert not run.exists()
 
 
+@pytest.mark.integration
 def test_tampered_blob_is_refused(open_registry: Registry, tmp_path: Path) -> None:
     _, (layer,) = open_registry.push_image("tampered", "1", [tar_layer([("models/config.json", b"{}" * 100)])])
     blob = open_registry.blob_path(layer)
@@ -212,6 +219,7 @@ def test_tampered_blob_is_refused(open_registry: Registry, tmp_path: Path) -> No
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.integration
 def test_cut_transfer_fails_cleanly_then_the_next_pull_succeeds(open_registry: Registry, tmp_path: Path) -> None:
     digest, _ = open_registry.push_image(
         "cut", "1", [tar_layer([("models/config.json", os.urandom(4096).hex().encode())])]
@@ -243,6 +251,7 @@ UNSAFE_LAYERS = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("entries", "why"), [c[1:] for c in UNSAFE_LAYERS], ids=[c[0] for c in UNSAFE_LAYERS])
 def test_layer_entries_outside_are_refused(open_registry: Registry, tmp_path: Path, entries: list, why: str) -> None:
     repo = "unsafe"
@@ -252,6 +261,7 @@ def test_layer_entries_outside_are_refused(open_registry: Registry, tmp_path: Pa
     assert not (tmp_path / "evil").exists() and list((tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.integration
 def test_device_file_is_refused(open_registry: Registry, tmp_path: Path) -> None:
     layer = tar_layer([("models/config.json", b"{}"), ("models/null", b"")], gzip=False, kind=tarfile.CHRTYPE)
     open_registry.push_image("device", "1", [layer], media=TAR)
@@ -376,6 +386,7 @@ def test_compile_refuses_oci_userinfo_and_names_the_pull_secret(tmp_path: Path, 
     assert "--secret-env OCI_PULL_SECRET_MODEL_DOWNLOAD=SECRET:.dockerconfigjson for oci://" in err
 
 
+@pytest.mark.integration
 def test_server_errors_are_retried_then_named(tmp_path: Path) -> None:
     import http.server
     import threading

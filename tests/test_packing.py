@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import functools
 import random
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 from helpers import train_config
-from lora_pipeline.config import DatasetConfig
 from lora_pipeline.files import read_json
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.tokenization import IGNORE_INDEX, PadCollator
 from lora_pipeline.training import batching, packing
@@ -65,6 +62,7 @@ def demo_model(demo_assets):
     return transformers.AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.float32)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_rows_get_the_losses_and_logits_they_get_alone(demo_model, attention) -> None:
     demo_model.set_attn_implementation(attention)
@@ -112,6 +110,7 @@ def torch_2_10_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=
     return reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kernel", [reference_varlen_attn, torch_2_10_varlen_attn])
 def test_varlen_kernel_path_gives_the_padded_losses(demo_model, kernel, monkeypatch) -> None:
     """On CUDA a padding-free batch goes through torch's varlen flash-attention, one call per layer. Here a CPU
@@ -164,6 +163,7 @@ def test_row_by_row_attention_on_a_gpu_is_named_as_slow(demo_assets, monkeypatch
     assert warning.startswith("train: padding-free attention runs row by row on this GPU") and "2.10" in warning
 
 
+@pytest.mark.integration
 def test_padding_free_gradients_match_padded(demo_assets) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -225,21 +225,15 @@ def test_support_is_limited_to_exact_cases(demo_model) -> None:
 # ---- through the train stage ----
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(demo_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("packds") / "dataset"
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), out)
-
-
 @pytest.mark.integration
-def test_training_padding_free_matches_padded_step_by_step(demo_assets, dataset_dir, tmp_path, monkeypatch) -> None:
+def test_training_padding_free_matches_padded_step_by_step(demo_assets, demo_dataset, tmp_path, monkeypatch) -> None:
     free = read_json(
-        train_adapter(train_config(demo_assets.model_dir), dataset_dir, tmp_path / "free") / "metrics.json"
+        train_adapter(train_config(demo_assets.model_dir), demo_dataset, tmp_path / "free") / "metrics.json"
     )
     monkeypatch.setattr(packing, "padding_free_support", lambda config, trc: (False, "switched off by the test"))
     monkeypatch.setattr(batching, "MEGA_STEPS", 1)  # the steps padding-free training takes: the same rows per step
     padded = read_json(
-        train_adapter(train_config(demo_assets.model_dir), dataset_dir, tmp_path / "pad") / "metrics.json"
+        train_adapter(train_config(demo_assets.model_dir), demo_dataset, tmp_path / "pad") / "metrics.json"
     )
     assert free["padding_free"] == {"applied": True, "attention": packing.ATTENTION, "kernel": "row-by-row SDPA"}
     assert padded["padding_free"] == {"applied": False, "reason": "switched off by the test"}
@@ -251,10 +245,10 @@ def test_training_padding_free_matches_padded_step_by_step(demo_assets, dataset_
 
 
 @pytest.mark.integration
-def test_sample_packing_counts_packed_sequences_as_samples(demo_assets, dataset_dir, tmp_path, caplog) -> None:
+def test_sample_packing_counts_packed_sequences_as_samples(demo_assets, demo_dataset, tmp_path, caplog) -> None:
     cfg = train_config(demo_assets.model_dir, lora_sample_packing=True, effective_batch_size=2, max_tokens_per_gpu=256)
     with caplog.at_level("INFO", logger="lora_pipeline"):
-        metrics = read_json(train_adapter(cfg, dataset_dir, tmp_path / "t") / "metrics.json")
+        metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
     info = metrics["sample_packing"]
     assert info["applied"] and info["sequence_tokens"] == 128  # min(max_seq_len, max_tokens_per_gpu)
     assert info["rows_per_sequence"] > 1.5 and info["fill"] > 0.8
@@ -265,12 +259,12 @@ def test_sample_packing_counts_packed_sequences_as_samples(demo_assets, dataset_
 
 @pytest.mark.integration
 def test_sample_packing_is_refused_where_rows_would_see_each_other(
-    demo_assets, dataset_dir, tmp_path, monkeypatch, caplog
+    demo_assets, demo_dataset, tmp_path, monkeypatch, caplog
 ) -> None:
     monkeypatch.setattr(packing, "padding_free_support", lambda config, trc: (False, "not exact here"))
     cfg = train_config(demo_assets.model_dir, lora_sample_packing=True)
     with caplog.at_level("WARNING", logger="lora_pipeline"):
-        metrics = read_json(train_adapter(cfg, dataset_dir, tmp_path / "t") / "metrics.json")
+        metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
     assert metrics["sample_packing"]["requested"] and not metrics["sample_packing"]["applied"]
     assert metrics["steps"] == 9
     assert [r for r in caplog.records if "lora_sample_packing: not applied" in r.getMessage()]

@@ -14,8 +14,6 @@ import pytest
 from conftest import run_cli
 from lora_pipeline.files import read_json
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def demo_run(demo_assets, tmp_path_factory) -> tuple[Path, object]:
@@ -26,6 +24,7 @@ def demo_run(demo_assets, tmp_path_factory) -> tuple[Path, object]:
     return run_dir, out
 
 
+@pytest.mark.integration
 def test_demo_runs_all_stages_and_tuned_beats_base_by_40_points(demo_run, demo_assets, monkeypatch) -> None:
     monkeypatch.delenv("LORA_PIPELINE_REGISTRY")  # the module's demo run registered in its home's registry
     run_dir, out = demo_run
@@ -48,6 +47,7 @@ def test_demo_runs_all_stages_and_tuned_beats_base_by_40_points(demo_run, demo_a
     assert "demo-topic" in listed.stdout and "1.0.0" in listed.stdout
 
 
+@pytest.mark.integration
 def test_second_run_is_cached_and_eval_option_reruns_only_eval(demo_run, demo_assets) -> None:
     run_dir, _ = demo_run
     home = str(Path(demo_assets.model_dir).parents[1])
@@ -66,6 +66,7 @@ def test_second_run_is_cached_and_eval_option_reruns_only_eval(demo_run, demo_as
     }
 
 
+@pytest.mark.integration
 def test_bad_eval_option_fails_before_any_stage_and_keeps_outputs(demo_run, demo_assets) -> None:
     run_dir, _ = demo_run
     home = str(Path(demo_assets.model_dir).parents[1])
@@ -101,6 +102,7 @@ def _start_and_wait_for_checkpoint(args: list[str], env: dict, run_dir: Path, af
     return proc
 
 
+@pytest.mark.integration
 def test_ctrl_c_and_kill_9_then_the_same_command_resumes(demo_assets, tmp_path: Path) -> None:
     home = str(Path(demo_assets.model_dir).parents[1])
     env = {"LORA_PIPELINE_HOME": home, "HF_HUB_OFFLINE": "1"}

@@ -61,6 +61,7 @@ def add_merged(run_dir: Path, weights: bytes = b"merged weights") -> Path:
 # --- API versions ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_registers_through_the_client_in_the_servers_own_api_version(tmp_path: Path, server: StandIn) -> None:
     record = register(make_run(tmp_path / "run"), server)
     assert record["status"] == "registered"
@@ -75,6 +76,7 @@ def test_registers_through_the_client_in_the_servers_own_api_version(tmp_path: P
     check_registry(server.url, server.port, token=TOKEN)  # pre-flight detects it too
 
 
+@pytest.mark.integration
 def test_a_server_with_neither_api_is_refused_in_one_line(tmp_path: Path) -> None:
     with StandIn(token=TOKEN, lifetime=30) as other:
         other.routes = {}  # answers 404 under every prefix, as a server of another API version would
@@ -148,6 +150,7 @@ def test_a_prefix_decides_else_in_cluster_means_http(host: str, scheme: str) -> 
 # --- provenance -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_compiled_register_task_gets_the_pipeline_run(tmp_path: Path) -> None:
     import yaml
 
@@ -160,6 +163,7 @@ def test_the_compiled_register_task_gets_the_pipeline_run(tmp_path: Path) -> Non
     assert inputs["pipeline_run_name"] == "{{$.pipeline_job_name}}"
 
 
+@pytest.mark.integration
 def test_the_version_records_the_pipeline_run(tmp_path: Path, server: StandIn, monkeypatch) -> None:
     monkeypatch.setenv("LORA_PIPELINE_KFP_RUN_ID", "8c1f0b9e-run")
     monkeypatch.setenv("LORA_PIPELINE_KFP_RUN_NAME", "lora-pipeline-2026-12-05")
@@ -173,6 +177,7 @@ def test_the_version_records_the_pipeline_run(tmp_path: Path, server: StandIn, m
 # --- the merged model: a second artifact, added, never replaced -----------------------------------------
 
 
+@pytest.mark.integration
 def test_kubeflow_holds_the_merged_model_as_a_second_artifact(tmp_path: Path, server: StandIn) -> None:
     run = make_run(tmp_path / "run")
     merged = add_merged(run)

@@ -49,6 +49,7 @@ def register(run_dir: Path, server: StandIn, **options) -> dict:
     return read_json(out / "registration.json")
 
 
+@pytest.mark.integration
 def test_new_model_is_registered_with_its_lineage(tmp_path: Path, server: StandIn) -> None:
     run_dir = make_run(tmp_path / "run")
     record = register(run_dir, server, model_name="topic", version="1.2.3", author="ana", description="demo")
@@ -72,6 +73,7 @@ def test_new_model_is_registered_with_its_lineage(tmp_path: Path, server: StandI
     assert TOKEN not in (run_dir / "register" / "registration.json").read_text()
 
 
+@pytest.mark.integration
 def test_new_version_of_an_existing_model(tmp_path: Path, server: StandIn) -> None:
     first = register(make_run(tmp_path / "a"), server)
     second = register(make_run(tmp_path / "b"), server, version="1.1.0")
@@ -80,6 +82,7 @@ def test_new_version_of_an_existing_model(tmp_path: Path, server: StandIn) -> No
     assert len(server.models) == 1 and len(server.versions) == 2 and len(server.artifacts) == 2
 
 
+@pytest.mark.integration
 def test_duplicate_version_same_artifact_is_a_no_op_and_another_is_refused(tmp_path: Path, server: StandIn) -> None:
     run_dir = make_run(tmp_path / "run")
     first = register(run_dir, server)
@@ -94,6 +97,7 @@ def test_duplicate_version_same_artifact_is_a_no_op_and_another_is_refused(tmp_p
     assert [a["uri"] for a in server.artifacts.values()] == [first["uri"]]  # nothing overwritten
 
 
+@pytest.mark.integration
 def test_503_then_200_is_retried(tmp_path: Path, server: StandIn, caplog: pytest.LogCaptureFixture) -> None:
     server.fail_next = [503, 503]
     with caplog.at_level(logging.WARNING, logger="lora_pipeline"):
@@ -123,6 +127,7 @@ def test_registry_down_is_one_line_after_the_retries(tmp_path: Path) -> None:
     assert (run_dir / "train" / "adapter" / "adapter_config.json").exists()  # train/eval outputs stay
 
 
+@pytest.mark.integration
 def test_bad_token_is_refused_at_once(tmp_path: Path, server: StandIn) -> None:
     with pytest.raises(RegistryError, match=r"refused the request \(HTTP 401\)") as err:
         register(make_run(tmp_path / "run"), server, token="wrong-token-123")
@@ -131,12 +136,14 @@ def test_bad_token_is_refused_at_once(tmp_path: Path, server: StandIn) -> None:
     assert server.models == {}
 
 
+@pytest.mark.integration
 def test_token_from_the_environment(tmp_path: Path, server: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODEL_REGISTRY_TOKEN", TOKEN)
     assert register(make_run(tmp_path / "run"), server, token="")["status"] == "registered"
     assert set(server.auth_headers) == {f"Bearer {TOKEN}"}
 
 
+@pytest.mark.integration
 def test_preflight_reaches_the_registry_and_wants_a_token_for_https(server: StandIn) -> None:
     check_registry(server.url, server.port, token=TOKEN)  # answers: fine
     with pytest.raises(ConfigError, match="is https: set --registry.token") as err:
@@ -157,6 +164,7 @@ def test_address_forms() -> None:
     assert kubeflow.normalise_address("http://mr:9000/", 8080) == ("http://mr:9000", 9000)
 
 
+@pytest.mark.integration
 def test_register_later_without_retraining(tmp_path: Path, server: StandIn) -> None:
     """`lora-pipeline register -o RUN_DIR` after the registry was down: only the register stage runs."""
     run_dir = make_run(tmp_path / "run")
@@ -186,6 +194,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_https_with_a_private_ca_and_a_refused_certificate(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
@@ -198,6 +207,7 @@ def test_https_with_a_private_ca_and_a_refused_certificate(tmp_path: Path) -> No
         assert len(server.versions) == 1
 
 
+@pytest.mark.integration
 def test_the_digest_is_recorded_and_decides_no_change(tmp_path: Path, server: StandIn) -> None:
     """A retrain in place keeps the artifact's URI: only the recorded digest tells the content changed."""
     run_dir = make_run(tmp_path / "run")
@@ -214,6 +224,7 @@ def test_the_digest_is_recorded_and_decides_no_change(tmp_path: Path, server: St
     assert version["customProperties"]["lora_r"]["int_value"] == "8"
 
 
+@pytest.mark.integration
 def test_auto_is_refused_in_one_line_by_a_model_registry(tmp_path: Path, server: StandIn) -> None:
     with pytest.raises(RegistryError, match="auto applies to the local registry") as err:
         register(make_run(tmp_path / "run"), server, version="auto")

@@ -178,6 +178,7 @@ def test_racing_threads_get_distinct_versions(tmp_path: Path) -> None:
     _expect_distinct(versions, db, n)
 
 
+@pytest.mark.integration
 def test_racing_processes_get_distinct_versions(tmp_path: Path) -> None:
     n, db = 4, tmp_path / "registry.db"
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -227,7 +228,7 @@ def test_a_version_whose_digest_cannot_be_read_is_never_the_same_content(tmp_pat
     assert json.loads((out / "registration.json").read_text())["version"] == "1.0.1"
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(contents=st.lists(st.sampled_from("abcde"), min_size=1, max_size=12))
 def test_auto_gives_each_content_one_version_in_order_of_first_registration(
     tmp_path_factory: pytest.TempPathFactory, contents: list[str]

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from helpers import train_config
+from lora_pipeline.config import TrainConfig
 from lora_pipeline.files import read_json
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.checkpoints import last_complete_checkpoint, make_checkpoint_callback, training_key
-
-pytestmark = pytest.mark.integration
 
 # The train stage as a process of its own, so that it can be killed: config as JSON, then dataset and output dirs.
 TRAIN = """
@@ -32,32 +30,19 @@ from lora_pipeline.stages.train import train_adapter
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))
 """
-STEPS_PER_EPOCH = 9  # 36 train rows / effective batch 4
+STEPS_PER_EPOCH = 9  # 72 train rows / effective batch 8
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(demo_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("resume") / "dataset"
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=48, data_split=0.75), out)
-
-
-def resumable_config(model_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model_dir),
-        effective_batch_size=4,
-        micro_batch_size=2,  # with gradient accumulation: a resume lands between optimizer steps, not micro-batches
-        epochs=2,
-        learning_rate=3e-3,
-        max_seq_len=128,
-        lora_dropout=0.1,  # dropout draws random numbers: a resume must restore the RNG to match
-        lora_load_in_4bit=False,
-        use_liger=False,
-        checkpoint_steps=3,
-        checkpoint_minutes=0.0,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+# A checkpoint every 3 steps over 2 epochs: a run can be cut off, and resumed, in either epoch.
+RESUMABLE = dict(
+    micro_batch_size=4,  # with gradient accumulation: a resume lands between optimizer steps, not micro-batches
+    epochs=2,
+    learning_rate=3e-3,
+    lora_dropout=0.1,  # dropout draws random numbers: a resume must restore the RNG to match
+    checkpoint_steps=3,
+    checkpoint_minutes=0.0,
+)
 
 
 def start(cfg: TrainConfig, dataset_dir: Path, out: Path) -> subprocess.Popen:
@@ -105,15 +90,16 @@ def losses(metrics: dict) -> list[float]:
     return [h["loss"] for h in metrics["history"] if "loss" in h]
 
 
+@pytest.mark.integration
 def test_killed_then_interrupted_run_resumes_and_matches_an_uninterrupted_one(
-    demo_assets, dataset_dir: Path, tmp_path: Path
+    demo_assets, demo_dataset: Path, tmp_path: Path
 ) -> None:
-    cfg = resumable_config(demo_assets.model_dir)
-    finish(cfg, dataset_dir, tmp_path / "straight")
+    cfg = train_config(demo_assets.model_dir, **RESUMABLE)
+    finish(cfg, demo_dataset, tmp_path / "straight")
 
     out = tmp_path / "interrupted"
     work = out.with_name(f".{out.name}.work")
-    interrupt_after(cfg, dataset_dir, out, 0, signal.SIGKILL)
+    interrupt_after(cfg, demo_dataset, out, 0, signal.SIGKILL)
     first = saved_steps(out)[-1]
     # What a kill in the middle of the Trainer's next save leaves: weights written, trainer_state.json cut off.
     partial = work / "checkpoints" / f"checkpoint-{first + 3}"
@@ -122,13 +108,13 @@ def test_killed_then_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     (partial / "trainer_state.json").write_text('{\n  "best_global_step": null,\n  "global_')
 
     # Ctrl-C in the second epoch: KeyboardInterrupt, and the work dir stays for the next run.
-    stderr = interrupt_after(cfg, dataset_dir, out, STEPS_PER_EPOCH, signal.SIGINT)
+    stderr = interrupt_after(cfg, demo_dataset, out, STEPS_PER_EPOCH, signal.SIGINT)
     assert f"train: resuming from step {first} of {TOTAL_STEPS}" in stderr
     assert "KeyboardInterrupt" in stderr and not out.exists()
     second = saved_steps(out)[-1]
     assert first < STEPS_PER_EPOCH < second < TOTAL_STEPS
 
-    stderr = finish(cfg, dataset_dir, out)
+    stderr = finish(cfg, demo_dataset, out)
     assert f"train: resuming from step {second} of {TOTAL_STEPS}" in stderr
     assert not work.exists()  # removed once the stage completed
 
@@ -144,33 +130,34 @@ def test_killed_then_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     assert not (out / "checkpoints").exists()  # save_epoch is off: no empty folder
 
 
+@pytest.mark.integration
 def test_a_changed_config_does_not_resume_stale_checkpoints(
-    demo_assets, dataset_dir: Path, tmp_path: Path, caplog
+    demo_assets, demo_dataset: Path, tmp_path: Path, caplog
 ) -> None:
     out = tmp_path / "t"
-    cfg = resumable_config(demo_assets.model_dir)
-    interrupt_after(cfg, dataset_dir, out, 0, signal.SIGKILL)
+    cfg = train_config(demo_assets.model_dir, **RESUMABLE)
+    interrupt_after(cfg, demo_dataset, out, 0, signal.SIGKILL)
     assert saved_steps(out)
     with caplog.at_level(logging.INFO, logger="lora_pipeline"):
-        train_adapter(dataclasses.replace(cfg, learning_rate=1e-3), dataset_dir, out)
+        train_adapter(dataclasses.replace(cfg, learning_rate=1e-3), demo_dataset, out)
     messages = [r.getMessage() for r in caplog.records]
     assert any("discarding checkpoints of a different config or dataset" in m for m in messages)
     assert not any("resuming" in m for m in messages)
     assert read_json(out / "metrics.json")["resumed_from_step"] is None
 
 
-def test_training_key_covers_what_changes_the_result(dataset_dir: Path, tmp_path: Path) -> None:
+def test_training_key_covers_what_changes_the_result(demo_dataset: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(model="some/model")
-    key = training_key(cfg, dataset_dir)
-    assert training_key(dataclasses.replace(cfg, learning_rate=1e-3), dataset_dir) != key
-    assert training_key(dataclasses.replace(cfg, lora_dropout=0.2), dataset_dir) != key
+    key = training_key(cfg, demo_dataset)
+    assert training_key(dataclasses.replace(cfg, learning_rate=1e-3), demo_dataset) != key
+    assert training_key(dataclasses.replace(cfg, lora_dropout=0.2), demo_dataset) != key
     # Checkpoint intervals and resources do not change what is trained: a run resumes across them.
     same = dataclasses.replace(cfg, checkpoint_steps=7, checkpoint_minutes=1.0, cpu="8", memory="64Gi")
-    assert training_key(same, dataset_dir) == key
+    assert training_key(same, demo_dataset) == key
     edited = tmp_path / "dataset"
     edited.mkdir()
     for name in ("train.jsonl", "eval.jsonl"):
-        edited.joinpath(name).write_bytes((dataset_dir / name).read_bytes())
+        edited.joinpath(name).write_bytes((demo_dataset / name).read_bytes())
     assert training_key(cfg, edited) == key
     with open(edited / "eval.jsonl", "a") as fh:
         fh.write("\n")

@@ -25,6 +25,7 @@ def statuses(run_dir: Path) -> dict[str, str]:
     return {name: info["status"] for name, info in read_json(run_dir / "run.json")["stages"].items()}
 
 
+@pytest.mark.integration
 def test_second_process_on_the_same_run_is_refused_naming_the_holder(chat_file: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     with exclusive_lock(run_dir / ".lock", what=f"run directory {run_dir}"):
@@ -39,6 +40,7 @@ def test_second_process_on_the_same_run_is_refused_naming_the_holder(chat_file: 
     assert not (run_dir / ".lock").exists()
 
 
+@pytest.mark.integration
 def test_lock_is_released_by_a_killed_holder(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -55,6 +57,7 @@ def test_lock_is_released_by_a_killed_holder(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.integration
 def test_run_directory_owns_its_config_and_records_overrides(chat_file: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = run_cli("dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file), "--dataset.seed", "7")
@@ -79,6 +82,7 @@ def test_run_directory_owns_its_config_and_records_overrides(chat_file: Path, tm
     assert "seed: 7" in shown.stdout and f"data_uri: {chat_file}" in shown.stdout
 
 
+@pytest.mark.integration
 def test_cache_follows_content_not_mtime(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)
     run_dir = tmp_path / "run"
@@ -91,6 +95,7 @@ def test_cache_follows_content_not_mtime(tmp_path: Path) -> None:
     assert read_json(run_dir / "dataset" / "dataset.json")["rows_used"] == 30
 
 
+@pytest.mark.integration
 def test_directory_source_edited_in_place_reruns(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -152,6 +157,7 @@ def server() -> Iterator[_Server]:
     s.server.shutdown()
 
 
+@pytest.mark.integration
 def test_http_source_whose_content_changed_reruns(server: _Server, tmp_path: Path) -> None:
     server.body = "".join(json.dumps(r) + "\n" for r in CHAT_ROWS).encode()
     run_dir = tmp_path / "run"
@@ -175,6 +181,7 @@ def test_options_that_do_not_change_the_output_keep_the_key(tmp_path: Path) -> N
 SECRETS = ("secretpw", "SIGTOKEN123", "hf_SECRETVALUE42", "AWSSECRETKEY999", "envsecret77")
 
 
+@pytest.mark.integration
 def test_no_secret_is_stored_or_printed(server: _Server, tmp_path: Path) -> None:
     server.body = "".join(json.dumps(r) + "\n" for r in CHAT_ROWS).encode()
     uri = f"http://user:secretpw@127.0.0.1:{server.port}/data.jsonl?sig=SIGTOKEN123"
@@ -202,6 +209,7 @@ def test_no_secret_is_stored_or_printed(server: _Server, tmp_path: Path) -> None
                 assert secret not in text, (secret, path)
 
 
+@pytest.mark.integration
 def test_recorded_uri_without_its_credentials_must_be_given_again(server: _Server, tmp_path: Path) -> None:
     server.body = "".join(json.dumps(r) + "\n" for r in CHAT_ROWS).encode()
     uri = f"http://user:pw12345@127.0.0.1:{server.port}/data.jsonl"
@@ -215,6 +223,7 @@ def test_recorded_uri_without_its_credentials_must_be_given_again(server: _Serve
     assert run_cli("dataset", "-o", str(run_dir), "--dataset.data_uri", uri).returncode == 0
 
 
+@pytest.mark.integration
 def test_kubernetes_only_options_are_named_and_recorded_on_a_local_run(chat_file: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     flags = ["--train.memory", "64Gi", "--train.labels", "team=nlp", "--dataset.data_uri", str(chat_file)]

@@ -58,6 +58,7 @@ def _put(s3, key: str, rows: list) -> None:  # noqa: ANN001
     s3.put_object(Bucket=s3.bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
+@pytest.mark.integration
 def test_one_object(s3, tmp_path: Path) -> None:  # noqa: ANN001
     _put(s3, "data/chat.jsonl", CHAT_ROWS)
     uri = f"s3://{s3.bucket}/data/chat.jsonl"
@@ -71,6 +72,7 @@ def test_one_object(s3, tmp_path: Path) -> None:  # noqa: ANN001
     assert sources.fingerprint(uri) != first
 
 
+@pytest.mark.integration
 def test_a_prefix_of_several_files(s3, tmp_path: Path) -> None:  # noqa: ANN001
     _put(s3, "sets/v1/a.jsonl", CHAT_ROWS[:10])
     _put(s3, "sets/v1/sub/b.jsonl", CHAT_ROWS[10:25])
@@ -89,6 +91,7 @@ def test_a_prefix_of_several_files(s3, tmp_path: Path) -> None:  # noqa: ANN001
     assert sources.fingerprint(uri) != first
 
 
+@pytest.mark.integration
 def test_wrong_credentials_are_one_clear_line(
     s3,
     monkeypatch: pytest.MonkeyPatch,
@@ -104,6 +107,7 @@ def test_wrong_credentials_are_one_clear_line(
     assert "\n" not in message and SECRET not in message and SECRET not in caplog.text
 
 
+@pytest.mark.integration
 def test_missing_bucket_and_missing_key(s3) -> None:  # noqa: ANN001
     with pytest.raises(SourceError, match=r"^dataset.data_uri: no such bucket: s3://no-such-bucket/x.jsonl \("):
         sources.fingerprint("s3://no-such-bucket/x.jsonl")
@@ -111,6 +115,7 @@ def test_missing_bucket_and_missing_key(s3) -> None:  # noqa: ANN001
         sources.fingerprint(f"s3://{s3.bucket}/none.jsonl")
 
 
+@pytest.mark.integration
 def test_size_cap_is_checked_before_downloading(s3, tmp_path: Path) -> None:  # noqa: ANN001
     _put(s3, "big/a.jsonl", CHAT_ROWS)
     with pytest.raises(SourceError, match="more than dataset.max_bytes"):
@@ -118,6 +123,7 @@ def test_size_cap_is_checked_before_downloading(s3, tmp_path: Path) -> None:  # 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_model_prefix_is_cached_by_etags(s3, tmp_path: Path) -> None:  # noqa: ANN001
     for name, body in (("config.json", b'{"model_type": "qwen2"}'), ("model.safetensors", b"w" * 100)):
         s3.put_object(Bucket=s3.bucket, Key=f"models/m1/{name}", Body=body)
@@ -135,6 +141,7 @@ def test_model_prefix_is_cached_by_etags(s3, tmp_path: Path) -> None:  # noqa: A
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.integration
 def test_missing_model_prefix_names_the_model_option(s3, tmp_path: Path) -> None:  # noqa: ANN001
     with pytest.raises(SourceError, match=r"^train.model: not found: s3://.*/models/none/"):
         sources.model_fingerprint(f"s3://{s3.bucket}/models/none/")
@@ -142,6 +149,7 @@ def test_missing_model_prefix_names_the_model_option(s3, tmp_path: Path) -> None
         sources.fetch_model(f"s3://{s3.bucket}/models/none/", tmp_path / "cache")
 
 
+@pytest.mark.integration
 def test_download_logs_progress_and_keeps_its_deadline(
     s3, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001

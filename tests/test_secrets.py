@@ -206,6 +206,7 @@ def _uri(kind: str, user: str, secret: str) -> str:
     name=_NAMES,
     arg=_ARGS,
 )
+@pytest.mark.integration
 def test_no_secret_material_is_written_or_printed(tmp_path_factory, capsys, caplog, secret, kind, user, name, arg):
     tmp = tmp_path_factory.mktemp("p")
     caplog.clear()
@@ -269,7 +270,8 @@ def test_an_ambiguous_password_is_never_sent_to_a_host_it_names() -> None:
     assert _split("https://user:p%40ss%2Fw@example.org/x.jsonl").hostname == "example.org"
 
 
-@pytest.mark.parametrize("mode", ["pipeline", "trainjob"])
+# The pipeline embeds this project's wheel, built first.
+@pytest.mark.parametrize("mode", [pytest.param("pipeline", marks=pytest.mark.integration), "trainjob"])
 def test_secret_env_mounts_a_kubernetes_secret_by_name(capsys, caplog, tmp_path, mode) -> None:
     out = tmp_path / "out.yaml"
     code, text = _run(capsys, caplog, *_compile_argv(mode, out), "--secret-env", "DB_PASS=db-creds:password")

@@ -183,6 +183,7 @@ def site(serve) -> Site:  # noqa: ANN001 - the factory above
     return serve()
 
 
+@pytest.mark.integration
 def test_etag_from_head_only(site: Site) -> None:
     uri = f"{site.url}/x.jsonl"
     first = fingerprint(uri)
@@ -192,6 +193,7 @@ def test_etag_from_head_only(site: Site) -> None:
     assert {method for method, _, _ in site.requests} == {"HEAD"}  # the check downloads nothing
 
 
+@pytest.mark.integration
 def test_last_modified_and_length_without_etag(site: Site) -> None:
     site.validators = "modified"
     uri = f"{site.url}/x.jsonl"
@@ -202,6 +204,7 @@ def test_last_modified_and_length_without_etag(site: Site) -> None:
     assert {method for method, _, _ in site.requests} == {"HEAD"}
 
 
+@pytest.mark.integration
 def test_no_validators_hashes_the_body(site: Site) -> None:
     site.validators = "none"
     uri = f"{site.url}/x.jsonl"
@@ -212,6 +215,7 @@ def test_no_validators_hashes_the_body(site: Site) -> None:
     assert [method for method, _, _ in site.requests[:2]] == ["HEAD", "GET"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("head_status", [405, 501, 403])  # 403: a URL pre-signed for GET only
 @pytest.mark.parametrize("validators", ["etag", "none"])
 def test_head_refused_falls_back_to_get(site: Site, head_status: int, validators: str) -> None:
@@ -225,6 +229,7 @@ def test_head_refused_falls_back_to_get(site: Site, head_status: int, validators
 @pytest.mark.parametrize(
     ("status", "summary"), [(404, "not found"), (410, "not found"), (401, "access denied"), (403, "access denied")]
 )
+@pytest.mark.integration
 def test_client_errors_are_final_and_one_line(
     site: Site, status: int, summary: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -236,6 +241,7 @@ def test_client_errors_are_final_and_one_line(
     assert len(site.requests) <= 2  # no retries (403 on HEAD is tried once more as a GET)
 
 
+@pytest.mark.integration
 def test_server_errors_are_retried_then_fail(site: Site, caplog: pytest.LogCaptureFixture) -> None:
     site.status = 503
     caplog.set_level(logging.DEBUG)
@@ -268,6 +274,7 @@ def test_malformed_url_is_a_source_error() -> None:
     _assert_one_clean_line(err)
 
 
+@pytest.mark.integration
 def test_basic_auth_follows_redirects_on_the_same_origin_only(serve) -> None:  # noqa: ANN001
     origin, other = serve(), serve()
     origin.redirect_to = f"{origin.url}/x.jsonl"
@@ -280,6 +287,7 @@ def test_basic_auth_follows_redirects_on_the_same_origin_only(serve) -> None:  #
     assert other.requests == [("HEAD", "/x.jsonl", None)]  # the password stays with the server it was meant for
 
 
+@pytest.mark.integration
 def test_fetch_downloads_with_credentials(site: Site, tmp_path: Path) -> None:
     path = sources.fetch(_with_secrets(f"{site.url}/x.jsonl"), tmp_path)
     assert path == tmp_path / "x.jsonl" and path.read_bytes() == site.body

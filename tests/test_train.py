@@ -12,44 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from helpers import train_config
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import read_json
 from lora_pipeline.progress import format_eta, progress_line
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.cpu import cpu_threads
-
-pytestmark = pytest.mark.integration
-
-
-def small_train_config(model_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model_dir),
-        effective_batch_size=8,
-        micro_batch_size=4,
-        epochs=1,
-        learning_rate=5e-3,
-        max_seq_len=128,
-        lora_load_in_4bit=False,
-        use_liger=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def demo_dataset(demo_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ds") / "dataset"
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), out)
 
 
 @pytest.fixture(scope="module")
 def trained(demo_assets, demo_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train") / "train"
-    return train_adapter(small_train_config(demo_assets.model_dir, save_epoch=True), demo_dataset, out)
+    return train_adapter(train_config(demo_assets.model_dir, micro_batch_size=4, save_epoch=True), demo_dataset, out)
 
 
+@pytest.mark.integration
 def test_outputs(trained: Path) -> None:
     assert (trained / "adapter" / "adapter_model.safetensors").exists()
     assert (trained / "adapter" / "tokenizer_config.json").exists()
@@ -70,6 +47,7 @@ def test_outputs(trained: Path) -> None:
     assert not [p for p in trained.parent.iterdir() if p.name.startswith(".")]  # work/temp dirs cleaned
 
 
+@pytest.mark.integration
 def test_adapter_config_names_base_and_targets_all_linear(trained: Path, demo_assets) -> None:
     cfg = json.loads((trained / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(Path(demo_assets.model_dir).resolve())
@@ -78,6 +56,7 @@ def test_adapter_config_names_base_and_targets_all_linear(trained: Path, demo_as
     assert (cfg["r"], cfg["lora_alpha"]) == (16, 32)
 
 
+@pytest.mark.integration
 def test_adapter_loads_with_plain_peft_and_generates(trained: Path, demo_assets) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,23 +79,26 @@ def test_adapter_loads_with_plain_peft_and_generates(trained: Path, demo_assets)
     assert all(torch.equal(fresh[k], reference[k]) for k in reference)
 
 
+@pytest.mark.integration
 def test_seed_makes_training_repeatable(demo_assets, demo_dataset, tmp_path: Path) -> None:
-    cfg = small_train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=16, micro_batch_size=16)
     a = read_json(train_adapter(cfg, demo_dataset, tmp_path / "a") / "metrics.json")
     b = read_json(train_adapter(cfg, demo_dataset, tmp_path / "b") / "metrics.json")
     assert [h.get("loss") for h in a["history"]] == [h.get("loss") for h in b["history"]]
 
 
+@pytest.mark.integration
 def test_4bit_qlora_runs_on_cpu(demo_assets, demo_dataset, tmp_path: Path) -> None:
-    cfg = small_train_config(
+    cfg = train_config(
         demo_assets.model_dir, effective_batch_size=24, micro_batch_size=24, lora_load_in_4bit=True, lora_r=4
     )
     metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "q") / "metrics.json")
     assert metrics["quantization"]["bits"] == 4 and metrics["steps"] == 3
 
 
+@pytest.mark.integration
 def test_unknown_target_module_names_the_field(demo_assets, demo_dataset, tmp_path: Path) -> None:
-    cfg = small_train_config(demo_assets.model_dir, lora_target_modules="no_such_proj")
+    cfg = train_config(demo_assets.model_dir, lora_target_modules="no_such_proj")
     with pytest.raises(StageError) as err:
         train_adapter(cfg, demo_dataset, tmp_path / "t")
     assert err.value.field == "train.lora_target_modules"
@@ -125,13 +107,14 @@ def test_unknown_target_module_names_the_field(demo_assets, demo_dataset, tmp_pa
 
 def test_missing_model_names_the_field(demo_dataset, tmp_path: Path) -> None:
     with pytest.raises(StageError) as err:
-        train_adapter(small_train_config(tmp_path / "nowhere"), demo_dataset, tmp_path / "t")
+        train_adapter(train_config(tmp_path / "nowhere"), demo_dataset, tmp_path / "t")
     assert err.value.field == "train.model"
 
 
+@pytest.mark.integration
 def test_threads_option_sets_torch_threads(demo_assets, demo_dataset, tmp_path) -> None:
     before = torch.get_num_threads()
-    cfg = small_train_config(demo_assets.model_dir, threads=1, effective_batch_size=24)
+    cfg = train_config(demo_assets.model_dir, threads=1, effective_batch_size=24)
     metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "t") / "metrics.json")
     assert metrics["threads"] == {"torch": 1, "from": "train.threads"}  # read back from torch while training
     assert torch.get_num_threads() == before  # restored for whatever runs next in this process
@@ -145,10 +128,11 @@ def test_threads_default_to_omp_num_threads_then_the_cores_this_process_may_use(
     assert cpu_threads(0) == (len(os.sched_getaffinity(0)), "cpu affinity")
 
 
+@pytest.mark.integration
 def test_spec_defaults_4bit_two_epochs_with_eval_split_train_on_cpu(demo_assets, demo_dataset, tmp_path) -> None:
     # The spec's defaults: 4-bit QLoRA, 2 epochs, an eval split. bitsandbytes repacked the 4-bit weights for
     # CPU inference during the epoch-1 eval and the next training step failed; it must train through.
-    cfg = small_train_config(
+    cfg = train_config(
         demo_assets.model_dir, lora_load_in_4bit=True, epochs=2, effective_batch_size=24, micro_batch_size=24
     )
     metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "q") / "metrics.json")
@@ -156,8 +140,9 @@ def test_spec_defaults_4bit_two_epochs_with_eval_split_train_on_cpu(demo_assets,
     assert len([h for h in metrics["history"] if "eval_loss" in h]) == 2
 
 
+@pytest.mark.integration
 def test_too_few_optimizer_steps_is_one_warning_recorded_in_metrics(demo_assets, demo_dataset, tmp_path, caplog):
-    cfg = small_train_config(demo_assets.model_dir, effective_batch_size=128, micro_batch_size=0, epochs=2)
+    cfg = train_config(demo_assets.model_dir, effective_batch_size=128, micro_batch_size=0, epochs=2)
     with caplog.at_level("WARNING", logger="lora_pipeline"):
         metrics = read_json(train_adapter(cfg, demo_dataset, tmp_path / "few") / "metrics.json")
     assert metrics["steps"] == 2
@@ -167,6 +152,7 @@ def test_too_few_optimizer_steps_is_one_warning_recorded_in_metrics(demo_assets,
     assert not (tmp_path / "few" / "checkpoints").exists()  # no save_epoch: no empty folder either
 
 
+@pytest.mark.integration
 def test_plain_text_rows_train_on_every_token(demo_assets, tmp_path) -> None:
     from transformers import AutoTokenizer
 
@@ -179,7 +165,7 @@ def test_plain_text_rows_train_on_every_token(demo_assets, tmp_path) -> None:
     data.mkdir()
     rows = [{"text": f"Note {i}: the cat slept on mat number {i}."} for i in range(24)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = read_json(train_adapter(small_train_config(demo_assets.model_dir), data, tmp_path / "t") / "metrics.json")
+    metrics = read_json(train_adapter(train_config(demo_assets.model_dir), data, tmp_path / "t") / "metrics.json")
     assert metrics["train_rows"] == 24 and metrics["tokens"]["target"] > 24 * 8  # every token is a target
 
 
@@ -196,15 +182,10 @@ train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sy
 """
 
 
+@pytest.mark.integration
 def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_assets, demo_dataset, tmp_path) -> None:
     # use_liger stays on (the spec default): on CPU that is an INFO line, not a warning. Checkpoints are saved.
-    cfg = TrainConfig(
-        model=str(demo_assets.model_dir),
-        lora_load_in_4bit=False,
-        effective_batch_size=8,
-        max_seq_len=128,
-        checkpoint_steps=4,
-    )
+    cfg = train_config(demo_assets.model_dir, epochs=2, use_liger=True, checkpoint_steps=4)
     config = json.dumps(dataclasses.asdict(cfg))
     out = subprocess.run(
         [sys.executable, "-c", TRAIN, config, str(demo_dataset), str(tmp_path / "t")],
@@ -231,15 +212,14 @@ def test_without_a_terminal_progress_is_lines_and_there_is_no_warning(demo_asset
     assert "INFO lora_pipeline.training.backends: train.use_liger: Liger kernels need CUDA" in out.stderr
 
 
+@pytest.mark.integration
 def test_on_a_terminal_progress_is_our_own_redrawn_line(demo_assets, demo_dataset, tmp_path) -> None:
     """The same training under a pseudo-terminal: no tqdm bar, no raw dicts, one line redrawn in place."""
     import pty
     import select
     import time
 
-    cfg = TrainConfig(
-        model=str(demo_assets.model_dir), lora_load_in_4bit=False, effective_batch_size=8, max_seq_len=128
-    )
+    cfg = train_config(demo_assets.model_dir, epochs=2)
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-c", TRAIN, json.dumps(dataclasses.asdict(cfg)), str(demo_dataset), str(tmp_path / "t")],
@@ -284,9 +264,10 @@ def test_progress_line_format() -> None:
     assert progress_line(0, 10, None, None, 0.0, 100.0) == "step 0/10 (0%)"  # nothing measured yet: no rate
 
 
+@pytest.mark.integration
 def test_tokenized_data_is_kept_by_content_and_reused(demo_assets, demo_dataset, tmp_path, caplog) -> None:
     enc = tmp_path / "encoded"
-    cfg = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), effective_batch_size=24)
+    cfg = train_config(demo_assets.model_dir, data_output_dir=str(enc), effective_batch_size=24)
     with caplog.at_level("INFO", logger="lora_pipeline"):
         first = read_json(train_adapter(cfg, demo_dataset, tmp_path / "a") / "metrics.json")
         assert not [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
@@ -294,11 +275,12 @@ def test_tokenized_data_is_kept_by_content_and_reused(demo_assets, demo_dataset,
     assert [r for r in caplog.records if "tokenized data reused" in r.getMessage()]
     assert len(list(enc.iterdir())) == 1 and (next(enc.iterdir()) / "train.jsonl").exists()
     assert first["mean_loss"] == second["mean_loss"] and not (tmp_path / "b" / "data").exists()
-    longer = small_train_config(demo_assets.model_dir, data_output_dir=str(enc), max_seq_len=96)
+    longer = train_config(demo_assets.model_dir, data_output_dir=str(enc), max_seq_len=96)
     train_adapter(longer, demo_dataset, tmp_path / "c")
     assert len(list(enc.iterdir())) == 2  # another sequence limit is other data
 
 
+@pytest.mark.integration
 def test_train_output_carries_the_eval_split_and_dataset_record(trained: Path, demo_dataset: Path) -> None:
     assert (trained / "eval.jsonl").read_bytes() == (demo_dataset / "eval.jsonl").read_bytes()
     assert read_json(trained / "dataset.json") == read_json(demo_dataset / "dataset.json")

@@ -12,21 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import train_config
-from lora_pipeline.config import DatasetConfig, TrainConfig
+from lora_pipeline.config import TrainConfig
 from lora_pipeline.errors import ConfigError
-from lora_pipeline.stages.dataset import prepare_dataset
 from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.arguments import check_train_options, trackers
 
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def dataset(demo_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ds") / "dataset"  # 72 train rows (9 steps of 8), 24 eval rows
-    return prepare_dataset(DatasetConfig(data_uri=str(demo_assets.data_file), subset=96, data_split=0.75), out)
 
 
 def train(demo_assets, dataset: Path, out: Path, **overrides) -> dict:
@@ -39,16 +32,16 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("max_steps", [4, 12])  # within the first epoch; past it (epochs=1 is overridden)
-def test_max_steps_ends_the_run_after_exactly_n_steps(demo_assets, dataset, tmp_path, max_steps) -> None:
-    metrics = train(demo_assets, dataset, tmp_path / "t", max_steps=max_steps)
+def test_max_steps_ends_the_run_after_exactly_n_steps(demo_assets, demo_dataset, tmp_path, max_steps) -> None:
+    metrics = train(demo_assets, demo_dataset, tmp_path / "t", max_steps=max_steps)
     assert metrics["steps"] == max_steps
     assert max(h["step"] for h in metrics["history"]) == max_steps
 
 
 @pytest.mark.integration
-def test_gradient_checkpointing_is_on_in_the_model_and_leaves_the_loss(demo_assets, dataset, tmp_path) -> None:
-    on = train(demo_assets, dataset, tmp_path / "on", gradient_checkpointing="true", max_steps=4)
-    off = train(demo_assets, dataset, tmp_path / "off", gradient_checkpointing="false", max_steps=4)
+def test_gradient_checkpointing_is_on_in_the_model_and_leaves_the_loss(demo_assets, demo_dataset, tmp_path) -> None:
+    on = train(demo_assets, demo_dataset, tmp_path / "on", gradient_checkpointing="true", max_steps=4)
+    off = train(demo_assets, demo_dataset, tmp_path / "off", gradient_checkpointing="false", max_steps=4)
     assert on["gradient_checkpointing"]["applied"] is True  # read back from the model
     assert off["gradient_checkpointing"]["applied"] is False
     losses = [[h["loss"] for h in m["history"] if "loss" in h] for m in (on, off)]
@@ -57,27 +50,27 @@ def test_gradient_checkpointing_is_on_in_the_model_and_leaves_the_loss(demo_asse
 
 
 @pytest.mark.integration
-def test_weight_decay_reaches_the_optimizer_and_changes_the_weights(demo_assets, dataset, tmp_path) -> None:
-    decayed = train(demo_assets, dataset, tmp_path / "wd", weight_decay=0.5, max_steps=3)
-    plain = train(demo_assets, dataset, tmp_path / "no", weight_decay=0.0, max_steps=3)
+def test_weight_decay_reaches_the_optimizer_and_changes_the_weights(demo_assets, demo_dataset, tmp_path) -> None:
+    decayed = train(demo_assets, demo_dataset, tmp_path / "wd", weight_decay=0.5, max_steps=3)
+    plain = train(demo_assets, demo_dataset, tmp_path / "no", weight_decay=0.0, max_steps=3)
     assert 0.5 in decayed["weight_decay"] and plain["weight_decay"] == [0.0]
     a, b = adapter(tmp_path / "wd"), adapter(tmp_path / "no")
     assert any(not torch.allclose(a[k], b[k]) for k in a)
 
 
 @pytest.mark.integration
-def test_eval_steps_evaluates_every_n_steps(demo_assets, dataset, tmp_path) -> None:
-    metrics = train(demo_assets, dataset, tmp_path / "t", eval_steps=3)
+def test_eval_steps_evaluates_every_n_steps(demo_assets, demo_dataset, tmp_path) -> None:
+    metrics = train(demo_assets, demo_dataset, tmp_path / "t", eval_steps=3)
     assert [h["step"] for h in metrics["history"] if "eval_loss" in h] == [3, 6, 9]
 
 
 @pytest.mark.integration
-def test_keep_best_and_early_stopping(demo_assets, dataset, tmp_path) -> None:
+def test_keep_best_and_early_stopping(demo_assets, demo_dataset, tmp_path) -> None:
     # A constant, too-high learning rate: the eval loss falls, then rises, so the best is not the last.
     knobs = dict(lr_scheduler="constant", learning_rate=8e-3)
     metrics = train(
         demo_assets,
-        dataset,
+        demo_dataset,
         tmp_path / "best",
         eval_steps=1,
         load_best_model_at_end=True,
@@ -90,7 +83,7 @@ def test_keep_best_and_early_stopping(demo_assets, dataset, tmp_path) -> None:
     assert metrics["stopped_early"] and metrics["steps"] == best[0] + 2 < 9  # 2 evaluations without improvement
     assert metrics["best"] == {"step": best[0], "eval_loss": best[1]} and metrics["eval_loss"] == best[1]
     # The written adapter is the one of the best step: the same run stopped there (constant LR: same trajectory).
-    train(demo_assets, dataset, tmp_path / "ref", max_steps=best[0], **knobs)
+    train(demo_assets, demo_dataset, tmp_path / "ref", max_steps=best[0], **knobs)
     saved, ref = adapter(tmp_path / "best"), adapter(tmp_path / "ref")
     assert saved.keys() == ref.keys()
     assert all(torch.allclose(saved[k], ref[k], atol=1e-6) for k in saved)
@@ -151,25 +144,27 @@ def logged_losses(metrics: dict) -> dict[int, float]:
 
 
 @pytest.mark.integration
-def test_tensorboard_event_files_hold_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+def test_tensorboard_event_files_hold_the_losses(demo_assets, demo_dataset, tmp_path, monkeypatch) -> None:
     import tensorboardX  # noqa: F401  (the dev extra installs it: missing must fail, not skip)
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["tensorboard"], max_steps=3)
+    metrics = train(demo_assets, demo_dataset, tmp_path / "t", report_to=["tensorboard"], max_steps=3)
     assert metrics["trackers"] == ["tensorboard"]
     logged = tensorboard_scalars(tmp_path / "t" / "logs", "train/loss")
     assert logged == pytest.approx(logged_losses(metrics), rel=1e-6)  # float32 in the event file
 
 
 @pytest.mark.integration
-def test_mlflow_store_holds_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+def test_mlflow_store_holds_the_losses(demo_assets, demo_dataset, tmp_path, monkeypatch) -> None:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "knobs")
     monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "0")
-    metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["mlflow"], max_steps=3, env_vars="API_KEY=s3cr3t")
+    metrics = train(
+        demo_assets, demo_dataset, tmp_path / "t", report_to=["mlflow"], max_steps=3, env_vars="API_KEY=s3cr3t"
+    )
     client = mlflow.tracking.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("knobs").experiment_id])
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
@@ -196,7 +191,7 @@ def wandb_records(path: Path) -> list[bytes]:
 
 
 @pytest.mark.integration
-def test_wandb_offline_run_holds_the_losses(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+def test_wandb_offline_run_holds_the_losses(demo_assets, demo_dataset, tmp_path, monkeypatch) -> None:
     import wandb
     from wandb.proto import wandb_internal_pb2
 
@@ -204,7 +199,7 @@ def test_wandb_offline_run_holds_the_losses(demo_assets, dataset, tmp_path, monk
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # set in the environment: must reach no artifact
     try:
-        metrics = train(demo_assets, dataset, tmp_path / "t", report_to=["wandb"], max_steps=3)
+        metrics = train(demo_assets, demo_dataset, tmp_path / "t", report_to=["wandb"], max_steps=3)
     finally:
         wandb.finish()  # the run stays open for the caller to log more; the CLI's exit finishes it
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
@@ -253,7 +248,7 @@ def test_tracker_settings_without_secrets_compile(env) -> None:
 
 
 @pytest.mark.integration
-def test_keep_best_and_early_stopping_survive_a_resume(demo_assets, dataset, tmp_path, monkeypatch) -> None:
+def test_keep_best_and_early_stopping_survive_a_resume(demo_assets, demo_dataset, tmp_path, monkeypatch) -> None:
     import lora_pipeline.stages.train as train_stage
     from lora_pipeline.training.arguments import make_best_callback
 
@@ -261,7 +256,7 @@ def test_keep_best_and_early_stopping_survive_a_resume(demo_assets, dataset, tmp
         lr_scheduler="constant", learning_rate=8e-3, eval_steps=1, load_best_model_at_end=True,
         early_stopping_patience=2, checkpoint_steps=3, checkpoint_minutes=0.0,
     )  # fmt: skip
-    straight = train(demo_assets, dataset, tmp_path / "straight", **knobs)
+    straight = train(demo_assets, demo_dataset, tmp_path / "straight", **knobs)
 
     def interrupting(cfg, work):
         callback = make_best_callback(cfg, work)
@@ -278,9 +273,9 @@ def test_keep_best_and_early_stopping_survive_a_resume(demo_assets, dataset, tmp
     out = tmp_path / "resumed"
     monkeypatch.setattr(train_stage, "make_best_callback", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        train(demo_assets, dataset, out, **knobs)
+        train(demo_assets, demo_dataset, out, **knobs)
     monkeypatch.setattr(train_stage, "make_best_callback", make_best_callback)
-    resumed = train(demo_assets, dataset, out, **knobs)
+    resumed = train(demo_assets, demo_dataset, out, **knobs)
     assert resumed["resumed_from_step"] == 3
     assert (resumed["best"]["step"], resumed["steps"], resumed["stopped_early"]) == (
         straight["best"]["step"], straight["steps"], True,

@@ -69,6 +69,7 @@ def component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
 FIXED = {"num_workers": 2, "labels": "team=ml", "annotations": "owner=alice"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("release, patch_api", [("v2.1.0", "podTemplateOverrides"), ("v2.3.0", "runtimePatches")])
 def test_submit_wait_logs_copy_delete(
     component: dict[str, Any], release: str, patch_api: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
@@ -114,6 +115,7 @@ def test_submit_wait_logs_copy_delete(
     assert component["output_metrics"].metrics == {"final_loss": 1.5, "steps": 2}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("release", ["v2.1.0", "v2.3.0"])
 def test_a_failed_trainjob_ends_the_task_in_one_line_and_is_deleted(
     component: dict[str, Any], release: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
@@ -131,6 +133,7 @@ def test_a_failed_trainjob_ends_the_task_in_one_line_and_is_deleted(
     assert not Path(component["output_model"].path).exists()
 
 
+@pytest.mark.integration
 def test_trainer_v2_0_is_refused_in_one_line_before_anything_is_created(
     component: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -177,6 +180,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         ("t0ken-1234", False, "SSLError"),  # a self-signed server without its CA is refused
     ],
 )
+@pytest.mark.integration
 def test_remote_cluster_token_and_ca(
     component: dict[str, Any], cert: tuple[str, str], token: str, with_ca: bool, expected: str | None,
     monkeypatch: pytest.MonkeyPatch, capsys: Any,
@@ -200,6 +204,7 @@ def test_remote_cluster_token_and_ca(
 # --- what compile writes for it ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_compiled_pipeline_gives_the_train_task_node_settings_and_the_cluster_secret(tmp_path: Path) -> None:
     from lora_pipeline.cli import main
 
@@ -270,6 +275,7 @@ TASK_CONFIG = {
 }  # fmt: skip
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("release, patch_api", [("v2.1.0", "podTemplateOverrides"), ("v2.3.0", "runtimePatches")])
 def test_task_config_resources_and_placement_reach_every_node(
     component: dict[str, Any], release: str, patch_api: str, monkeypatch: pytest.MonkeyPatch
@@ -307,6 +313,7 @@ def test_task_config_resources_and_placement_reach_every_node(
         ("affinity", [{"nodeAffinity": {}}]),
     ],
 )
+@pytest.mark.integration
 def test_a_task_config_field_of_the_wrong_shape_is_one_line_before_anything_is_created(
     component: dict[str, Any], field: str, value: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
