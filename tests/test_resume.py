@@ -22,11 +22,19 @@ from lora_pipeline.stages.train import train_adapter
 from lora_pipeline.training.checkpoints import last_complete_checkpoint, make_checkpoint_callback, training_key
 
 # The train stage as a process of its own, so that it can be killed: config as JSON, then dataset and output dirs.
+# When interrupted, each checkpoint save is followed by a pause, so that a signal sent on seeing it lands in the
+# middle of training however busy the machine is (a late signal would find the run finished).
 TRAIN = """
-import json, logging, sys
+import json, logging, os, sys, time
 from pathlib import Path
+import transformers
 from lora_pipeline.config import TrainConfig
 from lora_pipeline.stages.train import train_adapter
+save = transformers.Trainer._save_checkpoint
+def save_then_pause(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    time.sleep(float(os.environ.get("PAUSE_AFTER_SAVE", "0")))
+transformers.Trainer._save_checkpoint = save_then_pause
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 train_adapter(TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))
 """
@@ -45,14 +53,15 @@ RESUMABLE = dict(
 )
 
 
-def start(cfg: TrainConfig, dataset_dir: Path, out: Path) -> subprocess.Popen:
+def start(cfg: TrainConfig, dataset_dir: Path, out: Path, pause: float = 0.0) -> subprocess.Popen:
+    """The train stage in a process of its own; `pause` seconds after each checkpoint save."""
     config = json.dumps(dataclasses.asdict(cfg))
     return subprocess.Popen(
         [sys.executable, "-c", TRAIN, config, str(dataset_dir), str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PAUSE_AFTER_SAVE": str(pause)},
     )
 
 
@@ -74,7 +83,7 @@ def saved_steps(out: Path) -> list[int]:
 
 def interrupt_after(cfg: TrainConfig, dataset_dir: Path, out: Path, step: int, sig: signal.Signals) -> str:
     """Start training, send `sig` once a checkpoint past `step` is saved; the process's stderr."""
-    proc = start(cfg, dataset_dir, out)
+    proc = start(cfg, dataset_dir, out, pause=1.0)
     deadline = time.monotonic() + 300
     while not [s for s in saved_steps(out) if s > step]:
         assert proc.poll() is None, f"training ended before a checkpoint past step {step}: {proc.stderr.read()[-3000:]}"
