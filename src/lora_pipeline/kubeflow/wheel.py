@@ -1,23 +1,28 @@
 """This project's own wheel, embedded in each compiled component so that every pod installs exactly this code.
 
-`compile` builds the wheel from the checkout (or repacks the installed distribution), stores it uncompressed
-and xz-compresses it whole: across files xz packs the wheel to about half of its deflated size, which keeps
-four embedded copies (one per component) and the pipeline YAML under 1 MiB. KFP embeds the `.whl.xz` with
-`embedded_artifact_path` and extracts it when the executor starts, after its own `pip install`, so each
-component installs the wheel itself first: `install_lora_pipeline` below is shipped as source (KFP's
-`additional_funcs`) and may use the standard library only.
+`compile` builds the wheel from the checkout (or repacks the installed distribution), strips its modules'
+comments and docstrings (keeping every line where it was), stores it uncompressed and xz-compresses it whole:
+about 130 KiB, under half of the deflated wheel, so four embedded copies (one per component) make a pipeline
+YAML of about 730 KiB, under 1 MiB. KFP embeds the `.whl.xz` with `embedded_artifact_path` and extracts it
+when the executor starts, after its own `pip install`, so each component installs the wheel itself first:
+`install_lora_pipeline` below is shipped as source (KFP's `additional_funcs`) and may use the standard
+library only.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import importlib.metadata
+import io
 import lzma
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -130,8 +135,10 @@ def pack_for_embedding(wheel: Path, dest: Path) -> Path:
     """`NAME.whl.xz`: the wheel stored uncompressed, then xz-compressed whole.
 
     Every file is the wheel's own except METADATA, which loses its long description (the README, a fifth of
-    the packed size, read by no pod), and the demo's data files (`lora-pipeline demo` runs on a laptop, never in
-    a component); RECORD is rewritten to match, so pip verifies the wheel as usual.
+    the packed size, read by no pod), the package's modules, without their comments and docstrings
+    (`strip_source`: on the same lines, so a pod's tracebacks point into the repository's source), and the
+    demo's data files (`lora-pipeline demo` runs on a laptop, never in a component); RECORD is rewritten to
+    match, so pip verifies the wheel as usual.
     """
     stored = dest / wheel.name
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as dst:
@@ -140,9 +147,11 @@ def pack_for_embedding(wheel: Path, dest: Path) -> Path:
         record = next(name for name in files if name.endswith(".dist-info/RECORD"))
         metadata = record[: -len("RECORD")] + "METADATA"
         files[metadata] = files[metadata].split(b"\n\n", 1)[0] + b"\n"  # headers end at the first blank line
-        rows = [row for row in files[record].decode().splitlines() if row.split(",", 1)[0] in files]
-        rows = [row for row in rows if not row.startswith((metadata + ",", record + ","))]
-        files[record] = "\n".join([*rows, _record_row(metadata, files[metadata]), f"{record},,"]).encode() + b"\n"
+        for name in files:
+            if name.startswith("lora_pipeline/") and name.endswith(".py"):
+                files[name] = strip_source(files[name].decode()).encode()
+        rows = [_record_row(name, data) for name, data in files.items() if name != record]
+        files[record] = "\n".join([*rows, f"{record},,"]).encode() + b"\n"
         for info in kept:
             stored_info = zipfile.ZipInfo(info.filename, info.date_time)
             stored_info.external_attr = info.external_attr
@@ -151,6 +160,46 @@ def pack_for_embedding(wheel: Path, dest: Path) -> Path:
     packed.write_bytes(lzma.compress(stored.read_bytes(), preset=9 | lzma.PRESET_EXTREME))
     stored.unlink()
     return packed
+
+
+_KEPT_COMMENT = re.compile(r"#!|#.*coding[:=]")  # a shebang or an encoding declaration (lines 1-2) stays
+
+
+def strip_source(text: str) -> str:
+    """Python source without its comments and docstrings, every line where it was (tracebacks still match).
+
+    A comment is cut where it starts. A module's, class's or function's docstring is blanked where it has its
+    lines to itself and its body another statement (a body needs one); a module that reads `__doc__` (an
+    argparse description) keeps its docstrings.
+    """
+    lines = text.split("\n")
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        row, col = token.start
+        if token.type == tokenize.COMMENT and not (row <= 2 and _KEPT_COMMENT.match(token.string)):
+            lines[row - 1] = lines[row - 1][:col].rstrip()
+    if "__doc__" not in text:
+        for first, last in _docstring_lines(ast.parse(text), lines):
+            lines[first - 1 : last] = [""] * (last - first + 1)
+    stripped = "\n".join(lines)
+    compile(stripped, "<stripped source>", "exec", dont_inherit=True)  # a stripper's slip fails the compile here
+    return stripped
+
+
+def _docstring_lines(tree: ast.Module, lines: list[str]) -> list[tuple[int, int]]:
+    """The first and last line of each docstring that can go: one with its lines to itself, before more body."""
+    spans = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        doc = node.body[0]
+        if len(node.body) < 2 or not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):
+            continue
+        # ast's columns count UTF-8 bytes
+        before = lines[doc.lineno - 1].encode()[: doc.col_offset]
+        after = lines[doc.end_lineno - 1].encode()[doc.end_col_offset :]
+        if isinstance(doc.value.value, str) and not before.strip() and not after.strip():
+            spans.append((doc.lineno, doc.end_lineno))
+    return spans
 
 
 def _record_row(name: str, data: bytes) -> str:
