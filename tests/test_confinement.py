@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import write_jsonl
+from helpers import use_offline_hub_cache
 from lora_pipeline.cli import main
 from lora_pipeline.errors import UnsafePathError
 from lora_pipeline.files import confined
@@ -147,11 +148,7 @@ def _hub_with_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -
     card = f'---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: "{path}"\n---\n'
     (snapshot / "README.md").write_text(card)
     write_jsonl(snapshot / "train.jsonl", [{"text": "public"}] * 3)
-    (hub / "datasets--owner--name" / "refs").mkdir()
-    (hub / "datasets--owner--name" / "refs" / "main").write_text(SHA)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    use_offline_hub_cache(hub, SHA, monkeypatch, tmp_path)
     return snapshot
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CHAT_ROWS, run_cli, write_jsonl
+from helpers import use_offline_hub_cache
 from lora_pipeline import sources
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.errors import SourceError
@@ -52,12 +53,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     hub = tmp_path / "hub"
     _snapshot(hub, SHA, CHAT_ROWS)
     _snapshot(hub, OLD, CHAT_ROWS[:10])
-    (hub / "datasets--owner--name" / "refs").mkdir()
-    (hub / "datasets--owner--name" / "refs" / "main").write_text(SHA)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    return hub
+    return use_offline_hub_cache(hub, SHA, monkeypatch, tmp_path)
 
 
 def _read(uri: str, out: Path) -> tuple[list[dict], dict]:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from helpers import run_compiled_pipeline_locally
 from lora_pipeline.demo import DEMO_OVERRIDES
 
 pytest.importorskip("kfp")
@@ -34,7 +35,6 @@ def _scores(eval_results: Path) -> dict[tuple[str, str, str], tuple[float, float
 def test_kfp_local_run_scores_as_the_plain_run(
     demo_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from kfp import components, local
 
     home = str(Path(demo_assets.model_dir).parents[1])
     env = {"LORA_PIPELINE_HOME": home, "HF_HUB_OFFLINE": "1"}
@@ -51,16 +51,7 @@ def test_kfp_local_run_scores_as_the_plain_run(
     assert out.returncode == 0, out.stderr
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    root = tmp_path / "kfp-root"
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(root),
-        workspace_root=str(tmp_path / "kfp-workspace"),
-        raise_on_error=True,
-    )
-    started = time.perf_counter()
-    components.load_component_from_file(str(compiled))()  # the parameters' defaults come from -c
-    kfp_seconds = time.perf_counter() - started
+    root, kfp_seconds = run_compiled_pipeline_locally(compiled, tmp_path, use_venv=False)
     with capsys.disabled():
         print(f"\nwall time: plain lora-pipeline run {plain_seconds:.1f}s, kfp.local run {kfp_seconds:.1f}s")
 

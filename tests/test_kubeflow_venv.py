@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from helpers import run_compiled_pipeline_locally
 from test_kubeflow_local import _demo_yaml, _scores
 
 pytest.importorskip("kfp")
@@ -94,7 +95,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_compiled_pipeline_installs_itself_in_fresh_venvs(
     demo_assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from kfp import components, local
 
     house, constraints = _wheelhouse(tmp_path)
     root = _simple_index(house, tmp_path / "index")
@@ -123,16 +123,7 @@ def test_compiled_pipeline_installs_itself_in_fresh_venvs(
                            "PIP_CONSTRAINT": str(constraints)}.items():  # fmt: skip
             monkeypatch.setenv(key, value)
         monkeypatch.chdir(tmp_path)
-        kfp_root = tmp_path / "kfp-root"
-        local.init(
-            runner=local.SubprocessRunner(use_venv=True),
-            pipeline_root=str(kfp_root),
-            workspace_root=str(tmp_path / "kfp-workspace"),
-            raise_on_error=True,
-        )
-        started = time.perf_counter()
-        components.load_component_from_file(str(compiled))()
-        kfp_seconds = time.perf_counter() - started
+        kfp_root, kfp_seconds = run_compiled_pipeline_locally(compiled, tmp_path, use_venv=True)
     finally:
         server.shutdown()
         server.server_close()
