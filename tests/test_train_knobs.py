@@ -202,6 +202,9 @@ def test_wandb_offline_run_holds_the_losses(demo_assets, demo_dataset, tmp_path,
         metrics = train(demo_assets, demo_dataset, tmp_path / "t", report_to=["wandb"], max_steps=3)
     finally:
         wandb.finish()  # the run stays open for the caller to log more; the CLI's exit finishes it
+        # The service process writes the run file in 32 KiB blocks and closes it only when it shuts down (at a
+        # CLI's exit); finish() returns before that, so a busy machine could read a file missing its last block.
+        wandb.teardown()
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     logged = {}
     for data in wandb_records(path):
