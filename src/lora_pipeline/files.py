@@ -151,6 +151,19 @@ def sha256_file(path: Path) -> str:
     return hash_file_into(hashlib.sha256(), path).hexdigest()
 
 
+def tree_sha256(root: Path, files: Iterable[Path] | None = None) -> str:
+    """The hex sha256 over a directory's files (all of them, or `files` under it): each one's path relative to
+    `root` ('/'-separated, sorted) and the sha256 of its bytes. Where the directory is, mtimes and permissions
+    do not count: the same content anywhere has the same digest."""
+    root = Path(root)
+    chosen = root.rglob("*") if files is None else files
+    entries = sorted((p.relative_to(root).as_posix(), p) for p in chosen if p.is_file())
+    digest = hashlib.sha256()
+    for rel, path in entries:
+        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0" + bytes.fromhex(sha256_file(path)) + b"\n")
+    return digest.hexdigest()
+
+
 def hash_file_into(digest: Any, path: Path) -> Any:
     """Feed a file's bytes into `digest` in blocks (for digests over several files and options); returns it."""
     with open(path, "rb") as fh:

@@ -37,6 +37,7 @@ from lora_pipeline.files import (
     package_versions,
     read_json,
     sha256_file,
+    tree_sha256,
     write_json_atomic,
     write_text_atomic,
 )
@@ -142,7 +143,11 @@ def train_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
 
 def eval_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
     """Local task files (eval.include_path) by their content."""
-    return {"tasks_files": _tree_digest(Path(section.include_path))} if section.include_path else {}
+    return {"tasks_files": _task_files_digest(Path(section.include_path))} if section.include_path else {}
+
+
+def _task_files_digest(root: Path) -> str | None:
+    return tree_sha256(root) if root.is_dir() else None
 
 
 def _model_fingerprint(model: str) -> Any:
@@ -161,15 +166,6 @@ def _model_fingerprint(model: str) -> Any:
         "config": sha256_file(config) if config.exists() else None,
         "sizes": {p.name: p.stat().st_size for p in files},
     }
-
-
-def _tree_digest(root: Path) -> str | None:
-    if not root.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        digest.update(str(p.relative_to(root)).encode() + b"\0" + bytes.fromhex(sha256_file(p)))
-    return digest.hexdigest()
 
 
 def _recorded_key(run_dir: Path, stage: str) -> str | None:

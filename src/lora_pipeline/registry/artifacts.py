@@ -8,7 +8,6 @@ registry keeps its own copy under `blobs/sha256/<digest>/` beside its file, whic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lora_pipeline.errors import RegistryError
-from lora_pipeline.files import sha256_file
+from lora_pipeline.files import tree_sha256
 
 AUTO = "auto"
 DIGEST_KEY = "artifact_sha256"  # the version metadata key that holds the digest, in both registries
@@ -27,16 +26,11 @@ _RELEASE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
 
 
 def tree_digest(root: Path) -> str:
-    """sha256 over a directory's files: each file's path relative to `root` (sorted, '/'-separated) and
-    the sha256 of its bytes. Independent of the directory's own location, mtimes and permissions."""
+    """sha256 over a directory's files (files.tree_sha256): independent of its location, mtimes and permissions."""
     root = Path(root)
     if not root.is_dir():
         raise RegistryError(f"not a directory: {root}", field="register")
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for rel, path in files:
-        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0" + bytes.fromhex(sha256_file(path)) + b"\n")
-    return digest.hexdigest()
+    return tree_sha256(root)
 
 
 def blob_path(blobs: Path, digest: str) -> Path:

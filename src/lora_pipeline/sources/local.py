@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from lora_pipeline.config import local_path
 from lora_pipeline.data.readers import data_files
 from lora_pipeline.errors import SourceError
-from lora_pipeline.files import sha256_file
+from lora_pipeline.files import sha256_file, tree_sha256
 from lora_pipeline.sources import FIELD, Limits
 from lora_pipeline.sources.archives import is_archive
 
@@ -29,10 +28,10 @@ class LocalSource:
         if not path.is_dir():
             data_files(path)  # an unsupported file type fails here, before any stage runs
             return f"sha256:{file_sha256(path)}"
-        digest = hashlib.sha256()
-        for f in data_files(path):
-            digest.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
-        return f"sha256-tree:{digest.hexdigest()}"
+        try:
+            return f"sha256-tree:{tree_sha256(path, data_files(path))}"
+        except OSError as exc:
+            raise SourceError(f"cannot read a file under {path}: {exc.strerror or exc}", field=FIELD) from None
 
 
 def _existing(uri: str) -> Path:
