@@ -228,26 +228,24 @@ def test_wandb_offline_run_holds_the_losses(demo_assets, demo_dataset, tmp_path,
     ],
 )
 def test_tracker_secrets_reach_a_cluster_only_as_kubernetes_secrets(env) -> None:
-    import argparse
 
     from lora_pipeline.config import Config
     from lora_pipeline.kubeflow.secret_values import refuse_secret_values
     from lora_pipeline.redaction import redact_env_vars
 
     with pytest.raises(ConfigError, match="--secret-env") as err:
-        refuse_secret_values(Config(train=TrainConfig(env_vars=env)), argparse.Namespace())
+        refuse_secret_values(Config(train=TrainConfig(env_vars=env)))
     assert err.value.field == "train.env_vars"
     assert env.split("=", 1)[1] not in redact_env_vars(env)  # what run records hold
 
 
 @pytest.mark.parametrize("env", ["WANDB_MODE=offline", "MLFLOW_TRACKING_URI=https://mlflow.example/"])
 def test_tracker_settings_without_secrets_compile(env) -> None:
-    import argparse
 
     from lora_pipeline.config import Config
     from lora_pipeline.kubeflow.secret_values import refuse_secret_values
 
-    refuse_secret_values(Config(train=TrainConfig(env_vars=env)), argparse.Namespace())
+    refuse_secret_values(Config(train=TrainConfig(env_vars=env)))
 
 
 @pytest.mark.integration

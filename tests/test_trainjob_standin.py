@@ -223,13 +223,16 @@ def test_compiled_pipeline_gives_the_train_task_node_settings_and_the_cluster_se
             ("remote", "KUBERNETES_AUTH_TOKEN", "KUBERNETES_AUTH_TOKEN")} <= mounted  # fmt: skip
 
 
+@pytest.mark.parametrize("flag", ["--cluster-secret", "--hf-token-secret", "--aws-secret", "--registry-token-secret"])
 @pytest.mark.parametrize("name", ["Remote", "remote_cluster", "-x", "a" * 254])
-def test_a_bad_cluster_secret_name_is_one_line(name: str, tmp_path: Path, capsys: Any) -> None:
+def test_a_bad_secret_name_is_one_line(flag: str, name: str, tmp_path: Path, capsys: Any) -> None:
+    """Every flag naming a Kubernetes secret: a name the cluster would refuse at run time is refused here."""
     from lora_pipeline.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["compile", "-o", str(tmp_path / "p.yaml"), "--cluster-secret", name])
-    assert exit_info.value.code == 2 and "--cluster-secret" in capsys.readouterr().err
+        main(["compile", "-o", str(tmp_path / "p.yaml"), f"{flag}={name}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and flag in err and "not a Kubernetes secret name" in err
     assert not (tmp_path / "p.yaml").exists()
 
 

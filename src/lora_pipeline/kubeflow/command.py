@@ -7,17 +7,18 @@ Only argparse is needed to declare the command; kfp and the kubeflow SDK load wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lora_pipeline.config import Config
 from lora_pipeline.config.loading import is_k8s_quantity
 from lora_pipeline.errors import ConfigError
-from lora_pipeline.kubeflow.components import DEFAULT_IMAGE, DEFAULT_PACKAGE_SPEC, EMBED, BuildOptions
+from lora_pipeline.kubeflow.components import EMBED, BuildOptions
 from lora_pipeline.stages import NAMES
 
-ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")
 HELP = "Write the Kubeflow pipeline (KFP v2 YAML), one stage's component, or a multi-node TrainJob"
 
 
@@ -31,13 +32,17 @@ def add_compile_command(
         "fix the options that are not parameters (e.g. eval.include_path).",
         usage="lora-pipeline compile [-c YAML] [-o FILE] [--component STAGE | --trainjob] [options]",
     )
-    defaults = BuildOptions()
     g = p.add_argument_group("compile")
     _add_output_flags(g)
-    _add_install_flags(g)
-    _add_secret_flags(g, defaults)
-    _add_workspace_flags(g, defaults)
-    _add_cluster_flags(g)
+    _add_build_flags(g)
+    g.add_argument(
+        "--secret-env",
+        action="append",
+        default=[],
+        metavar="NAME=SECRET:KEY",
+        help="Set env var NAME in the training pods from key KEY of Kubernetes secret SECRET (repeatable; the "
+        "pipeline's train task and --trainjob; and every node of a multi-node train)",
+    )
     _add_trainjob_flags(
         p.add_argument_group("multi-node training as a Kubeflow Trainer TrainJob (train.num_workers nodes)")
     )
@@ -56,93 +61,26 @@ def _add_output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--component", choices=NAMES, default=None, help="Write this stage's component alone")
 
 
-def _add_install_flags(g: argparse._ArgumentGroup) -> None:
-    """What each step's container runs, and how it installs this project."""
-    g.add_argument("--image", default=DEFAULT_IMAGE, help="Container image of every step (default: %(default)s)")
-    g.add_argument(
-        "--package-spec",
-        default=DEFAULT_PACKAGE_SPEC,
-        help=f"What each step pip-installs: '{EMBED}' = this project's wheel, embedded in the YAML, and its "
-        "dependencies from the index; or a requirement, wheel URL or git URL; '' if the image "
-        "has lora-pipeline[kubeflow] already (default: %(default)s)",
-    )
-    g.add_argument(
-        "--wheel",
-        default="",
-        metavar="PATH",
-        help=f"With --package-spec {EMBED}: embed this lora_pipeline-*.whl (default: build one from the checkout)",
-    )
-    g.add_argument(
-        "--pip-index-url",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="Index (mirror) each step installs its packages from (repeatable; default: pip's own)",
-    )
-    g.add_argument(
-        "--pip-trusted-host",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="Host pip trusts without HTTPS (repeatable; default: each --pip-index-url)",
-    )
-    g.add_argument(
-        "--kfp-cache",
-        action="store_true",
-        help="Let KFP cache the tasks (off by default: the same URI or model id may hold new content)",
-    )
+def _add_build_flags(g: argparse._ArgumentGroup) -> None:
+    """One flag per BuildOptions field with a help: --field-name (or its `flag`), repeatable for a tuple."""
+    for field in dataclasses.fields(BuildOptions):
+        settings = dict(field.metadata)
+        if "help" not in settings:
+            continue
+        flag = settings.pop("flag", "--" + field.name.replace("_", "-"))
+        if isinstance(field.default, bool):
+            settings["action"] = "store_true"
+        elif isinstance(field.default, tuple):
+            settings.update(action="append", default=[])
+        else:
+            settings["default"] = field.default
+        g.add_argument(flag, dest=field.name, **settings)
 
 
-def _add_secret_flags(g: argparse._ArgumentGroup, defaults: BuildOptions) -> None:
-    """Credentials reach the pods from Kubernetes secrets, by name only."""
-    g.add_argument(
-        "--hf-token-secret",
-        default=defaults.hf_token_secret,
-        metavar="NAME",
-        help="Kubernetes secret with key HF_TOKEN ('' = none; default: %(default)s)",
-    )
-    g.add_argument(
-        "--aws-secret",
-        default=defaults.aws_secret,
-        metavar="NAME",
-        help="Kubernetes secret with keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY[, AWS_SESSION_TOKEN, "
-        "AWS_DEFAULT_REGION, AWS_ENDPOINT_URL] ('' = none; default: %(default)s)",
-    )
-    g.add_argument(
-        "--registry-token-secret",
-        default=defaults.registry_token_secret,
-        metavar="NAME",
-        help="Kubernetes secret with key MODEL_REGISTRY_TOKEN ('' = none; default: %(default)s)",
-    )
-    g.add_argument(
-        "--secret-env",
-        action="append",
-        default=[],
-        metavar="NAME=SECRET:KEY",
-        help="Set env var NAME in the training pods from key KEY of Kubernetes secret SECRET (repeatable; the "
-        "pipeline's train task and --trainjob; and every node of a multi-node train)",
-    )
-
-
-def _add_workspace_flags(g: argparse._ArgumentGroup, defaults: BuildOptions) -> None:
-    g.add_argument(
-        "--workspace-size",
-        default=defaults.workspace_size,
-        metavar="SIZE",
-        help="Pipeline workspace PVC size, shared with multi-node training ('' = none; default: %(default)s)",
-    )
-    g.add_argument(
-        "--workspace-storage-class",
-        default=defaults.workspace_storage_class,
-        metavar="NAME",
-        help="Workspace PVC storage class (default: the cluster's default StorageClass)",
-    )
-    g.add_argument(
-        "--workspace-access-mode",
-        choices=ACCESS_MODES,
-        default=defaults.workspace_access_mode,
-        help="Workspace PVC access mode; multi-node training needs ReadWriteMany (default: %(default)s)",
-    )
+def _build_options(args: argparse.Namespace, **parsed: Any) -> BuildOptions:
+    """BuildOptions from the flags `_add_build_flags` declared, and the options parsed apart (`parsed`)."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOptions) if "help" in f.metadata}
+    return BuildOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}, **parsed)
 
 
 def _add_trainjob_flags(t: argparse._ArgumentGroup) -> None:
@@ -170,27 +108,6 @@ def _add_trainjob_flags(t: argparse._ArgumentGroup) -> None:
         help="A dataset stage output, on every node (default: %(default)s)",
     )
     t.add_argument("--output-dir", default="/workspace/train", help="Train stage output (default: %(default)s)")
-
-
-def _add_cluster_flags(g: argparse._ArgumentGroup) -> None:
-    """Where the pipeline's multi-node train submits its TrainJob (docs/kubeflow.md)."""
-    g.add_argument(
-        "--cluster-secret",
-        default="",
-        type=_secret_name,
-        metavar="NAME",
-        help="Kubernetes secret with keys KUBERNETES_SERVER_URL, KUBERNETES_AUTH_TOKEN[, ca.crt, "
-        "KUBERNETES_NAMESPACE]: the cluster a multi-node train submits its TrainJob to ('' = the train pod's "
-        "service account, see deploy/trainjob-rbac.yaml)",
-    )
-
-
-def _secret_name(text: str) -> str:
-    import re
-
-    if text and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", text):
-        raise argparse.ArgumentTypeError(f"not a Kubernetes secret name (lowercase, digits, '-', '.'): {text!r}")
-    return text
 
 
 def _check_compile_args(args: argparse.Namespace) -> None:
@@ -229,24 +146,10 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
 
     from lora_pipeline.kubeflow.secret_values import parse_secret_env, refuse_secret_values
 
-    refuse_secret_values(config, args)  # before anything is written: compiled YAML is shared
     secret_env = parse_secret_env(args.secret_env, component=args.component)
-    options = BuildOptions(
-        secret_env=secret_env,
-        image=args.image,
-        package_spec=args.package_spec,
-        wheel=args.wheel,
-        pip_index_urls=tuple(args.pip_index_url),
-        pip_trusted_hosts=tuple(args.pip_trusted_host),
-        kfp_cache=args.kfp_cache,
-        workspace_storage_class=args.workspace_storage_class,
-        workspace_access_mode=args.workspace_access_mode,
-        hf_token_secret=args.hf_token_secret,
-        aws_secret=args.aws_secret,
-        registry_token_secret=args.registry_token_secret,
-        workspace_size=args.workspace_size,
-        cluster_secret=args.cluster_secret,
-    )
+    options = _build_options(args, secret_env=secret_env)
+    # before anything is written: compiled YAML is shared
+    refuse_secret_values(config, options.package_spec, options.pip_index_urls)
     try:
         if args.trainjob:
             return _trainjob(args, config, options)

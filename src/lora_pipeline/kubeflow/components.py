@@ -21,6 +21,7 @@ from typing import Any
 from lora_pipeline import stages as table
 from lora_pipeline.config import Config
 from lora_pipeline.kubeflow.parameters import RUN_INPUTS, component_parameters, fixed_values
+from lora_pipeline.kubeflow.secret_values import secret_name
 from lora_pipeline.kubeflow.wheel import embedded_wheel, install_lora_pipeline, pip_options
 
 # Python 3.11 with CUDA torch already installed, so `pip install lora-pipeline` adds only the pure-Python rest.
@@ -35,34 +36,81 @@ _PASSTHROUGHS = ("RESOURCES", "ENV", "KUBERNETES_VOLUMES", "KUBERNETES_TOLERATIO
                  "KUBERNETES_AFFINITY")  # fmt: skip
 
 
+ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")
+
+
+def _flag(default: Any, help: str, **argparse_settings: Any) -> Any:
+    """A BuildOptions field that is also a `compile` flag (--field-name): its help and argparse settings ride
+    along in the field's metadata, and command.py declares the flag from them."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_settings})
+
+
 @dataclass(frozen=True)
 class BuildOptions:
-    """The options of `lora-pipeline compile` that are not pipeline parameters."""
+    """The options of `lora-pipeline compile` that are not pipeline parameters; a field with a help is a flag."""
 
-    image: str = DEFAULT_IMAGE
-    # EMBED = this project's wheel, embedded; "" = the image has lora-pipeline[kubeflow] installed already;
-    # else what each pod pip-installs (a requirement on the index, a wheel URL, a git URL).
-    package_spec: str = DEFAULT_PACKAGE_SPEC
-    pip_index_urls: tuple[str, ...] = ()
-    pip_trusted_hosts: tuple[str, ...] = ()
-    wheel: str = ""  # EMBED: a built lora_pipeline-*.whl to embed instead of building one
-    embedded: str = ""  # EMBED: the packed wheel (.whl.xz) once prepared (`embedding`)
+    image: str = _flag(DEFAULT_IMAGE, "Container image of every step (default: %(default)s)")
+    package_spec: str = _flag(
+        DEFAULT_PACKAGE_SPEC,
+        f"What each step pip-installs: '{EMBED}' = this project's wheel, embedded in the YAML, and its "
+        "dependencies from the index; or a requirement, wheel URL or git URL; '' if the image "
+        "has lora-pipeline[kubeflow] already (default: %(default)s)",
+        metavar="SPEC",
+    )
+    wheel: str = _flag(
+        "", f"With --package-spec {EMBED}: embed this lora_pipeline-*.whl (default: build one from the checkout)",
+        metavar="PATH",
+    )  # fmt: skip
+    pip_index_urls: tuple[str, ...] = _flag(
+        (), "Index (mirror) each step installs its packages from (repeatable; default: pip's own)",
+        flag="--pip-index-url", metavar="URL",
+    )  # fmt: skip
+    pip_trusted_hosts: tuple[str, ...] = _flag(
+        (), "Host pip trusts without HTTPS (repeatable; default: each --pip-index-url)",
+        flag="--pip-trusted-host", metavar="HOST",
+    )  # fmt: skip
+    kfp_cache: bool = _flag(
+        False, "Let KFP cache the tasks (off by default: the same URI or model id may hold new content)"
+    )
     # Kubernetes secrets mounted as env vars (optional: a missing secret or key leaves the variable unset);
     # "" = none. The keys are the variable names (see pipeline.SECRET_ENV).
-    hf_token_secret: str = "hf-token"
-    aws_secret: str = "aws-credentials"
-    registry_token_secret: str = "model-registry-token"
-    # --secret-env: (env var, secret name, key) mounted in the train task's pod (required, not optional).
-    secret_env: tuple[tuple[str, str, str], ...] = ()
+    hf_token_secret: str = _flag(
+        "hf-token", "Kubernetes secret with key HF_TOKEN ('' = none; default: %(default)s)", metavar="NAME",
+        type=secret_name,
+    )  # fmt: skip
+    aws_secret: str = _flag(
+        "aws-credentials",
+        "Kubernetes secret with keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY[, AWS_SESSION_TOKEN, "
+        "AWS_DEFAULT_REGION, AWS_ENDPOINT_URL] ('' = none; default: %(default)s)",
+        metavar="NAME", type=secret_name,
+    )  # fmt: skip
+    registry_token_secret: str = _flag(
+        "model-registry-token", "Kubernetes secret with key MODEL_REGISTRY_TOKEN ('' = none; default: %(default)s)",
+        metavar="NAME", type=secret_name,
+    )  # fmt: skip
     # The pipeline workspace (a PVC per run) given to the training component as `pvc_path`; multi-node
     # training shares the dataset and output with the TrainJob's pods through it. "" = no workspace.
-    workspace_size: str = "20Gi"
-    workspace_storage_class: str = ""  # "" = the cluster's default StorageClass
-    workspace_access_mode: str = "ReadWriteOnce"  # multi-node training needs ReadWriteMany
-    kfp_cache: bool = False  # KFP caching of the tasks (off: a cached result may be stale, see pipeline.py)
-    # --cluster-secret: the Kubernetes secret with KUBERNETES_SERVER_URL, KUBERNETES_AUTH_TOKEN (and optional
-    # ca.crt, KUBERNETES_NAMESPACE) a multi-node train submits its TrainJob with; "" = the pod's service account.
-    cluster_secret: str = ""
+    workspace_size: str = _flag(
+        "20Gi", "Pipeline workspace PVC size, shared with multi-node training ('' = none; default: %(default)s)",
+        metavar="SIZE",
+    )  # fmt: skip
+    workspace_storage_class: str = _flag(
+        "", "Workspace PVC storage class (default: the cluster's default StorageClass)", metavar="NAME"
+    )
+    workspace_access_mode: str = _flag(
+        "ReadWriteOnce", "Workspace PVC access mode; multi-node training needs ReadWriteMany (default: %(default)s)",
+        choices=ACCESS_MODES,
+    )  # fmt: skip
+    cluster_secret: str = _flag(
+        "",
+        "Kubernetes secret with keys KUBERNETES_SERVER_URL, KUBERNETES_AUTH_TOKEN[, ca.crt, KUBERNETES_NAMESPACE]: "
+        "the cluster a multi-node train submits its TrainJob to ('' = the train pod's service account, see "
+        "deploy/trainjob-rbac.yaml)",
+        metavar="NAME", type=secret_name,
+    )  # fmt: skip
+    # --secret-env, parsed: (env var, secret name, key) mounted in the train task's pod (required, not optional).
+    secret_env: tuple[tuple[str, str, str], ...] = ()
+    embedded: str = ""  # EMBED: the packed wheel (.whl.xz) once prepared (`embedding`)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,14 @@ _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 
 
-def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
+def secret_name(text: str) -> str:
+    """A Kubernetes secret's name, or '' for none (argparse calls it on a `compile` flag's value)."""
+    if text and not _SECRET_NAME.match(text):
+        raise argparse.ArgumentTypeError(f"not a Kubernetes secret name (lowercase, digits, '-', '.'): {text!r}")
+    return text
+
+
+def refuse_secret_values(config: Config, package_spec: str = "", pip_index_urls: tuple[str, ...] = ()) -> None:
     """Raise one ConfigError naming the option and the Kubernetes-secret option that replaces it."""
     token = reveal(config.registry.token)
     if token and not is_redacted(token):
@@ -46,9 +53,9 @@ def refuse_secret_values(config: Config, args: argparse.Namespace) -> None:
     for field, value in _strings(config):
         _refuse_uri(field, value)
     pip_hint = "an index or package URL without them (pip reads credentials from ~/.netrc or PIP_* variables)"
-    for option in ("package_spec", "pip_index_url"):
-        for value in _as_list(getattr(args, option, None)):
-            _refuse_uri(f"--{option.replace('_', '-')}", value, pip_hint)
+    for flag, values in (("--package-spec", [package_spec]), ("--pip-index-url", pip_index_urls)):
+        for value in values:
+            _refuse_uri(flag, value, pip_hint)
 
 
 def parse_secret_env(items: list[str], component: str | None = None) -> tuple[tuple[str, str, str], ...]:
