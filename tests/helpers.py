@@ -1,9 +1,15 @@
-"""Shared by the training tests."""
+"""Shared by the tests: training settings, an offline Hub cache, kfp.local, loopback HTTP servers."""
 
 from __future__ import annotations
 
+import ssl
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from socketserver import BaseRequestHandler
 
 from lora_pipeline.config import TrainConfig
 
@@ -49,3 +55,30 @@ def run_compiled_pipeline_locally(compiled: Path, tmp_path: Path, use_venv: bool
     started = time.perf_counter()
     components.load_component_from_file(str(compiled))()  # the parameters' defaults come from -c
     return root, time.perf_counter() - started
+
+
+@contextmanager
+def loopback_server(
+    handler: Callable[..., BaseRequestHandler], tls: tuple[str | Path, str | Path] | None = None
+) -> Iterator[ThreadingHTTPServer]:
+    """A ThreadingHTTPServer on 127.0.0.1 (a free port), https when `tls` = (certificate, key), serving from a
+    daemon thread for the block; then shut down, its socket closed and the thread joined, bounded in time."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:  # leaving the with closes the socket
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        # a short poll so that shutdown() returns at once (it waits for the loop to notice)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            yield server
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
+
+
+def base_url(server: ThreadingHTTPServer) -> str:
+    """The server's root URL, without a trailing slash."""
+    scheme = "https" if isinstance(server.socket, ssl.SSLSocket) else "http"
+    return f"{scheme}://127.0.0.1:{server.server_address[1]}"

@@ -9,12 +9,15 @@ list of failure statuses first (`fail_next`), and stops by itself after `lifetim
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from helpers import base_url, loopback_server
 
 _REPO = r"/api/models/(?P<repo>[^/]+/[^/]+)"
 
@@ -24,14 +27,12 @@ class HubStandIn:
         self.repos: dict[str, dict[str, Any]] = {}  # repo id -> {"private": bool, "files": {path: bytes}}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
         self.fail_next: list[int] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._server = contextlib.ExitStack()
         self._deadline = threading.Timer(lifetime, self.stop)
         self._deadline.daemon = True
 
     def __enter__(self) -> HubStandIn:
-        self._thread.start()
+        self.url = base_url(self._server.enter_context(loopback_server(self._handler())))
         self._deadline.start()
         return self
 
@@ -40,8 +41,7 @@ class HubStandIn:
 
     def stop(self) -> None:
         self._deadline.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         hub = self

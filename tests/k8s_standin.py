@@ -10,17 +10,18 @@ token; `tls` = (certfile, keyfile) serves HTTPS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import ssl
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+
+from helpers import base_url, loopback_server
 
 CRDS = Path(__file__).parent / "data" / "trainjob_crds"
 TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/?]+))?")
@@ -86,21 +87,12 @@ class KubeStandin:
             def do_DELETE(self) -> None:  # noqa: N802
                 standin._handle(self, "DELETE")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if self.tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*self.tls)
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        scheme = "https" if self.tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
+        self._server = contextlib.ExitStack()
+        self.url = base_url(self._server.enter_context(loopback_server(Handler, tls=self.tls)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        self._server.close()
 
     # --- requests -------------------------------------------------------------------------------------------
 

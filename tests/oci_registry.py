@@ -4,6 +4,7 @@ the distribution API (for layers crafted byte by byte), and a proxy that cuts bl
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -17,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from helpers import loopback_server
 
 BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -224,10 +227,8 @@ class BearerFront:
                 self.wfile.write(body)
 
         self.token_queries: list[str] = []
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._server = contextlib.ExitStack()
+        self.port = self._server.enter_context(loopback_server(Handler)).server_address[1]
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()

@@ -11,20 +11,22 @@ token when one is set, and stops by itself after `lifetime` seconds even if a te
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
-import ssl
 import threading
 import time
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from jsonschema import validators
 from openapi_schema_validator import OAS30Validator
+
+from helpers import base_url, loopback_server
 
 DOCS = Path(__file__).parent / "data" / "model_registry"
 APIS = ("v1alpha3", "v1")
@@ -91,19 +93,14 @@ class StandIn:
         self.auth_headers: list[str | None] = []
         self.fail_next: list[int] = []
         self._ids = itertools.count(1)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.port = self.server.server_address[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        if tls:  # (certificate, key): serve https
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._tls = tls  # (certificate, key): serve https
+        self._server = contextlib.ExitStack()
         self._timer = threading.Timer(lifetime, self.stop)
         self._timer.daemon = True
 
     def __enter__(self) -> StandIn:
-        self._thread.start()
+        server = self._server.enter_context(loopback_server(_handler(self), tls=self._tls))
+        self.port, self.url = server.server_address[1], base_url(server)
         self._timer.start()
         return self
 
@@ -112,9 +109,7 @@ class StandIn:
 
     def stop(self) -> None:
         self._timer.cancel()
-        if self._thread.is_alive():
-            self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
     # --- the REST resources -------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import huggingface_hub
 import pytest
 
 from conftest import CHAT_ROWS, cli_exit_code, write_jsonl
+from helpers import base_url, loopback_server
 
 # (id, command, args, text the single error line must contain). Placeholders in args:
 #   {data} good chat file   {tmp} a fresh dir   {model} the demo model   {file} a plain file
@@ -202,11 +202,8 @@ def files(tmp_path_factory: pytest.TempPathFactory, demo_assets) -> dict[str, Pa
 @pytest.fixture(scope="module")
 def http_base(files) -> Iterator[str]:
     handler = type("H", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(files["root"])))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with loopback_server(lambda *a: handler(*a, directory=str(files["root"]))) as server:
+        yield base_url(server)
 
 
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) lora_pipeline[.\w]*: ")

@@ -8,13 +8,13 @@ import http.server
 import json
 import logging
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import CHAT_ROWS, write_jsonl
+from helpers import base_url, loopback_server
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.errors import DataError, SourceError
 from lora_pipeline.files import read_json, read_jsonl
@@ -125,12 +125,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server(chat_file: Path) -> Iterator[str]:
     _Handler.body, _Handler.failures_left, _Handler.seen = chat_file.read_bytes(), 0, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_server(_Handler) as server:
+        yield base_url(server)
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@ size cap; archives unpacked without letting a member out of the target directory
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -10,12 +11,13 @@ import socket
 import tarfile
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import CHAT_ROWS, write_jsonl
+from helpers import base_url, loopback_server
 from lora_pipeline import sources
 from lora_pipeline.errors import SourceError
 from lora_pipeline.sources import Limits
@@ -72,19 +74,13 @@ def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 @pytest.fixture
-def serve() -> Iterator:
-    servers = []
+def serve() -> Iterator[Callable[[Script], str]]:
+    with contextlib.ExitStack() as servers:
 
-    def start(script: Script) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/data/chat.jsonl"
+        def start(script: Script) -> str:
+            return f"{base_url(servers.enter_context(loopback_server(_handler(script))))}/data/chat.jsonl"
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 @pytest.mark.integration

@@ -15,14 +15,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
-from helpers import run_compiled_pipeline_locally
+from helpers import base_url, loopback_server, run_compiled_pipeline_locally
 from test_kubeflow_local import _demo_yaml, _scores
 
 pytest.importorskip("kfp")
@@ -98,10 +97,8 @@ def test_compiled_pipeline_installs_itself_in_fresh_venvs(
 
     house, constraints = _wheelhouse(tmp_path)
     root = _simple_index(house, tmp_path / "index")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    index = f"http://127.0.0.1:{server.server_address[1]}/simple"
-    try:
+    with loopback_server(functools.partial(_QuietHandler, directory=str(root))) as server:
+        index = f"{base_url(server)}/simple"
         home = str(Path(demo_assets.model_dir).parents[1])
         env = {"LORA_PIPELINE_HOME": home, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         config = _demo_yaml(demo_assets, tmp_path / "demo.yaml")
@@ -124,9 +121,6 @@ def test_compiled_pipeline_installs_itself_in_fresh_venvs(
             monkeypatch.setenv(key, value)
         monkeypatch.chdir(tmp_path)
         kfp_root, kfp_seconds = run_compiled_pipeline_locally(compiled, tmp_path, use_venv=True)
-    finally:
-        server.shutdown()
-        server.server_close()
     with capsys.disabled():
         print(f"\nwall time: plain run {plain_seconds:.1f}s, kfp.local in fresh venvs {kfp_seconds:.1f}s, "
               f"YAML {compiled.stat().st_size / 1024:.0f} KiB")  # fmt: skip

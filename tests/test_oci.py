@@ -18,6 +18,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from helpers import loopback_server
 from lora_pipeline import files, sources
 from lora_pipeline.cli import main
 from lora_pipeline.errors import SourceError, UnsafePathError
@@ -389,7 +390,6 @@ def test_compile_refuses_oci_userinfo_and_names_the_pull_secret(tmp_path: Path, 
 @pytest.mark.integration
 def test_server_errors_are_retried_then_named(tmp_path: Path) -> None:
     import http.server
-    import threading
 
     answers: list[str] = []
 
@@ -403,15 +403,10 @@ def test_server_errors_are_retried_then_named(tmp_path: Path) -> None:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with loopback_server(Failing) as server:
         uri = f"oci://127.0.0.1:{server.server_address[1]}/demo:1"
         with pytest.raises(
             SourceError, match=r"^train.model: registry error: oci://.*/demo:1 \(HTTP 503; 3 attempts\)$"
         ):
             sources.model_fingerprint(uri)
         assert answers == ["/v2/demo/manifests/1"] * 3
-    finally:
-        server.shutdown()
-        server.server_close()

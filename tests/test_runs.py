@@ -7,7 +7,6 @@ import http.server
 import json
 import os
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CHAT_ROWS, run_cli, write_jsonl
+from helpers import loopback_server
 from lora_pipeline.config import Config, TrainConfig
 from lora_pipeline.files import exclusive_lock, read_json
 from lora_pipeline.pipeline import stage_key
@@ -145,16 +145,16 @@ class _Server:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.handler = Handler
+        self.port = 0  # the fixture's server's
 
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
     s = _Server()
-    yield s
-    s.server.shutdown()
+    with loopback_server(s.handler) as served:
+        s.port = served.server_address[1]
+        yield s
 
 
 @pytest.mark.integration

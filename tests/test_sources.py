@@ -4,18 +4,19 @@ errors for missing or unreachable sources, redaction of credentials and query st
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import logging
 import os
 import socket
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from helpers import base_url, loopback_server
 from lora_pipeline import sources
 from lora_pipeline.errors import DataError, SourceError
 from lora_pipeline.sources import fingerprint, is_redacted, redact
@@ -160,22 +161,16 @@ def _handler(site: Site) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 @pytest.fixture
-def serve() -> Iterator:
+def serve() -> Iterator[Callable[[], Site]]:
     """serve() -> a Site answering on a fresh loopback port (several per test for cross-host redirects)."""
-    servers = []
+    with contextlib.ExitStack() as servers:
 
-    def start() -> Site:
-        site = Site()
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(site))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        site.url = f"http://127.0.0.1:{server.server_address[1]}"
-        return site
+        def start() -> Site:
+            site = Site()
+            site.url = base_url(servers.enter_context(loopback_server(_handler(site))))
+            return site
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 @pytest.fixture
