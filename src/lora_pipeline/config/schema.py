@@ -39,6 +39,12 @@ def param(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+def pod_param(default: str, help: str, kfp: str, component: str) -> Any:
+    """A setting of the training pods on Kubernetes: it shapes no output (not in the cache key) and a local run
+    says it does not apply."""
+    return param(default, help, kfp=kfp, component=component, cache=False, applies="kubernetes")
+
+
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts")
 FSDP_STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD_ZERO2")
 VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -376,37 +382,13 @@ class TrainConfig:
         kfp="phase_02_train_opt_num_procs",
         component="training_resource_num_procs_per_worker",
     )
-    cpu: str = param(
-        "4",
-        "CPU cores per worker",
-        kfp="phase_02_train_opt_cpu",
-        component="training_resource_cpu_per_worker",
-        cache=False,
-        applies="kubernetes",
+    cpu: str = pod_param("4", "CPU cores per worker", "phase_02_train_opt_cpu", "training_resource_cpu_per_worker")
+    memory: str = pod_param(
+        "32Gi", "RAM per worker", "phase_02_train_opt_memory", "training_resource_memory_per_worker"
     )
-    memory: str = param(
-        "32Gi",
-        "RAM per worker",
-        kfp="phase_02_train_opt_memory",
-        component="training_resource_memory_per_worker",
-        cache=False,
-        applies="kubernetes",
-    )
-    labels: str = param(
-        "",
-        "K8s labels (key=val,...)",
-        kfp="phase_02_train_opt_labels",
-        component="training_metadata_labels",
-        cache=False,
-        applies="kubernetes",
-    )
-    annotations: str = param(
-        "",
-        "K8s annotations (key=val,...)",
-        kfp="phase_02_train_opt_annotations",
-        component="training_metadata_annotations",
-        cache=False,
-        applies="kubernetes",
+    labels: str = pod_param("", "K8s labels (key=val,...)", "phase_02_train_opt_labels", "training_metadata_labels")
+    annotations: str = pod_param(
+        "", "K8s annotations (key=val,...)", "phase_02_train_opt_annotations", "training_metadata_annotations"
     )
     env_vars: str = param(
         "", "Env vars (KEY=VAL,...)", kfp="phase_02_train_opt_env_vars", component="training_envs", group="resources"
