@@ -35,6 +35,7 @@ from lora_pipeline.logs import apply_verbosity, setup_logging
 from lora_pipeline.preflight import preflight
 from lora_pipeline.redaction import redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
+from lora_pipeline.registry.commands import add_models_command, models_command
 from lora_pipeline.reports.summary import print_summary
 from lora_pipeline.stages import Stage
 from lora_pipeline.tool_commands import TOOL_COMMANDS, add_tool_commands, own_data, preview_color
@@ -85,35 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compile_command(sub, add_config_flags)
     sub.choices["compile"].add_argument("--help-kfp", action=KfpHelp, help=_KFP_HELP)
-    _add_models_command(sub)
+    add_models_command(sub, _Parser)
     from lora_pipeline.export_command import add_export_command
 
     add_export_command(sub)
     add_tool_commands(sub, add_config_flags)
     return parser
-
-
-def _add_models_command(sub: Any) -> None:
-    """`models list` / `models show NAME [VERSION]` / `models delete NAME VERSION`: the local registry
-    (`--registry.address local`)."""
-    p = sub.add_parser(
-        "models", help="List, show or delete the models in the local registry", description=_add_models_command.__doc__
-    )
-    p.add_argument(
-        "--path",
-        default=None,
-        metavar="FILE",
-        help="Registry file (default: $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
-        "else ~/.local/share/lora-pipeline/registry.db)",
-    )
-    what = p.add_subparsers(dest="models_command", metavar="list|show|delete", parser_class=_Parser, required=True)
-    what.add_parser("list", help="Every registered version: name, version, base model, date, main score")
-    show = what.add_parser("show", help="One version's lineage: base model, dataset, LoRA settings, losses, scores")
-    show.add_argument("name")
-    show.add_argument("version", nargs="?", default=None, help="default: the latest registered version")
-    delete = what.add_parser("delete", help="Remove a version, and the adapter copies that only it used")
-    delete.add_argument("name")
-    delete.add_argument("version")
 
 
 _DEMO_SETS = ". It sets the model, data, eval task and local registry itself; options override them"
@@ -282,7 +260,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.command == "models":
-        return _models_command(args)
+        return models_command(args)
     if args.command in TOOL_COMMANDS:
         return _tool_command(args)
     if args.command == "export":
@@ -329,24 +307,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         config, run_dir, stages=stages, force=args.force, source_fingerprint=fingerprint, invocation=_invocation(args)
     )
     print_summary(manifest)
-    return 0
-
-
-def _models_command(args: argparse.Namespace) -> int:
-    """`models list|show|delete`: the local registry's contents."""
-    from lora_pipeline.registry import local_path
-    from lora_pipeline.registry.commands import list_models, show_model, verify_model
-
-    path = Path(args.path).expanduser() if args.path else local_path()
-    if args.models_command == "list":
-        print(list_models(path))
-    elif args.models_command == "delete":
-        from lora_pipeline.registry.commands import delete_model
-
-        print(delete_model(path, args.name, args.version))
-    else:
-        print(show_model(path, args.name, args.version))
-        verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
     return 0
 
 

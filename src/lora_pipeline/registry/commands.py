@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,41 @@ def _value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def add_models_command(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    """`models list` / `models show NAME [VERSION]` / `models delete NAME VERSION`: the local registry
+    (`--registry.address local`)."""
+    p = sub.add_parser(
+        "models", help="List, show or delete the models in the local registry", description=add_models_command.__doc__
+    )
+    p.add_argument(
+        "--path",
+        default=None,
+        metavar="FILE",
+        help="Registry file (default: $LORA_PIPELINE_REGISTRY, else $LORA_PIPELINE_HOME/registry.db, "
+        "else ~/.local/share/lora-pipeline/registry.db)",
+    )
+    what = p.add_subparsers(dest="models_command", metavar="list|show|delete", parser_class=parser_class, required=True)
+    what.add_parser("list", help="Every registered version: name, version, base model, date, main score")
+    show = what.add_parser("show", help="One version's lineage: base model, dataset, LoRA settings, losses, scores")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?", default=None, help="default: the latest registered version")
+    delete = what.add_parser("delete", help="Remove a version, and the adapter copies that only it used")
+    delete.add_argument("name")
+    delete.add_argument("version")
+
+
+def models_command(args: argparse.Namespace) -> int:
+    """`models list|show|delete`: the local registry's contents."""
+    from lora_pipeline.registry import local_path
+
+    path = Path(args.path).expanduser() if args.path else local_path()
+    if args.models_command == "list":
+        print(list_models(path))
+    elif args.models_command == "delete":
+        print(delete_model(path, args.name, args.version))
+    else:
+        print(show_model(path, args.name, args.version))
+        verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
+    return 0
