@@ -102,6 +102,11 @@ def test_a_fifth_stage_runs_is_checked_recorded_and_reported(
     # Its pre-flight runs before it does: a refused option is one line, and the stage is not run again.
     assert cli.main(["toy", "-o", str(run_dir), "--dataset.seed", "13"]) == 2
     assert "dataset.seed: the toy stage refuses seed 13" in capsys.readouterr().err
+    # Run alone, as a component runs it, it prints what it declares too.
+    capsys.readouterr()
+    alone = tmp_path / "alone"
+    assert cli.main(["toy", "--input", f"dataset={run_dir / 'dataset'}", "--out", str(alone)]) == 0
+    assert capsys.readouterr().out == f"toy: {alone}\ntoy rows: 36\n"
 
 
 def test_a_fifth_stage_is_compiled_and_run_as_a_component(toy_table, tmp_path: Path, chat_file: Path) -> None:

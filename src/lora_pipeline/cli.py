@@ -36,7 +36,7 @@ from lora_pipeline.preflight import preflight
 from lora_pipeline.redaction import redact_config, remember_config, scrub
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.registry.commands import add_models_command, models_command
-from lora_pipeline.reports.summary import print_summary
+from lora_pipeline.reports.summary import print_stage_summary, print_summary
 from lora_pipeline.stages import Stage
 from lora_pipeline.tool_commands import TOOL_COMMANDS, add_tool_commands, own_data, preview_color
 
@@ -358,6 +358,7 @@ def _run_one_stage(args: argparse.Namespace, stage: Stage, config: Config) -> in
         stage.call(getattr(config, stage.section), inputs, out)
     if rank0:
         print(f"{stage.name}: {out}")
+        print_stage_summary(stage, out)
     return 0
 
 

@@ -23,11 +23,16 @@ def print_summary(manifest: dict[str, Any]) -> None:
         timing = f"{seconds:8.1f}s" if seconds is not None else " " * 9
         print(f"  {stage.name:<9} {info['status']:<7} {timing}  {info.get('path', '')}")
     for stage in table.STAGES:
-        if stage.summary and stage.name in manifest["stages"]:
-            for line in resolve(stage.summary)(run_dir / stage.name):
-                print(line)
+        if stage.name in manifest["stages"]:
+            print_stage_summary(stage, run_dir / stage.name)
     if (run_dir / "report.html").exists():
         print(f"run report: {run_dir / 'report.html'}")
+
+
+def print_stage_summary(stage: table.Stage, out: Path) -> None:
+    """The lines a stage declares (its `summary`), from its output folder: after a run, or a stage run alone."""
+    for line in resolve(stage.summary)(out) if stage.summary else ():
+        print(line)
 
 
 def train_summary(out: Path) -> list[str]:

@@ -145,9 +145,6 @@ def _write_results(cfg: EvalConfig, out: Path, record: dict[str, Any], samples: 
                     (tmp / "samples").mkdir(exist_ok=True)
                     write_jsonl(jsonable(rows), tmp / "samples" / f"{name}_{task}.jsonl")
 
-    from lora_pipeline.evaluation.results import format_table
-
-    log.info("eval:\n%s", format_table(record["comparison"]))
     if replaced:
         log.warning("eval: %s", replaced["line"])
 
