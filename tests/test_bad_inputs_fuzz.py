@@ -1,0 +1,95 @@
+"""Bad inputs found by exploring the CLI as a hostile user, beyond the listed ones (test_bad_inputs*.py): each
+case runs in-process through `cli.main` and ends in one stderr line naming the field, file or path, exit 2.
+
+Classes: YAML config files (duplicate keys, non-text keys and values), long text in error lines (the URI
+scrubber), ...
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_pipeline.cli import main
+from lora_pipeline.redaction import _URI_START, _uri_starts, scrub
+
+
+def one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:
+    """Run the CLI in-process; the exit code is `code` and stderr holds one line, no traceback. Returns it."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].isprintable(), lines[0]
+    return lines[0]
+
+
+# --- YAML config files --------------------------------------------------------------------------------------
+
+CONFIGS: list[tuple[str, str, str]] = [  # name, YAML, what the line names
+    ("duplicate-option", "train:\n  lora_r: 4\n  lora_alpha: 8\n  lora_r: 64\n", "'lora_r' given twice, at line 4"),
+    ("duplicate-section", "train: {lora_r: 4}\neval: {limit: 2}\ntrain: {lora_r: 8}\n", "'train' given twice"),
+    ("duplicate-in-flow", "eval: {gen_kwargs: {temperature: 0, temperature: 1}}\n", "'temperature' given twice"),
+    ("integer-option-name", "train: {1: 2}\n", "train.1: unknown option"),
+    ("null-section-name", "~: {lora_r: 4}\n", "None: unknown section"),
+    ("binary-text", "train: {model: !!binary aGVsbG8=}\n", "train.model: expected a string"),
+    ("set-text", "train: {model: !!set {a: null}}\n", "train.model: expected a string"),
+]
+
+
+@pytest.mark.parametrize("name,text,named", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_bad_yaml_config(name: str, text: str, named: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    line = one_error(capsys, ["run", "-c", str(path), "--print_config"])
+    assert named in line
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        ("base: &b {lora_r: 4}\n", None),  # an anchor alone is still an unknown section
+        ("registry: {description: 2024-05-01}\n", "description: '2024-05-01'"),  # a YAML date is text here
+        ("registry: {format_version: 2.0}\n", "format_version: '2.0'"),
+    ],
+)
+def test_yaml_values_that_stay_accepted(text: str, shown: str | None, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    code = main(["run", "-c", str(path), "--print_config"])
+    out = capsys.readouterr().out
+    assert code == (0 if shown else 2)
+    if shown:
+        assert shown in out
+
+
+def test_merge_key_still_overrides(tmp_path: Path, capsys) -> None:
+    """`<<: *anchor` then the same key: YAML's override, not a duplicate."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  <<: {lora_r: 4, lora_alpha: 8}\n  lora_r: 16\n")
+    assert main(["run", "-c", str(path), "--print_config"]) == 0
+    assert re.search(r"lora_r: 16\b", capsys.readouterr().out)
+
+
+# --- long text in error lines --------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="aZ9+.-:/@ _x", max_size=60))
+def test_uri_starts_match_the_regex(text: str) -> None:
+    """The linear scan finds the URIs the regex finds (the regex, tried at each position, is quadratic)."""
+    assert list(_uri_starts(text)) == [m.start() for m in _URI_START.finditer(text)]
+
+
+def test_long_config_value_is_printed_not_hung(tmp_path: Path, capsys) -> None:
+    """A 1 MB option value goes through the scrubber (print_config, error lines) in one pass: before, each
+    position of a long run of letters restarted the URI regex (2 MB: hours)."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train: {model: '" + "a" * 1_000_000 + "'}\n")
+    assert main(["run", "-c", str(path), "--print_config"]) == 0
+    assert scrub("x" * 500_000 + " https://u:p@h/k") == "x" * 500_000 + " https://<redacted>@h/k"
