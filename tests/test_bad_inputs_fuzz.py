@@ -2,7 +2,7 @@
 case runs in-process through `cli.main` and ends in one stderr line naming the field, file or path, exit 2.
 
 Classes: YAML config files (duplicate keys, non-text keys and values), long text in error lines (the URI
-scrubber), ...
+scrubber), path flags (empty, NUL) and conflicting stage flags, ...
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import cli_exit_code
 from lora_pipeline.cli import main
 from lora_pipeline.redaction import _URI_START, _uri_starts, scrub
 
 
 def one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:
     """Run the CLI in-process; the exit code is `code` and stderr holds one line, no traceback. Returns it."""
-    assert main(argv) == code
+    assert cli_exit_code(argv) == code
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and "internal error" not in err, err
@@ -93,3 +94,44 @@ def test_long_config_value_is_printed_not_hung(tmp_path: Path, capsys) -> None:
     path.write_text("train: {model: '" + "a" * 1_000_000 + "'}\n")
     assert main(["run", "-c", str(path), "--print_config"]) == 0
     assert scrub("x" * 500_000 + " https://u:p@h/k") == "x" * 500_000 + " https://<redacted>@h/k"
+
+
+# --- path flags and conflicting stage flags ------------------------------------------------------------------
+
+PATH_FLAGS: list[list[str]] = [  # each command's path flags; BAD is where the bad value goes
+    ["run", "--demo", "-o", "BAD"],
+    ["demo", "-o", "BAD"],
+    ["dataset", "--dataset.data_uri", "x.jsonl", "--out", "BAD"],
+    ["train", "--out", "o", "--input", "BAD"],
+    ["run", "-c", "BAD"],
+    ["export", "-o", "BAD"],
+    ["export", "-o", "run", "--out", "BAD"],
+    ["chat", "-o", "BAD"],
+    ["preview", "-o", "BAD"],
+    ["compile", "-o", "BAD"],
+    ["models", "--path", "BAD", "list"],
+]
+
+
+@pytest.mark.parametrize("bad", ["", "a\x00b", "dataset=a\x00b"])
+@pytest.mark.parametrize("argv", PATH_FLAGS, ids=[" ".join(a) for a in PATH_FLAGS])
+def test_empty_or_nul_path_flag(argv: list[str], bad: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`-o ""` was "not given" (the demo ran into runs/demo), a NUL an internal error: both refused at parse."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error(capsys, [bad if a == "BAD" else a for a in argv])
+    assert argv[argv.index("BAD") - 1] in line and f": not a path: {bad!r}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["dataset", "--dataset.data_uri", "x.jsonl", "--out", "a", "-o", "b"], "-o: give -o"),
+        (["train", "--input", "dataset=.", "-o", "b"], "--input: only with --out"),
+    ],
+)
+def test_conflicting_stage_flags(argv: list[str], named: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """-o next to --out was ignored without a word, and --input without --out too."""
+    monkeypatch.chdir(tmp_path)
+    assert named in one_error(capsys, argv)
+    assert list(tmp_path.iterdir()) == []
