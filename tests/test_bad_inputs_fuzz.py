@@ -2,11 +2,12 @@
 case runs in-process through `cli.main` and ends in one stderr line naming the field, file or path, exit 2.
 
 Classes: YAML config files (duplicate keys, non-text keys and values), long text in error lines (the URI
-scrubber), path flags (empty, NUL) and conflicting stage flags, ...
+scrubber), path flags (empty, NUL) and conflicting stage flags, data files that are FIFOs or devices.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_exit_code
+from conftest import CHAT_ROWS, cli_exit_code, write_jsonl
 from lora_pipeline.cli import main
 from lora_pipeline.redaction import _URI_START, _uri_starts, scrub
 
@@ -135,3 +136,25 @@ def test_conflicting_stage_flags(argv: list[str], named: str, tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     assert named in one_error(capsys, argv)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- data files that are not regular files -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+@pytest.mark.parametrize("option", ["--dataset.data_uri", "--dataset.source", "--dataset.eval_uri"])
+def test_data_file_that_is_not_a_regular_file(kind: str, option: str, tmp_path: Path, capsys) -> None:
+    """A FIFO named data.jsonl hung the dataset stage (read for the fingerprint, then again for the rows);
+    a link to /dev/zero read forever."""
+    path = tmp_path / "data.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, CHAT_ROWS)
+    argv = ["dataset", option, str(path), "--out", str(tmp_path / "out")]
+    if option == "--dataset.eval_uri":
+        argv += ["--dataset.data_uri", str(good)]
+    line = one_error(capsys, argv)
+    assert f"not a regular file (a FIFO, device or socket): {path}" in line
