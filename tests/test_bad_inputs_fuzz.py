@@ -2,7 +2,8 @@
 case runs in-process through `cli.main` and ends in one stderr line naming the field, file or path, exit 2.
 
 Classes: YAML config files (duplicate keys, non-text keys and values), long text in error lines (the URI
-scrubber), path flags (empty, NUL) and conflicting stage flags, data files that are FIFOs or devices.
+scrubber), path flags (empty, NUL) and conflicting stage flags, data files that are FIFOs or devices, the registry
+address, compile flags that apply only with --trainjob.
 """
 
 from __future__ import annotations
@@ -158,3 +159,52 @@ def test_data_file_that_is_not_a_regular_file(kind: str, option: str, tmp_path: 
         argv += ["--dataset.data_uri", str(good)]
     line = one_error(capsys, argv)
     assert f"not a regular file (a FIFO, device or socket): {path}" in line
+
+
+# --- registry address, compile flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address,shown",
+    [
+        ("http://[::1", "not a valid URL: 'http://[::1'"),  # was an internal error in pre-flight
+        ("http://host:abc", "not a valid URL"),
+        ("ftp://host", "expected http://host or https://host"),  # was reached as host:8080
+        ("s3://bucket", "expected http://host or https://host"),
+        ("https://", "no host in 'https://'"),
+        (":8080", "no host in ':8080'"),
+    ],
+)
+def test_bad_registry_address(address: str, shown: str, tmp_path: Path, capsys) -> None:
+    line = one_error(capsys, ["register", "-o", str(tmp_path / "run"), "--registry.address", address, "--print_config"])
+    assert line.endswith(f"registry.address: {shown}") or f"registry.address: {shown}" in line
+
+
+@pytest.mark.parametrize("address", ["model-registry.kubeflow.svc:8080", "http://[::1]:9", "https://h/", "Local"])
+def test_good_registry_address_still_accepted(address: str, tmp_path: Path, capsys) -> None:
+    assert main(["register", "-o", str(tmp_path / "run"), "--registry.address", address, "--print_config"]) == 0
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--component", "train", "--trainjob"], "--trainjob: writes the TrainJob"),
+        *[([f"--{dest.replace('_', '-')}", "7"], f"--{dest.replace('_', '-')}: applies only with --trainjob")
+          for dest in ("name", "namespace", "runtime", "pvc", "dataset_dir", "output_dir", "timeout")],
+        (["--submit"], "--submit: applies only with --trainjob"),
+        (["--dry-run"], "--dry-run: applies only with --trainjob"),
+    ],
+)  # fmt: skip
+def test_trainjob_flags_without_trainjob(flags: list[str], named: str, tmp_path: Path, capsys) -> None:
+    """They were ignored without a word when compiling the pipeline (or a component)."""
+    out = tmp_path / "p.yaml"
+    assert named in one_error(capsys, ["compile", "-o", str(out), *flags])
+    assert not out.exists()
+
+
+def test_trainjob_only_defaults_match_the_parser() -> None:
+    from lora_pipeline.cli import build_parser
+    from lora_pipeline.kubeflow.command import TRAINJOB_ONLY
+
+    args = build_parser().parse_args(["compile"])
+    assert {dest: getattr(args, dest) for dest in TRAINJOB_ONLY} == TRAINJOB_ONLY

@@ -296,7 +296,29 @@ def validate(config: Config) -> Config:
     for name in ("model_name", "author", "format_name"):
         if not getattr(r, name).strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")
+    if r.address.strip().lower() not in ("", "local", "none"):
+        _check_registry_address(r.address.strip())
     return config
+
+
+def _check_registry_address(address: str) -> None:
+    """http(s)://host[:port] or a bare host[:port]: another scheme (`ftp://x` reached x:8080 over http) or a
+    URL no parser reads (`http://[::1`: an internal error in pre-flight) fails with the config."""
+    from urllib.parse import urlsplit
+
+    scheme, sep, _ = address.partition("://")
+    if sep and scheme.lower() not in ("http", "https"):
+        raise ConfigError(
+            f"expected http://host or https://host (a bare host, local or none), got {address!r}",
+            field="registry.address",
+        )
+    try:
+        parts = urlsplit(address if sep else f"//{address}")
+        parts.port  # noqa: B018 (reading it validates it)
+    except ValueError:
+        raise ConfigError(f"not a valid URL: {address!r}", field="registry.address") from None
+    if not parts.hostname:
+        raise ConfigError(f"no host in {address!r}", field="registry.address")
 
 
 def data_locations(d: Any) -> list[tuple[str, str]]:
