@@ -3,7 +3,8 @@ case runs in-process through `cli.main` and ends in one stderr line naming the f
 
 Classes: YAML config files (duplicate keys, non-text keys and values), long text in error lines (the URI
 scrubber), path flags (empty, NUL) and conflicting stage flags, data files that are FIFOs or devices, the registry
-address, compile flags that apply only with --trainjob.
+address, compile flags that apply only with --trainjob, broken adapter files (chat, export, eval), chat
+sampling bounds, export --private without --push-to-hub.
 """
 
 from __future__ import annotations
@@ -208,3 +209,53 @@ def test_trainjob_only_defaults_match_the_parser() -> None:
 
     args = build_parser().parse_args(["compile"])
     assert {dest: getattr(args, dest) for dest in TRAINJOB_ONLY} == TRAINJOB_ONLY
+
+
+# --- a run's adapter files, chat and export options -------------------------------------------------------
+
+ADAPTERS: list[tuple[str, str, bytes | None, str]] = [  # name, adapter_config.json, weights, what the line says
+    ("config-truncated", "{", None, "adapter_config.json: not a readable adapter config"),
+    ("config-list", "[]", None, "adapter_config.json: no base_model_name_or_path"),
+    ("config-no-base", "{}", None, "adapter_config.json: no base_model_name_or_path"),
+    ("config-base-number", '{"base_model_name_or_path": 3}', None, "no base_model_name_or_path"),
+    ("weights-truncated", '{"base_model_name_or_path": "m"}', b"xx", "adapter_model.safetensors: not a readable"),
+    ("weights-garbage", '{"base_model_name_or_path": "m"}', b"\xff" * 64, "adapter_model.safetensors: not a readable"),
+]
+
+
+@pytest.mark.parametrize("command", ["chat", "export"])
+@pytest.mark.parametrize("name,config,weights,shown", ADAPTERS, ids=[a[0] for a in ADAPTERS])
+def test_broken_adapter_files(
+    command: str, name: str, config: str, weights: bytes | None, shown: str, tmp_path: Path, capsys
+) -> None:
+    """A truncated or hand-edited adapter was an internal error inside peft / safetensors."""
+    adapter = tmp_path / "run" / "train" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(config)
+    if weights is not None:
+        (adapter / "adapter_model.safetensors").write_bytes(weights)
+    extra = ["--prompt", "hi"] if command == "chat" else ["--merged", "--out", str(tmp_path / "exp")]
+    line = one_error(capsys, [command, "-o", str(tmp_path / "run"), *extra])
+    assert f"-o: {adapter}/" in line and shown in line
+
+
+@pytest.mark.parametrize(
+    "flags,shown",
+    [
+        (["--temperature", "inf"], "--temperature: must be 0 (greedy) to 100"),
+        (["--temperature", "1e308"], "--temperature: must be 0 (greedy) to 100"),
+        (["--max_new_tokens", "999999999999"], "--max_new_tokens: must be at most 32768"),  # generated for hours
+    ],
+)
+def test_chat_sampling_bounds(flags: list[str], shown: str, tmp_path: Path, capsys) -> None:
+    assert shown in one_error(capsys, ["chat", "-o", str(tmp_path), "--prompt", "hi", *flags])
+
+
+def test_export_private_without_push(tmp_path: Path, capsys) -> None:
+    """--private was ignored without a word when nothing was pushed."""
+    adapter = tmp_path / "train" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "m"}')
+    assert "--private: applies only with --push-to-hub" in one_error(
+        capsys, ["export", "-o", str(tmp_path), "--merged", "--private"]
+    )
