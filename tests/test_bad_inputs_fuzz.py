@@ -4,7 +4,7 @@ case runs in-process through `cli.main` and ends in one stderr line naming the f
 Classes: YAML config files (duplicate keys, non-text keys and values), long text in error lines (the URI
 scrubber), path flags (empty, NUL) and conflicting stage flags, data files that are FIFOs or devices, the registry
 address, compile flags that apply only with --trainjob, broken adapter files (chat, export, eval), chat
-sampling bounds, export --private without --push-to-hub.
+sampling bounds, export --private without --push-to-hub, a stage's own JSON files edited by hand.
 """
 
 from __future__ import annotations
@@ -259,3 +259,43 @@ def test_export_private_without_push(tmp_path: Path, capsys) -> None:
     assert "--private: applies only with --push-to-hub" in one_error(
         capsys, ["export", "-o", str(tmp_path), "--merged", "--private"]
     )
+
+
+# --- a stage's own JSON files, edited by hand ------------------------------------------------------------
+
+RECORDS: list[tuple[str, bytes, str]] = [
+    ("list", b"[1]", "metrics.json: expected a JSON object, got list"),
+    ("truncated", b'{"final_loss": 1', "metrics.json: not valid JSON"),
+    ("not-utf8", b"\xff\xfe{}", "metrics.json: not valid JSON"),
+    ("deep", b"[" * 5000 + b"]" * 5000, "metrics.json: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("name,content,shown", RECORDS, ids=[r[0] for r in RECORDS])
+def test_hand_edited_train_metrics(name: str, content: bytes, shown: str, tmp_path: Path, capsys) -> None:
+    """train/metrics.json as a list was an internal error (AttributeError) in the register stage."""
+    train, evaluated = tmp_path / "train", tmp_path / "eval"
+    (train / "adapter").mkdir(parents=True)
+    evaluated.mkdir()
+    (train / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "m"}')
+    (train / "metrics.json").write_bytes(content)
+    (evaluated / "eval_results.json").write_text('{"comparison": []}')
+    argv = ["register", "--input", f"train={train}", "--input", f"eval={evaluated}", "--out", str(tmp_path / "o")]
+    line = one_error(capsys, [*argv, "--registry.address", "local", "--registry.path", str(tmp_path / "r.db")])
+    assert f"{train}/{shown}" in line
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [("{bad\n", "rows.jsonl:1: not valid JSON"), ('{"a": 1}\n\n[1]\n', "rows.jsonl:3: expected a JSON object")],
+)
+def test_read_jsonl_names_the_row(text: str, shown: str, tmp_path: Path) -> None:
+    """What the train stage reads of the dataset stage's rows: a hand-edited row is named (was an internal
+    error, JSONDecodeError); still a ValueError for the callers that handle a bad file themselves."""
+    from lora_pipeline.errors import DataError
+    from lora_pipeline.files import read_jsonl
+
+    (tmp_path / "rows.jsonl").write_text(text)
+    with pytest.raises(DataError, match=re.escape(shown)) as err:
+        read_jsonl(tmp_path / "rows.jsonl")
+    assert isinstance(err.value, ValueError)

@@ -201,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if extras:
         parser.error(unknown_arguments(extras, command_parser(parser, args.command)))
-    _check_path_arguments(args, command_parser(parser, args.command))
     if not args.command:
         parser.print_help()
         return 0
     previous_umask = os.umask(0o077)  # run records, checkpoints and adapters are private (0600/0700)
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # a pod eviction is an interruption
     try:
+        _check_path_arguments(args, command_parser(parser, args.command))
         return _dispatch(args)
     except LoraPipelineError as exc:
         sys.stderr.write(f"lora-pipeline: error: {one_line(scrub(str(exc)))}\n")
@@ -239,7 +239,7 @@ def _check_path_arguments(args: argparse.Namespace, parser: argparse.ArgumentPar
         values = getattr(args, action.dest, None)
         for value in values if isinstance(values, list) else [values]:
             if isinstance(value, str) and (not value or "\0" in value):
-                parser.error(f"{'/'.join(action.option_strings)}: not a path: {value!r}")
+                raise ConfigError(f"not a path: {value!r}", field="/".join(action.option_strings))
 
 
 def _internal_error(exc: BaseException, args: argparse.Namespace) -> int:
