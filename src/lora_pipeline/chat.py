@@ -14,10 +14,14 @@ from typing import IO, Any
 
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import read_json
-from lora_pipeline.models import load_base_model, load_tokenizer
+from lora_pipeline.models import adapter_base, load_base_model, load_tokenizer
 from lora_pipeline.stages.outputs import ADAPTER, METRICS
 
 EXIT_WORDS = ("/exit", "/quit")
+# Beyond these an answer is noise: temperature 100 is uniform sampling; 32768 tokens is past the context of
+# the models this pipeline tunes, and an unbounded count generated for hours on a model without a limit.
+MAX_TEMPERATURE = 100.0
+MAX_NEW_TOKENS = 32768
 
 
 def find_adapter(run_dir: Path | None) -> tuple[Path, dict[str, Any]]:
@@ -37,6 +41,7 @@ class Chat:
 
     def __init__(self, run_dir: Path | None, system: str = "") -> None:
         adapter, trained = find_adapter(run_dir)
+        base_ref = adapter_base(adapter, field="-o")
         quant = trained.get("quantization")
         trust_remote_code = bool(trained.get("trust_remote_code", False))
         if quant and importlib.util.find_spec("bitsandbytes") is None:
@@ -51,7 +56,6 @@ class Chat:
 
         self.tokenizer = load_tokenizer(str(adapter), trust_remote_code, field="-o")
         ensure_chat_template(self.tokenizer)  # an adapter saved without one was trained on ChatML
-        base_ref = read_json(adapter / "adapter_config.json")["base_model_name_or_path"]
         base = load_base_model(base_ref, quant, trust_remote_code, field="-o")
         self.model = PeftModel.from_pretrained(base, str(adapter)).eval()
         self.stops = stop_token_ids(self.tokenizer)
@@ -116,8 +120,10 @@ def chat_command(
     """One answer to `prompt`, or a conversation read line by line from `stdin` until `/exit` or EOF."""
     if max_new_tokens < 1:
         raise ConfigError(f"must be at least 1, got {max_new_tokens}", field="--max_new_tokens")
-    if not temperature >= 0:  # also refuses nan
-        raise ConfigError(f"must be 0 (greedy) or more, got {temperature}", field="--temperature")
+    if not 0 <= temperature <= MAX_TEMPERATURE:  # also refuses nan and inf (a division by it: no sampling at all)
+        raise ConfigError(f"must be 0 (greedy) to {MAX_TEMPERATURE:g}, got {temperature}", field="--temperature")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise ConfigError(f"must be at most {MAX_NEW_TOKENS}, got {max_new_tokens}", field="--max_new_tokens")
     stdin, out = stdin or sys.stdin, out or sys.stdout
     chat = Chat(run_dir, system)
     if prompt is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.export.merged import check_repo_id, merged_model, push_folders
-from lora_pipeline.files import atomic_dir, exclusive_lock, read_json
+from lora_pipeline.files import atomic_dir, exclusive_lock
 from lora_pipeline.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ def export_run(req: ExportRequest) -> list[Path]:
         raise ConfigError(f"no trained adapter in {adapter} (run the train stage first)", field="-o")
     if not (req.merged or req.gguf or req.push_to_hub):
         raise ConfigError("nothing to export: give --merged, --gguf TYPE and/or --push-to-hub REPO", field="export")
+    if req.private and req.push_to_hub is None:
+        raise ConfigError("applies only with --push-to-hub", field="--private")
     gguf_type = None
     if req.gguf is not None:
         from lora_pipeline.export.gguf import check_gguf_type
@@ -83,12 +85,9 @@ def _write_exports(
 
 def _base_of(run_dir: Path, adapter: Path) -> tuple[str, bool]:
     """The base model the adapter records (an absolute path or a hub id), and the run's trust_remote_code."""
-    try:
-        base = read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path", field="-o")
+    from lora_pipeline.models import adapter_base
+
+    base = adapter_base(adapter, field="-o")  # its config and weights load, before minutes of merging
     trust = False
     if (run_dir / "run.json").is_file():
         from lora_pipeline.pipeline import recorded_config

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.errors import DataError
+
 
 @contextlib.contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
@@ -219,14 +221,38 @@ def write_jsonl(rows: Iterable[dict], path: Path) -> int:
     return n
 
 
+class UnreadableRecord(DataError, ValueError):
+    """A JSON file this pipeline wrote (a stage's rows, metrics, a record) that no longer parses as it wrote it:
+    edited by hand, truncated. One line naming the file (and row); a ValueError, so the callers that handle a
+    bad file themselves still do."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The rows of a JSON Lines file a stage wrote, each a JSON object."""
+    rows, number = [], 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):  # noqa: B007 (the error names it)
+                if line.strip():
+                    rows.append(_object(json.loads(line), f"{path}:{number}"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UnreadableRecord(f"{path}:{max(number, 1)}: not valid JSON; fix or delete the file") from None
+    return rows
 
 
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """A JSON object from a file a stage or a run wrote."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return _object(json.load(fh), str(path))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UnreadableRecord(f"{path}: not valid JSON; fix or delete the file") from None
+
+
+def _object(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise UnreadableRecord(f"{where}: expected a JSON object, got {type(value).__name__}; fix or delete the file")
+    return value
 
 
 @contextlib.contextmanager

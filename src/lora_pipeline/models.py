@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import TrainConfig, is_local_uri, local_path
-from lora_pipeline.errors import StageError
+from lora_pipeline.errors import StageError, one_line
 
 
 def resolve_model(model: str, fetch: bool = False) -> str:
@@ -163,3 +163,30 @@ def wrap_lora(model: Any, cfg: TrainConfig) -> Any:
             return get_peft_model(model, lora)
     except ValueError as exc:  # peft names the modules it could not find
         raise StageError(first_line(exc), field="train.lora_target_modules") from None
+
+
+def adapter_base(adapter: Path, field: str) -> str:
+    """The base model an adapter directory names, after checking that its files load: a truncated or
+    hand-edited adapter_config.json or weights file is one line naming the file, not an error inside peft."""
+    import json
+
+    config_file = adapter / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise StageError(f"{config_file}: not a readable adapter config ({type(exc).__name__})", field=field) from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise StageError(f"{config_file}: no base_model_name_or_path", field=field)
+    weights = adapter / "adapter_model.safetensors"
+    if weights.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                fh.keys()  # reads the header only: the tensors load later
+        except Exception as exc:  # safetensors' own error type, OSError, ...: all say the file is unusable
+            raise StageError(
+                f"{weights}: not a readable safetensors file ({one_line(str(exc), 120)})", field=field
+            ) from None
+    return base

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
@@ -67,6 +68,7 @@ _SECRET_SUBSTRINGS = ("secret", "passw", "credential", "apikey", "accesskey", "p
 _URI_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _HOST_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*)(:\d*)?$")
 _TOKEN_END = re.compile(r"[\s'\"`]")
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 _MIN_ENV_SECRET = 6  # secret env values shorter than this are not scrubbed from text: too many false hits
 _MIN_REMEMBERED = 4
 # Variables every shell or desktop sets whose names read like a credential's (PWD: "pwd", *SESSION*: "session",
@@ -276,14 +278,30 @@ def scrub(text: str) -> str:
     for value in secret_values():
         text = text.replace(value, MARK)
     out, pos = [], 0
-    for match in _URI_START.finditer(text):
-        if match.start() < pos:
+    for start in _uri_starts(text):
+        if start < pos:
             continue
-        end = _TOKEN_END.search(text, match.start())
+        end = _TOKEN_END.search(text, start)
         stop = end.start() if end else len(text)
-        out += [text[pos : match.start()], redact_uri(text[match.start() : stop])]
+        out += [text[pos:start], redact_uri(text[start:stop])]
         pos = stop
     return "".join(out) + text[pos:]
+
+
+def _uri_starts(text: str) -> Iterator[int]:
+    """Where each `scheme://` in `text` starts (as `_URI_START` would find them), found from its '://' back:
+    the regex, tried at every position, is quadratic on a long run of letters (a 2 MB config value or data row
+    in an error line took hours)."""
+    colon = text.find("://")
+    while colon != -1:
+        start = colon
+        while start > 0 and text[start - 1] in _SCHEME_CHARS:  # stops at the previous '://' at the latest
+            start -= 1
+        while start < colon and not text[start].isalpha():  # the run is ASCII: isalpha is A-Za-z
+            start += 1
+        if start < colon:
+            yield start
+        colon = text.find("://", colon + 3)
 
 
 def is_redacted(text: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -57,7 +58,9 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 raise ConfigError(f"expected a finite number, got {value!r}", field=name)
             return number
         if origin is str:
-            if isinstance(value, (dict, list, bool)):
+            # text, or a number or date YAML read as one (`version: 1.0`, `cpu: 4`, `description: 2024-05-01`);
+            # str() of anything else (a YAML !!binary, !!set) is Python's spelling of it, not what was written
+            if isinstance(value, bool) or not isinstance(value, (str, int, float, datetime.date)):
                 raise ValueError
             return str(value)
         if origin is list and typing.get_args(base) == (dict,):  # dataset.sources: its own one-line errors
@@ -148,7 +151,8 @@ def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config
     config = dataclasses.replace(base) if base else Config()
     for section_name, values in (data or {}).items():
         if section_name not in SECTIONS:
-            raise ConfigError(f"unknown section (expected one of {', '.join(SECTIONS)})", field=section_name)
+            shown = section_name if isinstance(section_name, str) else repr(section_name)  # YAML `1:`, `~:`
+            raise ConfigError(f"unknown section (expected one of {', '.join(SECTIONS)})", field=shown)
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -158,7 +162,7 @@ def from_dict(data: dict[str, Any] | None, base: Config | None = None) -> Config
         for key, value in values.items():
             name = f"{section_name}.{key}"
             if key not in known:
-                hint = _closest(key, known)
+                hint = _closest(key, known) if isinstance(key, str) else None  # YAML `1: 2`: no name to match
                 raise ConfigError("unknown option" + (f" (did you mean {hint}?)" if hint else ""), field=name)
             value = coerce(_bool_choice(section_name, key, value), field_type(section_name, key), name)
             setattr(section, key, _as_secret(value) if _is_secret_field(section_name, key) else value)
@@ -292,7 +296,29 @@ def validate(config: Config) -> Config:
     for name in ("model_name", "author", "format_name"):
         if not getattr(r, name).strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")
+    if r.address.strip().lower() not in ("", "local", "none"):
+        _check_registry_address(r.address.strip())
     return config
+
+
+def _check_registry_address(address: str) -> None:
+    """http(s)://host[:port] or a bare host[:port]: another scheme (`ftp://x` reached x:8080 over http) or a
+    URL no parser reads (`http://[::1`: an internal error in pre-flight) fails with the config."""
+    from urllib.parse import urlsplit
+
+    scheme, sep, _ = address.partition("://")
+    if sep and scheme.lower() not in ("http", "https"):
+        raise ConfigError(
+            f"expected http://host or https://host (a bare host, local or none), got {address!r}",
+            field="registry.address",
+        )
+    try:
+        parts = urlsplit(address if sep else f"//{address}")
+        parts.port  # noqa: B018 (reading it validates it)
+    except ValueError:
+        raise ConfigError(f"not a valid URL: {address!r}", field="registry.address") from None
+    if not parts.hostname:
+        raise ConfigError(f"no host in {address!r}", field="registry.address")
 
 
 def data_locations(d: Any) -> list[tuple[str, str]]:
@@ -343,7 +369,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}", field="--config") from None
     except IsADirectoryError:
@@ -355,6 +381,8 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"not UTF-8 text (byte {exc.start}): {path}", field="--config") from None
     except ValueError:  # a NUL in the path: no file can have that name
         raise ConfigError(f"not a file name: {path!r}", field="--config") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{exc} (the second would silently win): {path}", field="--config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -366,6 +394,32 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping of sections in {path}", field="--config")
     return data
+
+
+class _DuplicateKey(Exception):
+    """A mapping in a config file names one key twice."""
+
+
+def _unique_key_loader() -> type:
+    """yaml's SafeLoader, refusing a key given twice in one mapping: YAML would keep the last one without a
+    word, so a config with `lora_r: 8` and, further down, `lora_r: 64` would train with 64. Merge keys (`<<`)
+    still override, as YAML means them to."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _DuplicateKey(f"key {key!r} given twice, at line {key_node.start_mark.line + 1}")
+                if isinstance(key, typing.Hashable):
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def dump_yaml(config: Config) -> str:

@@ -36,6 +36,8 @@ def data_files(path: Path, source: str = "") -> list[Path]:
     if not path.is_dir():
         if path.suffix not in FILE_TYPES:
             raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: {path.name}", field=FIELD)
+        if path.exists() and not path.is_file():  # read twice (fingerprint, then rows): a FIFO hangs the second
+            raise DataError(f"not a regular file (a FIFO, device or socket): {path}", field=FIELD)
         return [path]
     saved = _saved_dataset_files(path, source or str(path))
     if saved is not None:

@@ -83,6 +83,20 @@ def _build_options(args: argparse.Namespace, **parsed: Any) -> BuildOptions:
     return BuildOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}, **parsed)
 
 
+# The TrainJob flags (their defaults), which nothing but --trainjob reads.
+TRAINJOB_ONLY = {
+    "dry_run": False,
+    "submit": False,
+    "timeout": 60.0,
+    "name": "",
+    "namespace": None,
+    "runtime": "torch-distributed",
+    "pvc": "",
+    "dataset_dir": "/workspace/dataset",
+    "output_dir": "/workspace/train",
+}
+
+
 def _add_trainjob_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--trainjob", action="store_true", help="Write the TrainJob for the train options instead")
     t.add_argument("--dry-run", action="store_true", help="Only print it (the default; --submit creates it)")
@@ -120,6 +134,11 @@ def _check_compile_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"applies only with --package-spec {EMBED}", field="--wheel")
     if args.workspace_storage_class and not args.workspace_size:
         raise ConfigError("applies only with a workspace (--workspace-size)", field="--workspace-storage-class")
+    if args.trainjob and args.component:
+        raise ConfigError("writes the TrainJob; --component writes a pipeline component: give one", field="--trainjob")
+    for dest, default in TRAINJOB_ONLY.items():
+        if not args.trainjob and getattr(args, dest) != default:  # would be ignored without a word
+            raise ConfigError("applies only with --trainjob", field=f"--{dest.replace('_', '-')}")
     if not args.output:
         return
     out = Path(args.output)

@@ -31,7 +31,7 @@ from lora_pipeline.evaluation.results import compare, eval_scope, jsonable, prec
 from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start_env_info
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
 from lora_pipeline.logs import set_library_levels
-from lora_pipeline.models import load_tokenizer, recorded_base
+from lora_pipeline.models import adapter_base, load_tokenizer, recorded_base
 from lora_pipeline.stages.outputs import ADAPTER, EVAL_RESULTS, EVAL_ROWS, METRICS, REGISTRATION
 
 __all__ = ["check_eval_options", "compare", "evaluate_adapter", "find_eval_split", "precision_label"]
@@ -45,7 +45,7 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     adapter = (train_dir / ADAPTER).resolve()
     if not (adapter / "adapter_config.json").exists():
         raise StageError(f"no adapter in {adapter}: run the train stage first", field="eval")
-    base_ref = read_json(adapter / "adapter_config.json")["base_model_name_or_path"]
+    base_ref = adapter_base(adapter, field="eval")
     # The train stage records how it loaded the base; an older train output without these keys was
     # trained in full precision without remote code.
     trained = read_json(train_dir / METRICS) if (train_dir / METRICS).exists() else {}
