@@ -23,6 +23,7 @@ from lora_pipeline.cli_options import (
     CompactHelp,
     KfpHelp,
     add_config_flags,
+    check_path_arguments,
     command_parser,
     demo_defaults,
     readable_error,
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_umask = os.umask(0o077)  # run records, checkpoints and adapters are private (0600/0700)
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # a pod eviction is an interruption
     try:
-        _check_path_arguments(args, command_parser(parser, args.command))
+        check_path_arguments(args, command_parser(parser, args.command))
         return _dispatch(args)
     except LoraPipelineError as exc:
         sys.stderr.write(f"lora-pipeline: error: {one_line(scrub(str(exc)))}\n")
@@ -203,21 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.umask(previous_umask)
         signal.signal(signal.SIGTERM, previous_sigterm)
-
-
-_PATH_METAVARS = frozenset({"DIR", "FILE", "YAML", "RUN", "NAME=DIR"})
-
-
-def _check_path_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Every path flag of the command: an empty one would be read as not given (`-o ""` ran the whole demo into
-    the default run directory), and a NUL byte is in no file name (the OS call raises ValueError mid-run)."""
-    for action in parser._actions:
-        if action.metavar not in _PATH_METAVARS:
-            continue
-        values = getattr(args, action.dest, None)
-        for value in values if isinstance(values, list) else [values]:
-            if isinstance(value, str) and (not value or "\0" in value):
-                raise ConfigError(f"not a path: {value!r}", field="/".join(action.option_strings))
 
 
 def _internal_error(exc: BaseException, args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from lora_pipeline.config import SECTIONS, field_type, fields_of
 from lora_pipeline.config.schema import HELP_GROUPS, option_group
+from lora_pipeline.errors import ConfigError
 
 
 class BuiltIn:
@@ -175,3 +176,18 @@ def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argp
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
             return action.choices[command]
     return parser
+
+
+_PATH_METAVARS = frozenset({"DIR", "FILE", "YAML", "RUN", "NAME=DIR"})
+
+
+def check_path_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every path flag of the command: an empty one would be read as not given (`-o ""` ran the whole demo into
+    the default run directory), and a NUL byte is in no file name (the OS call raises ValueError mid-run)."""
+    for action in parser._actions:
+        if action.metavar not in _PATH_METAVARS:
+            continue
+        values = getattr(args, action.dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and (not value or "\0" in value):
+                raise ConfigError(f"not a path: {value!r}", field="/".join(action.option_strings))

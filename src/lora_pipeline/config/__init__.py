@@ -1,12 +1,11 @@
-"""The one typed config: `schema` declares every parameter once; `loading` fills and validates it."""
+"""The one typed config: `schema` declares every parameter once; `loading` fills and validates it; `yaml_files`
+reads and writes config files."""
 
 from lora_pipeline.config.loading import (
     coerce,
     data_locations,
-    dump_yaml,
     from_dict,
     is_local_uri,
-    load_yaml,
     local_path,
     parse_key_values,
     restore_secrets,
@@ -25,6 +24,7 @@ from lora_pipeline.config.schema import (
     kubernetes_only,
     output_options,
 )
+from lora_pipeline.config.yaml_files import dump_yaml, load_yaml
 
 __all__ = [
     "SECTIONS",
