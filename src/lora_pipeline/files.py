@@ -41,6 +41,35 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a path with `path`'s name, in a fresh temporary directory beside it, for a writer that opens the
+    file itself (kfp's compiler); on success it replaces `path` in one rename. A failed or killed write leaves
+    whatever `path` held before; a killed one's directory is removed by the next write of the same file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(path.parent, f".{path.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{path.name}.tmp-"), dir=path.parent))
+    try:
+        yield tmp / path.name  # the same name: a writer may check its suffix (.yaml)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """Copy the directory `src` to `dest` as hard links (a copy where the filesystem has none). Outputs taken
+    from a work directory are linked, not moved: until the output's rename, a killed run's work is whole."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dest, copy_function=link)
+
+
 def owned_prefix(prefix: str) -> str:
     """A temporary directory's name prefix that records its owner (pid and host), so that the next run can tell
     a killed run's leftovers from a live process's work: `PREFIX<pid>-<host>-`."""
