@@ -141,3 +141,16 @@ def test_a_kill_during_the_final_save_keeps_the_epoch_checkpoints_for_the_resume
     assert (metrics["steps"], metrics["resumed_from_step"]) == (2 * steps_per_epoch, 2 * steps_per_epoch)
     assert {p.name: tree_sha256(p) for p in (out / "checkpoints").iterdir()} == saved
     assert not work.exists()
+
+
+@pytest.mark.integration
+def test_a_demo_build_killed_before_it_is_published_leaves_nothing_the_next_keeps(tmp_path: Path) -> None:
+    from lora_pipeline.demo import build_demo
+
+    code = "from pathlib import Path; from lora_pipeline.demo import build_demo; build_demo(Path(sys.argv[1]))"
+    kill_when_paused("lora_pipeline.demo.build:_swap_into_place:1", code, str(tmp_path))  # built, not published
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".demo-tmp-")]
+
+    assets = build_demo(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert assets.model_dir.is_dir()
