@@ -154,3 +154,30 @@ def test_a_demo_build_killed_before_it_is_published_leaves_nothing_the_next_keep
     assets = build_demo(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     assert assets.model_dir.is_dir()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stage_stopped_after_its_output_is_in_place_is_recorded_not_redone(
+    chat_file: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = ("dataset", "-o", str(run_dir), "--dataset.data_uri", str(chat_file))
+    # output_manifest runs once the stage's output is renamed into place, before its stage.json is written
+    kill_when_paused("lora_pipeline.pipeline:output_manifest:1", CLI, *args, sig=sig)
+    out = run_dir / "dataset"
+    assert not (out / "stage.json").exists()
+    placed = {p.name: digest(p) for p in out.iterdir()}
+    inode = out.stat().st_ino
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "dataset: completed before the last run was stopped; recording its output" in again.stderr
+    assert out.stat().st_ino == inode and {p.name: digest(p) for p in out.iterdir() if p.name != "stage.json"} == placed
+    assert read_json(run_dir / "run.json")["stages"]["dataset"]["status"] == "ran"
+    assert "dataset: cached" in run_cli(*args).stderr  # recorded like a stage that ran to the end
+    # an option that changes the output is not taken for the stopped attempt's
+    changed = run_cli(*args, "--dataset.seed", "7")
+    assert changed.returncode == 0 and "dataset: running" in changed.stderr
