@@ -181,3 +181,26 @@ def test_a_stage_stopped_after_its_output_is_in_place_is_recorded_not_redone(
     # an option that changes the output is not taken for the stopped attempt's
     changed = run_cli(*args, "--dataset.seed", "7")
     assert changed.returncode == 0 and "dataset: running" in changed.stderr
+
+
+@pytest.mark.integration
+def test_a_deletion_cut_off_by_a_kill_leaves_no_partial_copy_for_the_next_registration(tmp_path: Path) -> None:
+    from lora_pipeline.registry import Entry
+    from lora_pipeline.registry.artifacts import verify
+    from lora_pipeline.registry.local import LocalRegistry
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"):
+        (adapter / name).write_bytes(os.urandom(1024))
+    registry = LocalRegistry(tmp_path / "registry" / "registry.db")
+    uri, content = registry.store(adapter)
+    registry.register(Entry("m", "1.0.0", uri, digest=content))
+    code = "from lora_pipeline.registry.local import LocalRegistry; LocalRegistry(sys.argv[1]).delete('m', '1.0.0')"
+    # the version's row is gone (committed); its copy is being removed, one file already unlinked
+    kill_when_paused("os:unlink:2", code, str(registry.path))
+    assert registry.versions("m") == []
+
+    uri, again = registry.store(adapter)
+    assert again == content and verify(uri, content) is None  # a whole copy, not what the kill left
+    assert [p.name for p in (registry.blobs / "sha256").iterdir()] == [content]

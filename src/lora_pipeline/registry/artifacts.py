@@ -71,6 +71,14 @@ def store(adapter: Path, blobs: Path) -> tuple[Path, str]:
     return final, digest
 
 
+def remove_copy(copy: Path) -> None:
+    """Remove a stored copy: renamed out of its content's place first, so that a removal cut off by a kill
+    leaves no partial copy there for `store` to take as whole (it is then a dead process's temporary folder)."""
+    gone = Path(tempfile.mkdtemp(prefix=owned_prefix(".tmp-"), dir=copy.parent))
+    os.replace(copy, gone)  # onto the empty folder just made
+    shutil.rmtree(gone)
+
+
 def verify(uri: str, digest: str) -> str | None:
     """None when the files at `uri` (a local path) still have `digest`, else one line saying what changed."""
     path = Path(uri)
