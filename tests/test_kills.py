@@ -204,3 +204,23 @@ def test_a_deletion_cut_off_by_a_kill_leaves_no_partial_copy_for_the_next_regist
     uri, again = registry.store(adapter)
     assert again == content and verify(uri, content) is None  # a whole copy, not what the kill left
     assert [p.name for p in (registry.blobs / "sha256").iterdir()] == [content]
+
+
+@pytest.mark.integration
+def test_checkpoints_half_discarded_by_a_killed_run_are_never_resumed(tmp_path: Path) -> None:
+    from lora_pipeline.training.checkpoints import NEEDED_FILES, STATE_FILE, prepare_work_dir
+
+    work = tmp_path / ".train.work"
+    checkpoint = work / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    extra = [f"tokenizer-{i}.json" for i in range(20)]  # most of a removal's first unlinks: resumable still
+    for name in (*NEEDED_FILES, "rng_state.pth", "adapter_config.json", "README.md", *extra):
+        (checkpoint / name).write_bytes(b"x")
+    (checkpoint / STATE_FILE).write_text('{"global_step": 3}')
+    (work / "key").write_text("first")
+    assert prepare_work_dir(work, "first") == checkpoint  # written for the key "first": resumable
+    code = "from pathlib import Path; from lora_pipeline.training.checkpoints import prepare_work_dir\n"
+    code += "prepare_work_dir(Path(sys.argv[1]), 'second')"
+    # another config discards them; killed with one file removed
+    kill_when_paused("os:unlink:2", code, str(work))
+    assert prepare_work_dir(work, "first") is None  # not what is left of them

@@ -48,6 +48,7 @@ def prepare_work_dir(work: Path, key: str) -> Path | None:
     key_file = work / "key"
     if work.exists() and (not key_file.exists() or key_file.read_text().strip() != key):
         log.info("train: discarding checkpoints of a different config or dataset in %s", work)
+        key_file.unlink(missing_ok=True)  # first: a removal cut off by a kill leaves checkpoints of no key
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     key_file.write_text(key)
