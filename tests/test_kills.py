@@ -224,3 +224,22 @@ def test_checkpoints_half_discarded_by_a_killed_run_are_never_resumed(tmp_path: 
     # another config discards them; killed with one file removed
     kill_when_paused("os:unlink:2", code, str(work))
     assert prepare_work_dir(work, "first") is None  # not what is left of them
+
+
+@pytest.mark.integration
+def test_an_output_moved_aside_by_a_killed_swap_is_put_back(tmp_path: Path) -> None:
+    from lora_pipeline.files import atomic_dir
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_text("previous")
+    code = "from pathlib import Path; from lora_pipeline.files import atomic_dir\n"
+    code += "with atomic_dir(Path(sys.argv[1])) as tmp: (tmp / 'model.safetensors').write_text('new')"
+    # paused between the two renames: the previous output moved aside, the new one not yet in its place
+    kill_when_paused("os:replace:2", code, str(out))
+    assert not out.exists()
+
+    with pytest.raises(RuntimeError), atomic_dir(out):  # the next write fails: what was there before is kept
+        raise RuntimeError("failed")
+    assert (out / "model.safetensors").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -28,13 +28,14 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(out.parent, f".{out.name}.tmp-")
+    _restore_swapped_out(out)
     tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{out.name}.tmp-"), dir=out.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = out.with_name(owned_prefix(f".{out.name}.old-") + "swap")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
@@ -76,17 +77,34 @@ def owned_prefix(prefix: str) -> str:
     return f"{prefix}{os.getpid()}-{_HOST}-"
 
 
+def _restore_swapped_out(out: Path) -> None:
+    """A process killed between atomic_dir's two renames left the previous `out` moved aside, and no `out`:
+    put back, so an earlier output survives; moved-aside copies that are not needed are removed."""
+    for old in _stale_temp(out.parent, f".{out.name}.old-"):
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, out)
+
+
 def remove_stale_temp(folder: Path, prefix: str) -> None:
     """Remove the directories `owned_prefix(prefix)` made in `folder` whose owner process is gone (killed, or
     its cleanup never ran). Another host's, a live process's, and names without an owner are left alone."""
+    for entry in _stale_temp(folder, prefix):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _stale_temp(folder: Path, prefix: str) -> list[Path]:
     try:
         entries = list(Path(folder).glob(f"{glob.escape(prefix)}*"))
     except OSError:
-        return
+        return []
+    stale = []
     for entry in entries:
         owner = re.match(r"(\d+)-([0-9a-f]{8})-", entry.name[len(prefix) :])
         if owner and owner[2] == _HOST and not _alive(int(owner[1])) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            stale.append(entry)
+    return stale
 
 
 def _alive(pid: int) -> bool:
