@@ -30,17 +30,47 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(out.parent, f".{out.name}.tmp-")
+    _restore_swapped_out(out)
     tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{out.name}.tmp-"), dir=out.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = out.with_name(owned_prefix(f".{out.name}.old-") + "swap")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a path with `path`'s name, in a fresh temporary directory beside it, for a writer that opens the
+    file itself (kfp's compiler); on success it replaces `path` in one rename. A failed or killed write leaves
+    whatever `path` held before; a killed one's directory is removed by the next write of the same file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(path.parent, f".{path.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{path.name}.tmp-"), dir=path.parent))
+    try:
+        yield tmp / path.name  # the same name: a writer may check its suffix (.yaml)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """Copy the directory `src` to `dest` as hard links (a copy where the filesystem has none). Outputs taken
+    from a work directory are linked, not moved: until the output's rename, a killed run's work is whole."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dest, copy_function=link)
 
 
 def owned_prefix(prefix: str) -> str:
@@ -49,17 +79,34 @@ def owned_prefix(prefix: str) -> str:
     return f"{prefix}{os.getpid()}-{_HOST}-"
 
 
+def _restore_swapped_out(out: Path) -> None:
+    """A process killed between atomic_dir's two renames left the previous `out` moved aside, and no `out`:
+    put back, so an earlier output survives; moved-aside copies that are not needed are removed."""
+    for old in _stale_temp(out.parent, f".{out.name}.old-"):
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, out)
+
+
 def remove_stale_temp(folder: Path, prefix: str) -> None:
     """Remove the directories `owned_prefix(prefix)` made in `folder` whose owner process is gone (killed, or
     its cleanup never ran). Another host's, a live process's, and names without an owner are left alone."""
+    for entry in _stale_temp(folder, prefix):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _stale_temp(folder: Path, prefix: str) -> list[Path]:
     try:
         entries = list(Path(folder).glob(f"{glob.escape(prefix)}*"))
     except OSError:
-        return
+        return []
+    stale = []
     for entry in entries:
         owner = re.match(r"(\d+)-([0-9a-f]{8})-", entry.name[len(prefix) :])
         if owner and owner[2] == _HOST and not _alive(int(owner[1])) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            stale.append(entry)
+    return stale
 
 
 def _alive(pid: int) -> bool:

@@ -297,6 +297,10 @@ def _run_locked(
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
         key = stage_key(config, stage, run_dir, source_fingerprint)
+        if _placed_unrecorded(run_dir, stage, key, manifest["stages"].get(stage.name)):
+            log.info("%s: completed before the last run was stopped; recording its output", stage.name)
+            _record_stage(stage, run_dir, key, None, manifest, manifest_path)
+            continue
         if _reusable(run_dir, stage, key, force):
             manifest["stages"][stage.name] = {**manifest["stages"].get(stage.name, {}), "status": "cached"}
             continue
@@ -337,7 +341,9 @@ def _run_stage(
     """Run one stage into RUN_DIR/<stage>, recording its status, key and outputs (stage.json, run.json)."""
     out = run_dir / stage.name
     log.info("%s: running", stage.name)
-    manifest["stages"][stage.name] = {"status": "running", "path": str(out)}
+    # What _placed_unrecorded needs to tell this attempt's output, should it be stopped before stage.json
+    manifest["stages"][stage.name] = {"status": "running", "path": str(out), "key": key, "replaces": _dir_id(out),
+                                      "upstream_outputs": _upstream_digests(run_dir, stage)}  # fmt: skip
     _write_manifest(manifest, manifest_path)
     started = time.perf_counter()
     try:
@@ -350,11 +356,38 @@ def _run_stage(
         _write_manifest(manifest, manifest_path)
         _write_report(run_dir)
         raise
-    seconds = round(time.perf_counter() - started, 2)
+    _record_stage(stage, run_dir, key, round(time.perf_counter() - started, 2), manifest, manifest_path)
+
+
+def _record_stage(
+    stage: Stage, run_dir: Path, key: str, seconds: float | None, manifest: dict[str, Any], manifest_path: Path
+) -> None:
+    """A completed stage's stage.json (its key and outputs) and run.json entry."""
+    out = run_dir / stage.name
     record = {"key": key, "seconds": seconds, "outputs": output_manifest(out)}
     write_json_atomic(record | {"upstream_outputs": _upstream_digests(run_dir, stage)}, out / "stage.json")
     manifest["stages"][stage.name] = {"status": "ran", "path": str(out), "key": key, "seconds": seconds}
     _write_manifest(manifest, manifest_path)
+
+
+def _placed_unrecorded(run_dir: Path, stage: Stage, key: str, entry: Any) -> bool:
+    """The stage's last attempt, with this key and these upstream outputs, renamed its output into place (a
+    stage writes it atomically: it is complete) and was stopped before stage.json was written. Recorded now
+    instead of rerun: a Ctrl-C at the end of hours of training does not retrain from scratch."""
+    out = run_dir / stage.name
+    if not isinstance(entry, dict) or entry.get("status") in ("ran", "cached") or (out / "stage.json").exists():
+        return False
+    # `replaces` tells this attempt's output from an older one that was already there when the attempt began
+    placed = out.is_dir() and entry.get("replaces") != _dir_id(out)
+    return placed and entry.get("key") == key and entry.get("upstream_outputs") == _upstream_digests(run_dir, stage)
+
+
+def _dir_id(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def _remove_leftovers(run_dir: Path) -> None:

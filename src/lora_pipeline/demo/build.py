@@ -20,12 +20,14 @@ import importlib.metadata
 import json
 import os
 import shutil
-import uuid
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lora_pipeline.files import owned_prefix, remove_stale_temp
 
 # Bump when the build recipe changes in a way the fingerprint below would not notice.
 BUILD_VERSION = "1"
@@ -127,7 +129,10 @@ def build_demo(home: Path | None = None) -> DemoAssets:
         return _assets(demo_dir)
 
     home.mkdir(parents=True, exist_ok=True)
-    tmp_dir = home / f".demo-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # Named for their owner: a build or swap cut off by a kill leaves folders the next build removes.
+    for prefix in (".demo-tmp-", ".demo-stale-"):
+        remove_stale_temp(home, prefix)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=owned_prefix(".demo-tmp-"), dir=home))
     try:
         _build_into(tmp_dir, final_dir=demo_dir)
         (tmp_dir / "BUILD_STAMP").write_text(stamp)
@@ -140,9 +145,9 @@ def build_demo(home: Path | None = None) -> DemoAssets:
 def _swap_into_place(tmp_dir: Path, demo_dir: Path) -> None:
     """Atomically publish tmp_dir as demo_dir, moving any stale build out of the way first."""
     if demo_dir.exists():
-        stale = demo_dir.with_name(f".demo-stale-{uuid.uuid4().hex[:8]}")
+        stale = Path(tempfile.mkdtemp(prefix=owned_prefix(".demo-stale-"), dir=demo_dir.parent))
         with contextlib.suppress(FileNotFoundError):  # a concurrent builder already moved it
-            demo_dir.rename(stale)
+            os.replace(demo_dir, stale)  # onto the empty folder just made
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp_dir.rename(demo_dir)

@@ -16,6 +16,7 @@ from typing import Any
 from lora_pipeline.config import Config
 from lora_pipeline.config.loading import is_k8s_quantity
 from lora_pipeline.errors import ConfigError
+from lora_pipeline.files import atomic_file
 from lora_pipeline.kubeflow.components import EMBED, BuildOptions
 from lora_pipeline.stages import NAMES
 
@@ -216,7 +217,8 @@ def _trainjob(args: argparse.Namespace, config: Config, build: BuildOptions) -> 
         note = f"# The nodes run {args.image} as it is (an embedded wheel cannot travel in a TrainJob):\n"
         text = note + "# build it with the Dockerfile, or --package-spec SPEC pip-installs SPEC on each node.\n" + text
     if args.output:
-        Path(args.output).write_text(text)
+        with atomic_file(Path(args.output)) as tmp:  # a killed write leaves the previous file whole
+            tmp.write_text(text)
     elif not args.submit:
         sys.stdout.write(text)
     if args.submit and not args.dry_run:

@@ -13,6 +13,7 @@ from typing import Any
 
 from lora_pipeline import stages as table
 from lora_pipeline.config import Config
+from lora_pipeline.files import atomic_file
 from lora_pipeline.kubeflow.components import BuildOptions, build_component, embedding
 from lora_pipeline.kubeflow.parameters import RUN_INPUTS, component_parameters, pipeline_parameters
 from lora_pipeline.stages import Stage, resolve
@@ -174,7 +175,8 @@ def compile_pipeline(path: Path, config: Config | None = None, options: BuildOpt
     """Write the pipeline as KFP v2 IR YAML."""
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(config, options), str(path))
+    with atomic_file(path) as tmp:  # a killed compile leaves the previous file, not a truncated one
+        compiler.Compiler().compile(build_pipeline(config, options), str(tmp))
     return Path(path)
 
 
@@ -184,5 +186,6 @@ def compile_component(
     """Write one stage's component alone as KFP v2 IR YAML (e.g. the training component of the spec)."""
     from kfp import compiler
 
-    compiler.Compiler().compile(build_component(stage, config, options), str(path))
+    with atomic_file(path) as tmp:
+        compiler.Compiler().compile(build_component(stage, config, options), str(tmp))
     return Path(path)

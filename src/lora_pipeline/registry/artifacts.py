@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lora_pipeline.errors import RegistryError
-from lora_pipeline.files import tree_sha256
+from lora_pipeline.files import owned_prefix, remove_stale_temp, tree_sha256
 
 AUTO = "auto"
 DIGEST_KEY = "artifact_sha256"  # the version metadata key that holds the digest, in both registries
@@ -47,7 +47,9 @@ def store(adapter: Path, blobs: Path) -> tuple[Path, str]:
     if final.is_dir():
         return final, digest
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    # Named for its owner: a copy cut off by a kill is removed by the next registration, not kept forever.
+    remove_stale_temp(final.parent, ".tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(".tmp-"), dir=final.parent))
     try:
         shutil.copytree(adapter, tmp / "adapter")
         copied = tree_digest(tmp / "adapter")
@@ -67,6 +69,14 @@ def store(adapter: Path, blobs: Path) -> tuple[Path, str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, digest
+
+
+def remove_copy(copy: Path) -> None:
+    """Remove a stored copy: renamed out of its content's place first, so that a removal cut off by a kill
+    leaves no partial copy there for `store` to take as whole (it is then a dead process's temporary folder)."""
+    gone = Path(tempfile.mkdtemp(prefix=owned_prefix(".tmp-"), dir=copy.parent))
+    os.replace(copy, gone)  # onto the empty folder just made
+    shutil.rmtree(gone)
 
 
 def verify(uri: str, digest: str) -> str | None:

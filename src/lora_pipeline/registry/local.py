@@ -9,7 +9,6 @@ A version records its adapter's digest; the registry keeps its own copy of the a
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 from lora_pipeline.errors import RegistryError
 from lora_pipeline.registry import Entry, Outcome
-from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY, merged_name, next_patch, store
+from lora_pipeline.registry.artifacts import AUTO, DIGEST_KEY, merged_name, next_patch, remove_copy, store
 
 SCHEMA_VERSION = 2  # 2: version_artifact, a version's further artifacts (the merged model)
 _SCHEMA = """
@@ -197,7 +196,7 @@ class LocalRegistry:
             path = Path(uri)
             # only the registry's own copies go, never files a run wrote
             if path.parent.parent.resolve() == self.blobs.resolve() and path.is_dir():
-                shutil.rmtree(path)
+                remove_copy(path)
                 removed.append(path)
         return removed
 

@@ -20,7 +20,7 @@ from typing import Any
 from lora_pipeline.chat_templates import apply_chat_template_option
 from lora_pipeline.config import TrainConfig, parse_key_values
 from lora_pipeline.errors import StageError
-from lora_pipeline.files import atomic_dir, read_jsonl, write_json_atomic
+from lora_pipeline.files import atomic_dir, link_tree, read_jsonl, write_json_atomic
 from lora_pipeline.logs import drop_library_notices
 from lora_pipeline.models import (
     check_quantization_available,
@@ -49,8 +49,8 @@ from lora_pipeline.training.arguments import (
 from lora_pipeline.training.backends import choose_backend, liger_available, load_unsloth_model
 from lora_pipeline.training.checkpoints import (
     checkpoint_step,
+    link_epoch_checkpoints,
     make_checkpoint_callback,
-    move_epoch_checkpoints,
     remove_incomplete_checkpoints,
     training_key,
 )
@@ -373,9 +373,9 @@ def save_outputs(
             from lora_pipeline.export.merged import export_merged
 
             export_merged(model.ref, tmp / ADAPTER, tmp / "merged", cfg.trust_remote_code)
-        move_epoch_checkpoints(steps.work / "epoch_checkpoints", tmp / "checkpoints")
+        link_epoch_checkpoints(steps.work / "epoch_checkpoints", tmp / "checkpoints")
         if (steps.work / "logs").exists():
-            shutil.move(str(steps.work / "logs"), tmp / "logs")
+            link_tree(steps.work / "logs", tmp / "logs")
         if not cfg.data_output_dir:
             save_encoded(tmp / "data", data.key, data.train, data.eval)
         # The held-out rows and the dataset record travel with the adapter: the eval stage's `split` task and

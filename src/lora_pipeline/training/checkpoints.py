@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import TrainConfig, output_options
-from lora_pipeline.files import hash_file_into
+from lora_pipeline.files import hash_file_into, link_tree
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def prepare_work_dir(work: Path, key: str) -> Path | None:
     key_file = work / "key"
     if work.exists() and (not key_file.exists() or key_file.read_text().strip() != key):
         log.info("train: discarding checkpoints of a different config or dataset in %s", work)
+        key_file.unlink(missing_ok=True)  # first: a removal cut off by a kill leaves checkpoints of no key
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     key_file.write_text(key)
@@ -151,10 +152,11 @@ def _rank0_decides(flag: bool) -> bool:
     return bool(value.item())
 
 
-def move_epoch_checkpoints(epoch_dir: Path, dest: Path) -> None:
-    """The `save_epoch` checkpoints into the stage output; none (no folder either) when there are none."""
+def link_epoch_checkpoints(epoch_dir: Path, dest: Path) -> None:
+    """The `save_epoch` checkpoints into the stage output; none (no folder either) when there are none. Linked,
+    not moved: a run killed before its output is renamed into place still has them for its resume."""
     done = sorted(p for p in Path(epoch_dir).glob("checkpoint-*") if checkpoint_step(p) is not None)
     if done:
         dest.mkdir(parents=True, exist_ok=True)
         for path in done:
-            shutil.move(str(path), dest / path.name)
+            link_tree(path, dest / path.name)
