@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
@@ -286,6 +287,14 @@ def scrub(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
+def scrub_argv() -> None:
+    """Scrub this process's own command line in place, once its secrets are known: libraries record it as they
+    find it (wandb stores `sys.argv` as its run's `args`, in the files it syncs)."""
+    sys.argv[:] = [scrub(arg) for arg in sys.argv]
+    if isinstance(getattr(sys, "orig_argv", None), list):
+        sys.orig_argv[:] = [scrub(arg) for arg in sys.orig_argv]
+
+
 def is_redacted(text: Any) -> bool:
     """True for text holding the placeholder (a Secret holds a value, so it is not)."""
     return not isinstance(text, Secret) and MARK in str(text)
@@ -351,18 +360,51 @@ def redact_config(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     }
 
 
+def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
+    """The record with its message, its exception's traceback and its stack scrubbed. The traceback is rendered
+    here, once, into `exc_text` (which formatters print instead of formatting `exc_info` again): a library's
+    `log.debug(..., exc_info=True)` quotes whatever the exception holds (botocore: a response body echoing
+    the request's Authorization header)."""
+    try:
+        message, formatted = record.getMessage(), True
+    except Exception:  # a library's bad format string: its parts, scrubbed, not logging's error with the args
+        message, formatted = f"{record.msg} {record.args!r}", False
+    clean = scrub(message)
+    if clean != message or not formatted:
+        record.msg, record.args = clean, None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        record.exc_info = None  # a handler with its own formatting cannot reach the raw exception
+    elif record.exc_text:
+        record.exc_text = scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)
+    return record
+
+
 class ScrubFilter(logging.Filter):
-    """Scrubs every record that reaches a handler, whichever library logged it."""
+    """Scrubs every record that reaches a handler (see `scrub_record`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = scrub(message)
-        if clean != message:
-            record.msg, record.args = clean, None
+        scrub_record(record)
         return True
 
 
+class _ScrubbingFactory:
+    """Wraps the log record factory: every record is scrubbed when it is made, whichever logger made it and
+    whichever handlers it reaches (transformers and datasets print through handlers of their own, on
+    loggers that do not propagate to the root, added whenever they are first imported)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        return scrub_record(self.base(*args, **kwargs))
+
+
 def install_log_filter() -> None:
+    if not isinstance(logging.getLogRecordFactory(), _ScrubbingFactory):
+        logging.setLogRecordFactory(_ScrubbingFactory(logging.getLogRecordFactory()))
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, ScrubFilter) for f in handler.filters):
             handler.addFilter(ScrubFilter())

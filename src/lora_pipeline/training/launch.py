@@ -104,13 +104,14 @@ def worker_main(train_adapter: Callable[[TrainConfig, Path, Path], Path], argv: 
     stage): the config file, the dataset directory, the output directory."""
     from lora_pipeline.errors import LoraPipelineError
     from lora_pipeline.logs import apply_verbosity, setup_logging
-    from lora_pipeline.redaction import scrub
+    from lora_pipeline.redaction import remember_config, scrub
 
     config_file, dataset_dir, out = argv
     setup_logging()
     # one process speaks for all: the others say only what goes wrong
     apply_verbosity("INFO" if os.environ.get("RANK", "0") == "0" else "WARNING")
     cfg = TrainConfig(**json.loads(Path(config_file).read_text()))
+    remember_config({"train": dataclasses.asdict(cfg)})  # this process's own lines are scrubbed as the CLI's are
     os.umask(0o077)  # as the CLI: checkpoints and the adapter are private
     try:
         train_adapter(cfg, Path(dataset_dir), Path(out))
