@@ -106,3 +106,33 @@ def test_a_training_worker_scrubs_its_own_error_line(tmp_path, capsys, monkeypat
     assert worker_main(fails, [str(config), str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "SOME_SETTING" in err and secret not in err
+
+
+# (compile mode, flag, a value holding a password): every flag written into the YAML is checked, with or
+# without a scheme
+FLAG_CREDENTIALS = [
+    ("trainjob", "--pip-trusted-host", "tuser:PW-4242@mirror.example"),
+    ("trainjob", "--image", "iuser:PW-4242@registry.example/img:1"),
+    ("trainjob", "--image", "https://iuser:PW-4242@registry.example/img:1"),
+    ("trainjob", "--pvc", "puser:PW-4242@claim"),
+    ("component", "--pip-index-url", "https://u:PW-4242@mirror.example/simple"),
+]
+
+
+@pytest.mark.parametrize(("mode", "flag", "value"), FLAG_CREDENTIALS)
+def test_compile_refuses_credentials_in_any_flag_it_writes(capsys, tmp_path, mode, flag, value) -> None:
+    out = tmp_path / "o.yaml"
+    head = ["compile", "--trainjob", "--dry-run"] if mode == "trainjob" else ["compile", "--component", "train"]
+    code = main([*head, "-o", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and flag in err and "user:password@" in err, err
+    assert "4242" not in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--image", "registry.example:5000/team/img@sha256:" + "a" * 64), ("--pip-trusted-host", "mirror.example:8080")],
+)
+def test_compile_keeps_flags_that_only_look_like_credentials(capsys, tmp_path, flag, value) -> None:
+    out = tmp_path / "t.yaml"
+    assert main(["compile", "--trainjob", "--dry-run", "-o", str(out), flag, value]) == 0, capsys.readouterr().err

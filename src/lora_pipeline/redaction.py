@@ -66,6 +66,9 @@ _SECRET_PARTS = frozenset(
 )  # fmt: skip
 _SECRET_SUBSTRINGS = ("secret", "passw", "credential", "apikey", "accesskey", "privatekey", "token")
 _URI_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# `user:password@host...` without a scheme (a pip --trusted-host, a bare authority): a ':' then an '@' before any
+# '/', so that an image `registry:5000/repo@sha256:...` or a path is not one.
+_BARE_USERINFO = re.compile(r"^[^/@:\s]+:[^/@\s]*@[^/@\s]")
 _HOST_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*)(:\d*)?$")
 _TOKEN_END = re.compile(r"[\s'\"`]")
 _MIN_ENV_SECRET = 6  # secret env values shorter than this are not scrubbed from text: too many false hits
@@ -205,7 +208,7 @@ def uri_credentials(uri: str) -> str | None:
     """What in `uri` is a credential, in words (for compile's refusal), or None."""
     parts = split_uri(uri)
     if parts is None:
-        return None
+        return "user:password@" if _BARE_USERINFO.match(uri) else None
     scheme, userinfo, _, query, _ = parts
     if userinfo is not None:
         return "user:password@"
