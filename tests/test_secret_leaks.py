@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import sys
 import uuid
 
@@ -92,20 +93,47 @@ def test_the_process_command_line_is_scrubbed_once_the_config_is_read(tmp_path_f
 
 
 def test_a_training_worker_scrubs_its_own_error_line(tmp_path, capsys, monkeypatch) -> None:
-    """A torchrun worker reads the config from a file: it learns the config's secrets there, as the CLI does."""
-    from lora_pipeline.training.launch import worker_main
+    """A torchrun worker reads the config from its environment: it learns the config's secrets there, as the CLI
+    does, and takes the config out of the environment its own subprocesses inherit."""
+    from lora_pipeline.training.launch import CONFIG_ENV, worker_main
 
     secret = f"Qz{uuid.uuid4().hex}"
-    config = tmp_path / "train.json"
-    config.write_text(json.dumps(dataclasses.asdict(TrainConfig(env_vars=f"SOME_SETTING={secret}"))))
+    config = json.dumps(dataclasses.asdict(TrainConfig(env_vars=f"SOME_SETTING={secret}")))
+    monkeypatch.setenv(CONFIG_ENV, config)
 
     def fails(cfg: TrainConfig, *_: object) -> None:
         raise ConfigError(f"cannot apply {cfg.env_vars}", field="train.env_vars")
 
     monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())  # restored afterwards
-    assert worker_main(fails, [str(config), str(tmp_path), str(tmp_path / "out")]) == 2
+    assert worker_main(fails, [str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "SOME_SETTING" in err and secret not in err
+    assert CONFIG_ENV not in os.environ
+
+
+def test_training_processes_get_the_config_without_a_file_or_their_command_line(tmp_path, monkeypatch) -> None:
+    """A file would outlive a run killed by SIGKILL or the OOM killer, in the run directory."""
+    from lora_pipeline.training import launch
+
+    secret = f"Qz{uuid.uuid4().hex}"
+    cfg = TrainConfig(env_vars=f"DB_PASS={secret}", num_procs="2")
+    started: list = []
+
+    class Started:
+        def __init__(self, command: list[str], env: dict[str, str], **_: object) -> None:
+            started.append((command, env))
+            assert not [p for p in tmp_path.rglob("*") if p.is_file() and secret in p.read_text(errors="replace")]
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Started)
+    out = tmp_path / "run" / "train"
+    out.parent.mkdir()
+    assert launch.maybe_launch(cfg, tmp_path / "run" / "dataset", out, "lora_pipeline.stages.train") == out
+    (command, env) = started[0]
+    assert not [a for a in command if secret in a]
+    assert TrainConfig(**json.loads(env[launch.CONFIG_ENV])) == cfg
 
 
 # (compile mode, flag, a value holding a password): every flag written into the YAML is checked, with or
