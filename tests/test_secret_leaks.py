@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import string
 import sys
 import uuid
 
@@ -17,9 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_pipeline.cli import main
-from lora_pipeline.config import TrainConfig
+from lora_pipeline.config import RegistryConfig, TrainConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.redaction import install_log_filter, remember
+from lora_pipeline.stages.register import register_adapter
+from test_register import make_run
 
 # Secret-shaped text with no character the log format or a URI splits on; the random head keeps one example's
 # secret from being scrubbed because an earlier example remembered a part of it.
@@ -164,3 +167,21 @@ def test_compile_refuses_credentials_in_any_flag_it_writes(capsys, tmp_path, mod
 def test_compile_keeps_flags_that_only_look_like_credentials(capsys, tmp_path, flag, value) -> None:
     out = tmp_path / "t.yaml"
     assert main(["compile", "--trainjob", "--dry-run", "-o", str(out), flag, value]) == 0, capsys.readouterr().err
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(secret=_SECRET, user=st.text(string.ascii_letters, min_size=1, max_size=6))
+def test_registry_free_text_keeps_no_uri_credentials(tmp_path_factory, capsys, private_registry, secret, user) -> None:
+    """The description and author are sent to the registry as given: a URI quoted in them loses its credentials
+    in the registry, registration.json and `models show`."""
+    tmp, name = tmp_path_factory.mktemp("reg"), f"m{uuid.uuid4().hex[:8]}"
+    run_dir = make_run(tmp / "run")
+    quoted = f"data from https://{user}:{secret}@example.org/x.jsonl?sig={secret} (private)"
+    cfg = RegistryConfig(address="local", model_name=name, version="1.0.0", description=quoted,
+                         author=f"s3://bucket/k?X-Amz-Signature={secret}")  # fmt: skip
+    register_adapter(cfg, run_dir / "train", run_dir / "eval", run_dir / "register")
+    assert main(["models", "show", name]) == 0
+    shown = capsys.readouterr().out
+    assert "data from https://<redacted>@example.org/x.jsonl?<redacted> (private)" in shown
+    written = b"".join(p.read_bytes() for p in [*tmp.rglob("*"), *private_registry.parent.rglob("*")] if p.is_file())
+    assert secret.encode() not in written and secret not in shown

@@ -290,6 +290,17 @@ def scrub(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
+def scrub_tree(value: Any) -> Any:
+    """`scrub` over every string of a JSON-like value (dict keys and values, lists)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub_tree(k): scrub_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_tree(v) for v in value]
+    return value
+
+
 def scrub_argv() -> None:
     """Scrub this process's own command line in place, once its secrets are known: libraries record it as they
     find it (wandb stores `sys.argv` as its run's `args`, in the files it syncs)."""
