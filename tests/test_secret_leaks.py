@@ -185,3 +185,27 @@ def test_registry_free_text_keeps_no_uri_credentials(tmp_path_factory, capsys, p
     assert "data from https://<redacted>@example.org/x.jsonl?<redacted> (private)" in shown
     written = b"".join(p.read_bytes() for p in [*tmp.rglob("*"), *private_registry.parent.rglob("*")] if p.is_file())
     assert secret.encode() not in written and secret not in shown
+
+
+# (option, free text quoting a URI with credentials): compile searches free text for the URIs it quotes
+QUOTED = [
+    ("--registry.description", "data from https://u:PW-4242@h.example/x.jsonl, cleaned"),
+    ("--registry.description", "see https://h.example/x?X-Amz-Signature=SIG-4242 for the source"),
+    ("--train.annotations", "source=https://u:PW-4242@h.example/x,team=nlp"),
+    ("--registry.author", "ana (s3://AK:PW-4242@bucket/k)"),
+]
+
+
+@pytest.mark.parametrize(("option", "text"), QUOTED)
+def test_compile_refuses_credentials_quoted_in_free_text(capsys, tmp_path, option, text) -> None:
+    out = tmp_path / "t.yaml"
+    code = main(["compile", "--trainjob", "--dry-run", "-o", str(out), option, text])
+    err = capsys.readouterr().err
+    assert code == 2 and option.lstrip("-") in err and "4242" not in err and not out.exists(), err
+
+
+def test_compile_keeps_free_text_quoting_plain_uris(tmp_path) -> None:
+    out = tmp_path / "t.yaml"
+    note = "see hf://org/data?split=train and https://h.example/docs?page=2#usage"
+    assert main(["compile", "--trainjob", "--dry-run", "-o", str(out), "--train.annotations", f"note={note}"]) == 0
+    assert note in out.read_text()

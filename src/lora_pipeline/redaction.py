@@ -205,10 +205,14 @@ def uri_secrets(uri: str) -> list[str]:
 
 
 def uri_credentials(uri: str) -> str | None:
-    """What in `uri` is a credential, in words (for compile's refusal), or None."""
+    """What in `uri` is a credential, in words (for compile's refusal), or None. Free text (a description, a
+    label's value, `key=https://...`) is searched for the URIs it quotes, as `scrub` finds them."""
     parts = split_uri(uri)
     if parts is None:
-        return "user:password@" if _BARE_USERINFO.match(uri) else None
+        if _BARE_USERINFO.match(uri):
+            return "user:password@"
+        quoted = (uri[m.start() : _token_end(uri, m.start())] for m in _URI_START.finditer(uri))
+        return next(filter(None, (uri_credentials(q) for q in quoted if split_uri(q))), None)
     scheme, userinfo, _, query, _ = parts
     if userinfo is not None:
         return "user:password@"
@@ -274,6 +278,11 @@ def secret_values() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
+def _token_end(text: str, start: int) -> int:
+    end = _TOKEN_END.search(text, start)
+    return end.start() if end else len(text)
+
+
 def scrub(text: str) -> str:
     """Remove URI credentials, URI query strings and every known secret value from free text."""
     text = str(text)
@@ -283,8 +292,7 @@ def scrub(text: str) -> str:
     for match in _URI_START.finditer(text):
         if match.start() < pos:
             continue
-        end = _TOKEN_END.search(text, match.start())
-        stop = end.start() if end else len(text)
+        stop = _token_end(text, match.start())
         out += [text[pos : match.start()], redact_uri(text[match.start() : stop])]
         pos = stop
     return "".join(out) + text[pos:]
