@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from lora_pipeline.cli import main
 from lora_pipeline.config import RegistryConfig, TrainConfig
 from lora_pipeline.errors import ConfigError
-from lora_pipeline.redaction import install_log_filter, remember
+from lora_pipeline.logs import install_log_filter
+from lora_pipeline.redaction import remember
 from lora_pipeline.stages.register import register_adapter
 from test_register import make_run
 

@@ -6,7 +6,7 @@ Three layers, each by construction rather than by pattern:
   str/repr/format, YAML (safe_dump) and JSON (`json_default`); only `reveal()` gives the value.
 - `redact_config`: the copy of the config that is recorded or shown. URIs are parsed (`redact_uri`), and the
   values of `train.env_vars` and `eval.model_args` are kept only for names known to be harmless (allowlists).
-- `scrub`: a last pass over any text (installed as a logging filter). It parses every `scheme://` token and
+- `scrub`: a last pass over any text (every log record's, see logs.py). It parses every `scheme://` token and
   replaces the secret values this process knows of: secret environment variables and the secret parts of
   the config (`remember_config`).
 """
@@ -14,7 +14,6 @@ Three layers, each by construction rather than by pattern:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
@@ -380,53 +379,3 @@ def redact_config(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
         section: {k: _redact_value(k, v) for k, v in values.items()} if isinstance(values, dict) else values
         for section, values in config.items()
     }
-
-
-def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
-    """The record with its message, its exception's traceback and its stack scrubbed. The traceback is rendered
-    here, once, into `exc_text` (which formatters print instead of formatting `exc_info` again): a library's
-    `log.debug(..., exc_info=True)` quotes whatever the exception holds (botocore: a response body echoing
-    the request's Authorization header)."""
-    try:
-        message, formatted = record.getMessage(), True
-    except Exception:  # a library's bad format string: its parts, scrubbed, not logging's error with the args
-        message, formatted = f"{record.msg} {record.args!r}", False
-    clean = scrub(message)
-    if clean != message or not formatted:
-        record.msg, record.args = clean, None
-    if record.exc_info and record.exc_info[0] is not None:
-        record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
-        record.exc_info = None  # a handler with its own formatting cannot reach the raw exception
-    elif record.exc_text:
-        record.exc_text = scrub(record.exc_text)
-    if record.stack_info:
-        record.stack_info = scrub(record.stack_info)
-    return record
-
-
-class ScrubFilter(logging.Filter):
-    """Scrubs every record that reaches a handler (see `scrub_record`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        scrub_record(record)
-        return True
-
-
-class _ScrubbingFactory:
-    """Wraps the log record factory: every record is scrubbed when it is made, whichever logger made it and
-    whichever handlers it reaches (transformers and datasets print through handlers of their own, on
-    loggers that do not propagate to the root, added whenever they are first imported)."""
-
-    def __init__(self, base: Any) -> None:
-        self.base = base
-
-    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
-        return scrub_record(self.base(*args, **kwargs))
-
-
-def install_log_filter() -> None:
-    if not isinstance(logging.getLogRecordFactory(), _ScrubbingFactory):
-        logging.setLogRecordFactory(_ScrubbingFactory(logging.getLogRecordFactory()))
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, ScrubFilter) for f in handler.filters):
-            handler.addFilter(ScrubFilter())
