@@ -52,6 +52,7 @@ def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
         record.exc_text = scrub(record.exc_text)
     if record.stack_info:
         record.stack_info = scrub(record.stack_info)
+    record._lora_pipeline_scrubbed = True  # each handler's ScrubFilter need not do it again
     return record
 
 
@@ -59,7 +60,8 @@ class ScrubFilter(logging.Filter):
     """Scrubs every record that reaches a handler (see `scrub_record`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        scrub_record(record)
+        if not getattr(record, "_lora_pipeline_scrubbed", False):  # made by another record factory than ours
+            scrub_record(record)
         return True
 
 
