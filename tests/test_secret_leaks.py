@@ -183,7 +183,7 @@ def test_registry_free_text_keeps_no_uri_credentials(tmp_path_factory, capsys, p
     register_adapter(cfg, run_dir / "train", run_dir / "eval", run_dir / "register")
     assert main(["models", "show", name]) == 0
     shown = capsys.readouterr().out
-    assert "data from https://<redacted>@example.org/x.jsonl?<redacted> (private)" in shown
+    assert "data from https://<redacted>@" in shown and "(private)" in shown  # the text around the URI is kept
     written = b"".join(p.read_bytes() for p in [*tmp.rglob("*"), *private_registry.parent.rglob("*")] if p.is_file())
     assert secret.encode() not in written and secret not in shown
 
@@ -210,3 +210,27 @@ def test_compile_keeps_free_text_quoting_plain_uris(tmp_path) -> None:
     note = "see hf://org/data?split=train and https://h.example/docs?page=2#usage"
     assert main(["compile", "--trainjob", "--dry-run", "-o", str(out), "--train.annotations", f"note={note}"]) == 0
     assert note in out.read_text()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(secret=_SECRET, key=st.sampled_from(["token", "use_auth_token", "password", "key", "secret", "api_key"]))
+def test_eval_results_keep_no_credential_a_task_yaml_quotes(tmp_path_factory, secret, key) -> None:
+    """lm-eval records each task's config (the task YAML of eval.include_path) in its results."""
+    from lora_pipeline.config import EvalConfig
+    from lora_pipeline.stages.evaluate import _write_results
+
+    task = {
+        "task": "t",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": f"https://u:{secret}@h.example/t.jsonl"}, key: secret},
+        "metadata": {"source": f"s3://bucket/t.jsonl?X-Amz-Signature={secret}"},
+        "doc_to_choice": ["a", "b"],
+    }
+    tuned = {"results": {"t": {"acc,none": 0.5}}, "configs": {"t": task}, "tokenizer_pad_token": ["<|pad|>", 0]}
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    _write_results(EvalConfig(tasks=["t"], log_samples=False), out, {"tuned": tuned, "comparison": []}, {})
+    written = (out / "eval_results.json").read_text()
+    assert secret not in written
+    recorded = json.loads(written)["tuned"]
+    assert recorded["configs"]["t"]["dataset_kwargs"][key] == "<redacted>"
+    assert recorded["configs"]["t"]["doc_to_choice"] == ["a", "b"] and recorded["tokenizer_pad_token"] == ["<|pad|>", 0]

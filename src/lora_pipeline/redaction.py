@@ -297,15 +297,27 @@ def scrub(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
-def scrub_tree(value: Any) -> Any:
-    """`scrub` over every string of a JSON-like value (dict keys and values, lists)."""
-    if isinstance(value, str):
-        return scrub(value)
+# Keyword names under which libraries take credentials (datasets' `token`, fsspec's storage_options
+# `key`/`secret`/`password`, boto3's `aws_*`): a task YAML's dataset_kwargs may hold them.
+_CREDENTIAL_KEYS = frozenset(
+    {
+        "token", "use_auth_token", "hf_token", "api_key", "apikey", "access_token", "auth_token", "password",
+        "passwd", "secret", "key", "session_token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    }
+)  # fmt: skip
+
+
+def redact_record(value: Any) -> Any:
+    """A library's JSON-like record (lm-eval's results, whose `configs` quote each task's YAML) made safe to
+    store: a string under a credential keyword (`_CREDENTIAL_KEYS`) as MARK, every other string scrubbed."""
     if isinstance(value, dict):
-        return {scrub_tree(k): scrub_tree(v) for k, v in value.items()}
+        return {
+            scrub(str(k)): MARK if str(k).lower() in _CREDENTIAL_KEYS and isinstance(v, str) and v else redact_record(v)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
-        return [scrub_tree(v) for v in value]
-    return value
+        return [redact_record(v) for v in value]
+    return scrub(value) if isinstance(value, str) else value
 
 
 def scrub_argv() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from lora_pipeline.config import RegistryConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic
-from lora_pipeline.redaction import scrub, scrub_tree
+from lora_pipeline.redaction import redact_record, scrub
 from lora_pipeline.registry import Entry, Scalar, kind, local_path, open_registry
 from lora_pipeline.registry.artifacts import DIGEST_KEY, tree_digest
 from lora_pipeline.registry.local import LocalRegistry
@@ -81,7 +81,7 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
     else:
         record.update(_register(cfg, entry, Path(out)))
     with atomic_dir(out) as tmp:
-        write_json_atomic(scrub_tree(record), tmp / REGISTRATION)
+        write_json_atomic(redact_record(record), tmp / REGISTRATION)
     return out
 
 
