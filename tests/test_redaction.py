@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from lora_pipeline.redaction import MARK, ScrubFilter, is_redacted, redact_config, scrub
+from lora_pipeline.logs import ScrubFilter
+from lora_pipeline.redaction import MARK, is_redacted, redact_config, scrub
 
 
 def test_scrub_removes_uri_credentials_web_query_strings_and_secret_env_values(monkeypatch) -> None:

@@ -34,7 +34,7 @@ from lora_pipeline.errors import USER_ERRNOS, ConfigError, LoraPipelineError, de
 from lora_pipeline.files import exclusive_lock
 from lora_pipeline.logs import apply_verbosity, setup_logging
 from lora_pipeline.preflight import preflight
-from lora_pipeline.redaction import redact_config, remember_config, scrub
+from lora_pipeline.redaction import redact_config, remember_config, scrub, scrub_argv
 from lora_pipeline.registry import remember_secret
 from lora_pipeline.registry.commands import add_models_command, models_command
 from lora_pipeline.reports.summary import print_stage_summary, print_summary
@@ -158,6 +158,7 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
     config = validate(from_dict(flags, config))
     remember_secret(config.registry)  # a token given as an option is scrubbed like one from the environment
     remember_config(config.to_dict())  # URI credentials, env_vars and model_args values: scrubbed from all text
+    scrub_argv()
     return config
 
 

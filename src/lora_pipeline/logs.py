@@ -1,5 +1,6 @@
-"""Logging for every command and torchrun worker: the format, the run's verbosity, the libraries' levels, and
-library log lines that say nothing about the user's settings (dropped wherever a stage runs).
+"""Logging for every command and torchrun worker: the format, the run's verbosity, the libraries' levels,
+library log lines that say nothing about the user's settings (dropped wherever a stage runs), and secrets
+scrubbed from every record (`install_log_filter`).
 
 One table for the CLI (every command) and the train stage (also when called as a library function).
 """
@@ -10,8 +11,9 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
-from lora_pipeline.redaction import install_log_filter
+from lora_pipeline.redaction import scrub
 
 # Third-party loggers whose INFO lines (seeds, "Model parallel was set to False", ...) show only at DEBUG.
 LIBRARY_LOGGERS = ("lm_eval", "transformers", "datasets")
@@ -29,6 +31,58 @@ LIBRARY_NOTICES: dict[str, tuple[str, ...]] = {
     # The eval stage hands lm-eval a model it loaded itself (quantized as trained); lm-eval warns about that.
     "lm_eval.models.huggingface": ("pretrained` model kwarg is not of type", "already-initialized model"),
 }
+
+
+def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
+    """The record with its message, its exception's traceback and its stack scrubbed. The traceback is rendered
+    here, once, into `exc_text` (which formatters print instead of formatting `exc_info` again): a library's
+    `log.debug(..., exc_info=True)` quotes whatever the exception holds (botocore: a response body echoing
+    the request's Authorization header)."""
+    try:
+        message, formatted = record.getMessage(), True
+    except Exception:  # a library's bad format string: its parts, scrubbed, not logging's error with the args
+        message, formatted = f"{record.msg} {record.args!r}", False
+    clean = scrub(message)
+    if clean != message or not formatted:
+        record.msg, record.args = clean, None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        record.exc_info = None  # a handler with its own formatting cannot reach the raw exception
+    elif record.exc_text:
+        record.exc_text = scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)
+    record._lora_pipeline_scrubbed = True  # each handler's ScrubFilter need not do it again
+    return record
+
+
+class ScrubFilter(logging.Filter):
+    """Scrubs every record that reaches a handler (see `scrub_record`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_lora_pipeline_scrubbed", False):  # made by another record factory than ours
+            scrub_record(record)
+        return True
+
+
+class _ScrubbingFactory:
+    """Wraps the log record factory: every record is scrubbed when it is made, whichever logger made it and
+    whichever handlers it reaches (transformers and datasets print through handlers of their own, on
+    loggers that do not propagate to the root, added whenever they are first imported)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        return scrub_record(self.base(*args, **kwargs))
+
+
+def install_log_filter() -> None:
+    if not isinstance(logging.getLogRecordFactory(), _ScrubbingFactory):
+        logging.setLogRecordFactory(_ScrubbingFactory(logging.getLogRecordFactory()))
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, ScrubFilter) for f in handler.filters):
+            handler.addFilter(ScrubFilter())
 
 
 class _DropNotice(logging.Filter):

@@ -6,7 +6,7 @@ Three layers, each by construction rather than by pattern:
   str/repr/format, YAML (safe_dump) and JSON (`json_default`); only `reveal()` gives the value.
 - `redact_config`: the copy of the config that is recorded or shown. URIs are parsed (`redact_uri`), and the
   values of `train.env_vars` and `eval.model_args` are kept only for names known to be harmless (allowlists).
-- `scrub`: a last pass over any text (installed as a logging filter). It parses every `scheme://` token and
+- `scrub`: a last pass over any text (every log record's, see logs.py). It parses every `scheme://` token and
   replaces the secret values this process knows of: secret environment variables and the secret parts of
   the config (`remember_config`).
 """
@@ -14,9 +14,9 @@ Three layers, each by construction rather than by pattern:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
@@ -66,6 +66,9 @@ _SECRET_PARTS = frozenset(
 )  # fmt: skip
 _SECRET_SUBSTRINGS = ("secret", "passw", "credential", "apikey", "accesskey", "privatekey", "token")
 _URI_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# `user:password@host...` without a scheme (a pip --trusted-host, a bare authority): a ':' then an '@' before any
+# '/', so that an image `registry:5000/repo@sha256:...` or a path is not one.
+_BARE_USERINFO = re.compile(r"^[^/@:\s]+:[^/@\s]*@[^/@\s]")
 _HOST_PORT = re.compile(r"^(\[[^\]]*\]|[^:\[\]]*)(:\d*)?$")
 _TOKEN_END = re.compile(r"[\s'\"`]")
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
@@ -203,10 +206,14 @@ def uri_secrets(uri: str) -> list[str]:
 
 
 def uri_credentials(uri: str) -> str | None:
-    """What in `uri` is a credential, in words (for compile's refusal), or None."""
+    """What in `uri` is a credential, in words (for compile's refusal), or None. Free text (a description, a
+    label's value, `key=https://...`) is searched for the URIs it quotes, as `scrub` finds them."""
     parts = split_uri(uri)
     if parts is None:
-        return None
+        if _BARE_USERINFO.match(uri):
+            return "user:password@"
+        quoted = (uri[start : _token_end(uri, start)] for start in _uri_starts(uri))
+        return next(filter(None, (uri_credentials(q) for q in quoted if split_uri(q))), None)
     scheme, userinfo, _, query, _ = parts
     if userinfo is not None:
         return "user:password@"
@@ -272,6 +279,11 @@ def secret_values() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
+def _token_end(text: str, start: int) -> int:
+    end = _TOKEN_END.search(text, start)
+    return end.start() if end else len(text)
+
+
 def scrub(text: str) -> str:
     """Remove URI credentials, URI query strings and every known secret value from free text."""
     text = str(text)
@@ -281,8 +293,7 @@ def scrub(text: str) -> str:
     for start in _uri_starts(text):
         if start < pos:
             continue
-        end = _TOKEN_END.search(text, start)
-        stop = end.start() if end else len(text)
+        stop = _token_end(text, start)
         out += [text[pos:start], redact_uri(text[start:stop])]
         pos = stop
     return "".join(out) + text[pos:]
@@ -302,6 +313,37 @@ def _uri_starts(text: str) -> Iterator[int]:
         if start < colon:
             yield start
         colon = text.find("://", colon + 3)
+
+
+# Keyword names under which libraries take credentials (datasets' `token`, fsspec's storage_options
+# `key`/`secret`/`password`, boto3's `aws_*`): a task YAML's dataset_kwargs may hold them.
+_CREDENTIAL_KEYS = frozenset(
+    {
+        "token", "use_auth_token", "hf_token", "api_key", "apikey", "access_token", "auth_token", "password",
+        "passwd", "secret", "key", "session_token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    }
+)  # fmt: skip
+
+
+def redact_record(value: Any) -> Any:
+    """A library's JSON-like record (lm-eval's results, whose `configs` quote each task's YAML) made safe to
+    store: a string under a credential keyword (`_CREDENTIAL_KEYS`) as MARK, every other string scrubbed."""
+    if isinstance(value, dict):
+        return {
+            scrub(str(k)): MARK if str(k).lower() in _CREDENTIAL_KEYS and isinstance(v, str) and v else redact_record(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact_record(v) for v in value]
+    return scrub(value) if isinstance(value, str) else value
+
+
+def scrub_argv() -> None:
+    """Scrub this process's own command line in place, once its secrets are known: libraries record it as they
+    find it (wandb stores `sys.argv` as its run's `args`, in the files it syncs)."""
+    sys.argv[:] = [scrub(arg) for arg in sys.argv]
+    if isinstance(getattr(sys, "orig_argv", None), list):
+        sys.orig_argv[:] = [scrub(arg) for arg in sys.orig_argv]
 
 
 def is_redacted(text: Any) -> bool:
@@ -367,20 +409,3 @@ def redact_config(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
         section: {k: _redact_value(k, v) for k, v in values.items()} if isinstance(values, dict) else values
         for section, values in config.items()
     }
-
-
-class ScrubFilter(logging.Filter):
-    """Scrubs every record that reaches a handler, whichever library logged it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = scrub(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
-
-
-def install_log_filter() -> None:
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, ScrubFilter) for f in handler.filters):
-            handler.addFilter(ScrubFilter())

@@ -78,6 +78,21 @@ def _add_build_flags(g: argparse._ArgumentGroup) -> None:
         g.add_argument(flag, dest=field.name, **settings)
 
 
+def _flag_values(args: argparse.Namespace, options: BuildOptions) -> list[tuple[str, str]]:
+    """(flag, value) of every compile flag whose value the YAML or the TrainJob holds, for the credentials check:
+    all of them, so that a flag added later is checked too."""
+    out = []
+    for field in dataclasses.fields(BuildOptions):
+        if "help" in field.metadata:
+            flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+            value = getattr(options, field.name)
+            out += [(flag, v) for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, str)]
+    for name in ("name", "namespace", "runtime", "pvc", "dataset_dir", "output_dir"):  # the TrainJob's own
+        if isinstance(getattr(args, name, None), str):
+            out.append(("--" + name.replace("_", "-"), getattr(args, name)))
+    return out
+
+
 def _build_options(args: argparse.Namespace, **parsed: Any) -> BuildOptions:
     """BuildOptions from the flags `_add_build_flags` declared, and the options parsed apart (`parsed`)."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOptions) if "help" in f.metadata}
@@ -169,7 +184,7 @@ def compile_command(args: argparse.Namespace, config: Config) -> int:
     secret_env = parse_secret_env(args.secret_env, component=args.component)
     options = _build_options(args, secret_env=secret_env)
     # before anything is written: compiled YAML is shared
-    refuse_secret_values(config, options.package_spec, options.pip_index_urls)
+    refuse_secret_values(config, _flag_values(args, options))
     try:
         if args.trainjob:
             return _trainjob(args, config, options)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from lora_pipeline.config import SECTIONS, Config, fields_of, parse_key_values
@@ -23,6 +24,7 @@ _MOUNTED = {
     "AWS_SESSION_TOKEN": "--aws-secret NAME",
     "MODEL_REGISTRY_TOKEN": "--registry-token-secret NAME (key MODEL_REGISTRY_TOKEN)",
 }
+_NO_CREDENTIALS = "the value without them (a secret reaches the pods from a Kubernetes secret: --secret-env)"
 _OTHER_ENV = "--secret-env NAME=SECRET:KEY (key KEY of the Kubernetes secret SECRET)"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -36,8 +38,9 @@ def secret_name(text: str) -> str:
     return text
 
 
-def refuse_secret_values(config: Config, package_spec: str = "", pip_index_urls: tuple[str, ...] = ()) -> None:
-    """Raise one ConfigError naming the option and the Kubernetes-secret option that replaces it."""
+def refuse_secret_values(config: Config, flags: Iterable[tuple[str, str]] = ()) -> None:
+    """Raise one ConfigError naming the option and the Kubernetes-secret option that replaces it. `flags`:
+    (flag, value) of the compile flags written into the YAML (--package-spec, --pip-index-url, ...)."""
     token = reveal(config.registry.token)
     if token and not is_redacted(token):
         _refuse("registry.token", "a registry token", "--registry-token-secret NAME (key MODEL_REGISTRY_TOKEN)")
@@ -53,9 +56,8 @@ def refuse_secret_values(config: Config, package_spec: str = "", pip_index_urls:
     for field, value in _strings(config):
         _refuse_uri(field, value)
     pip_hint = "an index or package URL without them (pip reads credentials from ~/.netrc or PIP_* variables)"
-    for flag, values in (("--package-spec", [package_spec]), ("--pip-index-url", pip_index_urls)):
-        for value in values:
-            _refuse_uri(flag, value, pip_hint)
+    for flag, value in flags:
+        _refuse_uri(flag, value, pip_hint if flag.startswith(("--package", "--pip")) else _NO_CREDENTIALS)
 
 
 def parse_secret_env(items: list[str], component: str | None = None) -> tuple[tuple[str, str, str], ...]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.errors import RegistryError
+from lora_pipeline.redaction import scrub
 from lora_pipeline.registry.artifacts import DIGEST_KEY, verify
 from lora_pipeline.registry.local import LocalRegistry
 
@@ -142,11 +143,12 @@ def models_command(args: argparse.Namespace) -> int:
     from lora_pipeline.registry import local_path
 
     path = Path(args.path).expanduser() if args.path else local_path()
+    # scrubbed: a registry written before its free text was scrubbed may hold a URI's credentials
     if args.models_command == "list":
-        print(list_models(path))
+        print(scrub(list_models(path)))
     elif args.models_command == "delete":
-        print(delete_model(path, args.name, args.version))
+        print(scrub(delete_model(path, args.name, args.version)))
     else:
-        print(show_model(path, args.name, args.version))
+        print(scrub(show_model(path, args.name, args.version)))
         verify_model(path, args.name, args.version)  # files changed since registration: one line, exit 2
     return 0

@@ -32,6 +32,7 @@ from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
 from lora_pipeline.logs import set_library_levels
 from lora_pipeline.models import adapter_base, load_tokenizer, recorded_base
+from lora_pipeline.redaction import redact_record
 from lora_pipeline.stages.outputs import ADAPTER, EVAL_RESULTS, EVAL_ROWS, METRICS, REGISTRATION
 
 __all__ = ["check_eval_options", "compare", "evaluate_adapter", "find_eval_split", "precision_label"]
@@ -138,7 +139,7 @@ def _write_results(cfg: EvalConfig, out: Path, record: dict[str, Any], samples: 
     if replaced:  # a quick look (a limit, fewer tasks) never replaces a fuller result silently
         record["replaced"] = replaced
     with atomic_dir(out) as tmp:
-        write_json_atomic({**record, "scope": scope}, tmp / EVAL_RESULTS)
+        write_json_atomic(redact_record({**record, "scope": scope}), tmp / EVAL_RESULTS)
         if cfg.log_samples:
             for name, per_task in samples.items():
                 for task, rows in per_task.items():

@@ -20,7 +20,7 @@ from typing import Any
 from lora_pipeline.config import RegistryConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic
-from lora_pipeline.redaction import scrub
+from lora_pipeline.redaction import redact_record, scrub
 from lora_pipeline.registry import Entry, Scalar, kind, local_path, open_registry
 from lora_pipeline.registry.artifacts import DIGEST_KEY, tree_digest
 from lora_pipeline.registry.local import LocalRegistry
@@ -51,8 +51,9 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
         name=cfg.model_name,
         version=cfg.version,
         uri=uri,
-        author=cfg.author,
-        description=cfg.description,
+        # free text sent to the registry and shown by `models show`: a URI quoted in it loses its credentials
+        author=scrub(cfg.author),
+        description=scrub(cfg.description),
         format_name=cfg.format_name,
         format_version=cfg.format_version,
         metadata=version_metadata(train_dir, eval_dir),
@@ -80,7 +81,7 @@ def register_adapter(cfg: RegistryConfig, train_dir: Path, eval_dir: Path | None
     else:
         record.update(_register(cfg, entry, Path(out)))
     with atomic_dir(out) as tmp:
-        write_json_atomic(record, tmp / REGISTRATION)
+        write_json_atomic(redact_record(record), tmp / REGISTRATION)
     return out
 
 

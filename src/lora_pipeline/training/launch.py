@@ -20,7 +20,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from lora_pipeline.errors import StageError
 from lora_pipeline.training.distributed import under_torchrun
 
 log = logging.getLogger(__name__)
+CONFIG_ENV = "LORA_PIPELINE_TRAIN_CONFIG"  # the train config, as JSON, handed to the torchrun workers
 
 
 def resolve_num_procs(value: str) -> int:
@@ -55,29 +55,27 @@ def maybe_launch(cfg: TrainConfig, dataset_dir: Path, out: Path, worker_module: 
         env["OMP_NUM_THREADS"] = str(max(1, cpu_threads(0)[0] // procs))
     backend = "NCCL" if _cuda() else "gloo"
     log.info("train: launching %d processes (torchrun, %s)", procs, backend)
-    with tempfile.TemporaryDirectory(prefix=".lora-pipeline-launch-", dir=Path(out).parent) as tmp:
-        config_file = Path(tmp) / "train.json"
-        config_file.write_text(json.dumps(dataclasses.asdict(cfg)))
-        config_file.chmod(0o600)
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={procs}",
-            "--module",
-            worker_module,
-            str(config_file),
-            str(dataset_dir),
-            str(out),
-        ]
-        proc = subprocess.Popen(command, env=env, preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
-        try:
-            code = proc.wait()
-        except BaseException:  # Ctrl-C or SIGTERM: stop the processes too (torchrun passes it on)
-            proc.terminate()
-            proc.wait()
-            raise
+    # The config travels in the workers' environment, not in a file: it holds the env_vars' secrets, and a file
+    # would outlive a killed run in the run directory.
+    env[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={procs}",
+        "--module",
+        worker_module,
+        str(dataset_dir),
+        str(out),
+    ]
+    proc = subprocess.Popen(command, env=env, preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
+    try:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C or SIGTERM: stop the processes too (torchrun passes it on)
+        proc.terminate()
+        proc.wait()
+        raise
     if code != 0:
         raise StageError(f"{procs} training processes failed (exit {code}); their error is above", field="train")
     return out
@@ -101,16 +99,22 @@ def _cuda() -> bool:
 
 def worker_main(train_adapter: Callable[[TrainConfig, Path, Path], Path], argv: list[str]) -> int:
     """One training process under torchrun (the train stage's `__main__`, so that nothing here imports the
-    stage): the config file, the dataset directory, the output directory."""
+    stage): the dataset directory and the output directory; the config is in the environment (CONFIG_ENV)."""
     from lora_pipeline.errors import LoraPipelineError
     from lora_pipeline.logs import apply_verbosity, setup_logging
-    from lora_pipeline.redaction import scrub
+    from lora_pipeline.redaction import remember_config, scrub
 
-    config_file, dataset_dir, out = argv
+    dataset_dir, out = argv
     setup_logging()
     # one process speaks for all: the others say only what goes wrong
     apply_verbosity("INFO" if os.environ.get("RANK", "0") == "0" else "WARNING")
-    cfg = TrainConfig(**json.loads(Path(config_file).read_text()))
+    config = os.environ.pop(CONFIG_ENV, None)  # popped: the worker's own subprocesses need not hold it
+    if config is None:
+        print(f"lora-pipeline: error: {CONFIG_ENV} is not set: a training worker is started by the train stage",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    cfg = TrainConfig(**json.loads(config))
+    remember_config({"train": dataclasses.asdict(cfg)})  # this process's own lines are scrubbed as the CLI's are
     os.umask(0o077)  # as the CLI: checkpoints and the adapter are private
     try:
         train_adapter(cfg, Path(dataset_dir), Path(out))
