@@ -176,8 +176,8 @@ def test_chosen_template_is_saved_and_used_by_chat(bare_model: Path, chat_file: 
 
 
 def test_train_cache_key_follows_the_template_file(demo_assets, tmp_path: Path) -> None:
+    from lora_pipeline.cache_keys import stage_key
     from lora_pipeline.config import Config
-    from lora_pipeline.pipeline import stage_key
     from lora_pipeline.stages import BY_NAME
 
     path = tmp_path / "t.jinja"

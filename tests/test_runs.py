@@ -15,9 +15,9 @@ import pytest
 
 from conftest import CHAT_ROWS, run_cli, write_jsonl
 from helpers import loopback_server
+from lora_pipeline.cache_keys import stage_key
 from lora_pipeline.config import Config, TrainConfig
 from lora_pipeline.files import exclusive_lock, read_json
-from lora_pipeline.pipeline import stage_key
 from lora_pipeline.stages import BY_NAME
 
 

@@ -1,6 +1,6 @@
 """run(config, run_dir): the stages of the stage table in order, each in its own folder, cached by key.
 
-A stage's cache key hashes the options of its config section that change its output, the content of
+A stage's cache key (cache_keys.py) hashes the options of its config section that change its output, the content of
 what it reads from outside (the data source, the base model's files, local eval tasks) and the keys of
 its upstream stages, so editing a data file reruns everything and changing only an eval option reruns
 only eval and register. One process at a time holds a run directory (a lock file). `run.json` records
@@ -19,17 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline import __version__
 from lora_pipeline import stages as table
-from lora_pipeline.chat_templates import template_fingerprint
+from lora_pipeline.cache_keys import read_record, recorded_key, stage_key
 from lora_pipeline.config import (
     Config,
     data_locations,
     from_dict,
-    is_local_uri,
     kubernetes_only,
-    local_path,
-    output_options,
 )
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.files import (
@@ -37,13 +33,11 @@ from lora_pipeline.files import (
     package_versions,
     read_json,
     sha256_file,
-    tree_sha256,
     write_json_atomic,
     write_text_atomic,
 )
 from lora_pipeline.redaction import is_redacted, redact_config, scrub
 from lora_pipeline.registry import remember_secret
-from lora_pipeline.sources import MODEL_SCHEMES
 from lora_pipeline.stages import Stage, resolve
 
 log = logging.getLogger(__name__)
@@ -60,7 +54,7 @@ def recorded_config(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         return None
-    config = _record(path).get("config")
+    config = read_record(path).get("config")
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: no recorded config; fix or delete the file", field="-o")
     try:
@@ -68,22 +62,6 @@ def recorded_config(run_dir: Path) -> dict[str, Any] | None:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}; fix or delete the file", field="-o") from None
     return config
-
-
-def _record(path: Path, fields: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
-    """A run record (run.json, stage.json) read back: a mapping, or one ConfigError naming the file. They are
-    plain JSON that people edit by hand; `fields` are the keys whose type, when present, is checked."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
-        raise ConfigError(f"{path}: {reason}; fix or delete the file", field="-o") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: not a run record of lora-pipeline (expected a JSON object)", field="-o")
-    for name, tp in fields:
-        if name in data and not isinstance(data[name], tp):
-            raise ConfigError(f"{path}: {name!r} is not a {tp.__name__}; fix or delete the file", field="-o")
-    return data
 
 
 def _recorded_only(config: Config) -> list[str]:
@@ -103,74 +81,9 @@ def recorded_only_reason(config: Config) -> str | None:
 
 def check_recorded_source(config: Config, run_dir: Path, stages: tuple[str, ...]) -> None:
     lost = _recorded_only(config)
-    if "dataset" in stages and lost and _recorded_key(run_dir, "dataset") is None:
+    if "dataset" in stages and lost and recorded_key(run_dir, "dataset") is None:
         flag = "--dataset.source" if lost[0].startswith("dataset.sources") else f"--{lost[0]}"
         raise ConfigError(f"the recorded URI had credentials, which are never stored: give {flag} again", field=lost[0])
-
-
-# --- cache keys ---------------------------------------------------------------------------------------
-
-
-def stage_key(config: Config, stage: Stage, run_dir: Path, source_fingerprint: str | None = None) -> str:
-    section = getattr(config, stage.section)
-    payload: dict[str, Any] = {"stage": stage.name, "options": output_options(section), "version": __version__}
-    if stage.key:
-        payload.update(resolve(stage.key)(section, source_fingerprint))
-    payload["upstream"] = [_recorded_key(run_dir, up) for up in stage.upstream]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def dataset_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
-    """The data's locations without their credentials (which do not change the data), and its fingerprint."""
-    options = output_options(section)
-    options["data_uri"] = scrub(section.data_uri or "")
-    if section.sources or section.eval_uri:  # absent otherwise: a plain data_uri run keeps its cache key
-        options["sources"] = [{**s, "uri": scrub(s["uri"])} for s in section.sources]
-        options["eval_uri"] = scrub(section.eval_uri or "")
-    else:
-        options.pop("sources", None)
-        options.pop("eval_uri", None)
-    return {"options": options, "source": source_fingerprint}
-
-
-def train_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
-    """The base model's files, and a Jinja chat template by its text."""
-    entries = {"model_files": _model_fingerprint(section.model)}
-    if section.chat_template:
-        entries["chat_template"] = template_fingerprint(section.chat_template)
-    return entries
-
-
-def eval_key(section: Any, source_fingerprint: str | None) -> dict[str, Any]:
-    """Local task files (eval.include_path) by their content."""
-    return {"tasks_files": _task_files_digest(Path(section.include_path))} if section.include_path else {}
-
-
-def _task_files_digest(root: Path) -> str | None:
-    return tree_sha256(root) if root.is_dir() else None
-
-
-def _model_fingerprint(model: str) -> Any:
-    """A local base model by its config and weight file sizes (hashing GBs of weights per run is too slow);
-    an s3:// model by its objects' ETags, an oci:// one by its manifest digest."""
-    if model.startswith(MODEL_SCHEMES):
-        from lora_pipeline import sources
-
-        return sources.model_fingerprint(model)
-    path = Path(local_path(model))
-    if not (is_local_uri(model) and path.is_dir()):
-        return model
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    config = path / "config.json"
-    return {
-        "config": sha256_file(config) if config.exists() else None,
-        "sizes": {p.name: p.stat().st_size for p in files},
-    }
-
-
-def _recorded_key(run_dir: Path, stage: str) -> str | None:
-    record = Path(run_dir) / stage / "stage.json"
-    return _record(record, (("key", str),)).get("key") if record.exists() else None
 
 
 # --- output manifests -----------------------------------------------------------------------------------
@@ -207,7 +120,7 @@ def _upstream_digests(run_dir: Path, stage: Stage) -> dict[str, str | None]:
 def _reusable(run_dir: Path, stage: Stage, key: str, force: bool) -> bool:
     """The stage's last completed run had this key and read the upstream outputs there are now, and its outputs
     (and its upstream stages') are as recorded."""
-    if force or _recorded_key(run_dir, stage.name) != key:
+    if force or recorded_key(run_dir, stage.name) != key:
         return False
     changed = _changed_outputs(run_dir, stage) or _redone_upstream(run_dir, stage)
     if changed:
@@ -314,7 +227,7 @@ def _run_locked(
 
 def _open_manifest(config: Config, path: Path, invocation: dict[str, Any] | None) -> dict[str, Any]:
     """run.json as this invocation starts: the earlier stages' records kept, the config and versions now."""
-    manifest = _record(path, _MANIFEST_FIELDS) if path.exists() else {"stages": {}}
+    manifest = read_record(path, _MANIFEST_FIELDS) if path.exists() else {"stages": {}}
     manifest.setdefault("stages", {})
     for name, info in manifest["stages"].items():
         if not isinstance(info, dict):

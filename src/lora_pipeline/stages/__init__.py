@@ -81,6 +81,7 @@ class Stage:
 
 
 _PIPELINE = "lora_pipeline.pipeline"
+_KEYS = "lora_pipeline.cache_keys"
 _PREFLIGHT = "lora_pipeline.preflight"
 _REPORT = "lora_pipeline.reports.run_page"
 _SUMMARY = "lora_pipeline.reports.summary"
@@ -95,7 +96,7 @@ STAGES: tuple[Stage, ...] = (
         "Fetch, read, validate and split the dataset (train.jsonl, eval.jsonl, dataset.json)",
         outputs=(TRAIN_ROWS, EVAL_ROWS, DATASET_RECORD),
         check=f"{_PREFLIGHT}:check_dataset_stage",
-        key=f"{_PIPELINE}:dataset_key",
+        key=f"{_KEYS}:dataset_key",
         reuse=f"{_PIPELINE}:recorded_only_reason",
         report=("Dataset", f"{_REPORT}:dataset_section"),
         kfp=Kfp("prepare_dataset", ("output_dataset", "Dataset"), secrets=("hf_token_secret", "aws_secret")),
@@ -108,7 +109,7 @@ STAGES: tuple[Stage, ...] = (
         "LoRA fine-tune on the dataset stage's output (adapter, metrics, loss chart)",
         outputs=(METRICS, LOSS_CHART, EVAL_ROWS, DATASET_RECORD),
         check=f"{_PREFLIGHT}:check_train_stage",
-        key=f"{_PIPELINE}:train_key",
+        key=f"{_KEYS}:train_key",
         summary=f"{_SUMMARY}:train_summary",
         report=("Training", f"{_REPORT}:training_section"),
         # The names are the spec's training component's (output_model, output_metrics, output_loss_chart, dataset).
@@ -137,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
         "lm-eval the base model and base+adapter from the train stage's output",
         outputs=(EVAL_RESULTS,),
         check=f"{_PREFLIGHT}:check_eval_stage",
-        key=f"{_PIPELINE}:eval_key",
+        key=f"{_KEYS}:eval_key",
         summary=f"{_SUMMARY}:eval_summary",
         report=("Evaluation: base vs tuned", f"{_REPORT}:evaluation_section"),
         kfp=Kfp(
