@@ -148,9 +148,11 @@ def _message(m: Any) -> dict:
     if m.get("role") is not None:
         role, content = m["role"], m.get("content")
     elif m.get("from") is not None:
-        role, content = SHAREGPT_ROLES.get(str(m["from"]).lower(), m["from"]), m.get("value")
+        role, content = SHAREGPT_ROLES.get(str(m["from"]).strip().lower(), m["from"]), m.get("value")
     else:
         raise RowError("message without role/content")
+    if isinstance(role, str):  # "User", "ASSISTANT ": the same roles, as ShareGPT's speaker names are read
+        role = role.strip().lower()
     if role not in ROLES:
         raise RowError(f"unknown role {str(role)[:20]!r}")
     return {"role": role, "content": _content(content)}
@@ -166,6 +168,8 @@ def _content(content: Any) -> str:
         return "".join(p["text"] for p in content)
     if content is None:
         raise RowError("message without role/content")
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        raise RowError("content has a part that is not text (an image, audio, a file)")
     raise RowError("content is not a string")
 
 

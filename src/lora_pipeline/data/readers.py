@@ -94,7 +94,7 @@ def read_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
     if kind == "jsonl":
         rows = _jsonl_rows(f)
     elif kind == "json":
-        rows = enumerate(_json_rows(f, name), 1)
+        rows = _json_file_rows(f, name)
     elif kind == "csv":
         rows = _csv_rows(f, name)
     else:
@@ -156,6 +156,19 @@ def _jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
                 yield i, exc
 
 
+def _json_file_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
+    """A .json file's rows: one document, or JSON Lines under a .json name (as many datasets on the Hub ship, and
+    `datasets` reads): an object followed by more data is read line by line, numbered by line."""
+    try:
+        yield from enumerate(_json_rows(f, name), 1)
+    except _JsonLines:
+        yield from _jsonl_rows(f)
+
+
+class _JsonLines(Exception):
+    """The .json file holds one object and then more: JSON Lines."""
+
+
 def _json_rows(f: Path, name: str) -> list:
     """A JSON file is one document: if it cannot be parsed no row of it can be trusted, and that is one error."""
     data = f.read_bytes().removeprefix(codecs.BOM_UTF8)
@@ -167,6 +180,8 @@ def _json_rows(f: Path, name: str) -> list:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            raise _JsonLines from None
         raise DataError(f"{name} is not valid JSON: {exc}", field=FIELD) from None
     except (ValueError, RecursionError):
         raise DataError(f"{name}: {parse_problem(text)}", field=FIELD) from None
@@ -187,31 +202,55 @@ def parse_problem(text: str) -> str:
 def _csv_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
     # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so the record that holds them can
     # be dropped by itself (a strict decode would fail the whole file at that point).
+    # strict: a stray quote (`"a"b`) is a bad record, dropped and named, not silently re-joined; and a quote
+    # never closed is an error, not one record that swallowed every line after it.
     csv.field_size_limit(1 << 30)
     with open(f, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-        reader = csv.DictReader(fh)
-        _check_header(reader.fieldnames or [], name)
-        line = 1
-        for record in reader:
+        reader = csv.reader(fh, strict=True)
+        header = _csv_record(reader, name, 1)
+        if header is None:
+            return
+        if isinstance(header, RowError):
+            raise DataError(f"{name}: the CSV header is not readable ({header})", field=FIELD)
+        _check_header(header, name)
+        line = reader.line_num
+        while (record := _csv_record(reader, name, line + 1)) is not None:
             start, line = line + 1, reader.line_num
-            try:
-                "".join(v for v in record.values() if isinstance(v, str)).encode("utf-8")
-            except UnicodeEncodeError:
-                yield start, RowError("not valid UTF-8")
-                continue
-            if None in record:  # more fields than the header names
-                yield start, RowError("more fields than the CSV header")
-                continue
-            yield start, record
+            if isinstance(record, RowError):
+                yield start, record
+            elif record:  # a blank line is no record (as csv.DictReader reads them)
+                yield start, _csv_row(header, record)
 
 
-def _check_header(names: list[str], name: str) -> None:
+def _csv_record(reader: Iterator[list[str]], name: str, start: int) -> list[str] | RowError | None:
+    """The next record's fields; RowError for a record the csv module refuses; None at the end of the file."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise DataError(f"{name}: a quoted field opened at line {start} is never closed", field=FIELD) from None
+        return RowError(f"bad CSV quoting ({str(exc)[:60]})")
+
+
+def _csv_row(header: list[str], record: list[str]) -> dict | RowError:
+    try:
+        "".join(record).encode("utf-8")
+    except UnicodeEncodeError:
+        return RowError("not valid UTF-8")
+    if len(record) > len(header):
+        return RowError("more fields than the CSV header")
+    return dict(zip(header, record + [None] * (len(header) - len(record)), strict=True))  # type: ignore[list-item]
+
+
+def _check_header(names: list[str], name: str, what: str = "CSV header") -> None:
     """A column named twice would be read as its last occurrence only, silently: refuse the file instead."""
     seen: set[str] = set()
     for column in names:
         if column in seen:
             shown = column.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:80]
-            raise DataError(f"{name}: the CSV header names column {shown!r} twice", field=FIELD)
+            raise DataError(f"{name}: the {what} names column {shown!r} twice", field=FIELD)
         seen.add(column)
 
 
@@ -220,8 +259,10 @@ def _columnar_rows(f: Path, kind: str, name: str) -> Iterator[dict]:
 
     try:
         for batch in _batches(f, kind):
+            _check_header(batch.schema.names, name, f"{kind} schema")
             for start in range(0, batch.num_rows, BATCH_ROWS):
-                yield from batch.slice(start, BATCH_ROWS).to_pylist()
+                # a map column as a dict (to_pylist's default is a list of pairs, which no format reads)
+                yield from batch.slice(start, BATCH_ROWS).to_pylist(maps_as_pydicts="lossy")
     except (pa.ArrowException, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"{name} is not a readable {kind} file ({reason})", field=FIELD) from None
