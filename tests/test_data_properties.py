@@ -335,3 +335,18 @@ def test_chat_rows_fixture_still_reads(chat_file: Path, tmp_path: Path, tokenize
     code, err = run_stage(chat_file, tmp_path / "out")
     record = check_outcome(code, err, tmp_path / "out", "chat", tokenizer)
     assert record is not None and record["rows_valid"] == len(CHAT_ROWS)
+
+
+@pytest.mark.parametrize(
+    "columns",
+    ["{instruction: [q], output: a}", "{instruction: {x: 1}, output: a}", "{instruction: 1, output: a}",
+     "{instruction: null, output: a}", "{instruction: '', output: a}"],
+)  # fmt: skip
+def test_column_mapping_to_no_column_name_is_one_line(columns: str, tmp_path: Path) -> None:
+    """A YAML mapping value that is no column name: before, a list or dict was an internal TypeError."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"dataset:\n  columns: {columns}\n")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}] * 3)
+    code, err = run_stage(data, tmp_path / "out", "-c", str(config))
+    errors = [line for line in err if line.startswith("lora-pipeline: ")]
+    assert code == 2 and errors == [errors[0]] and "dataset.columns: instruction: expected a column name" in errors[0]

@@ -256,6 +256,8 @@ def validate(config: Config) -> Config:
         if key not in _DATA_FIELDS:
             known = ", ".join(_DATA_FIELDS)
             raise ConfigError(f"unknown field {key!r} (expected one of {known})", field="dataset.columns")
+        if not isinstance(d.columns[key], str) or not d.columns[key]:  # YAML gives numbers, lists, null
+            raise ConfigError(f"{key}: expected a column name, got {d.columns[key]!r}", field="dataset.columns")
     if d.sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", d.sha256):
         raise ConfigError("expected 64 hexadecimal digits", field="dataset.sha256")
 
