@@ -1,6 +1,6 @@
 """Dataset stage on N short chat rows (default 1,000,000): rows/s and peak RSS.
 
-    .venv/bin/python bench/dataset_1m.py [N] [--format jsonl|parquet]
+    .venv/bin/python bench/dataset_1m.py [N] [--format jsonl|json|parquet]
 
 Peak RSS is the process's high-water mark (ru_maxrss); the data file is written by a child process, and the
 baseline is taken after imports, so the difference is what the stage itself held at most.
@@ -26,13 +26,16 @@ def rss_mib() -> float:
 
 
 def write_rows(path: Path, n: int, fmt: str) -> None:
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "json"):  # json: one array of the same rows, one a line
         with open(path, "w", encoding="utf-8") as fh:
+            fh.write("[\n" if fmt == "json" else "")
             for i in range(n):
                 fh.write(
                     f'{{"messages": [{{"role": "user", "content": "What is {i} plus {i}?"}}, '
-                    f'{{"role": "assistant", "content": "{2 * i}"}}]}}\n'
+                    f'{{"role": "assistant", "content": "{2 * i}"}}]}}'
                 )
+                fh.write(",\n" if fmt == "json" and i < n - 1 else "\n")
+            fh.write("]\n" if fmt == "json" else "")
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -48,7 +51,7 @@ def write_rows(path: Path, n: int, fmt: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("n", type=int, nargs="?", default=1_000_000)
-    parser.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    parser.add_argument("--format", choices=("jsonl", "json", "parquet"), default="jsonl")
     args = parser.parse_args()
     baseline = rss_mib()
     with tempfile.TemporaryDirectory() as tmp:

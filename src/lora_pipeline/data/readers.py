@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lora_pipeline.data.formats import RowError
+from lora_pipeline.data.json_stream import JsonLines, JsonStream
 from lora_pipeline.errors import DataError
 from lora_pipeline.files import confined
 
@@ -157,46 +158,13 @@ def _jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
 
 
 def _json_file_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
-    """A .json file's rows: one document, or JSON Lines under a .json name (as many datasets on the Hub ship, and
-    `datasets` reads): an object followed by more data is read line by line, numbered by line."""
+    """A .json file's rows, decoded one at a time: one document, or JSON Lines under a .json name (as many datasets
+    on the Hub ship, and `datasets` reads): an object followed by more data is read line by line, numbered by line."""
     try:
-        yield from enumerate(_json_rows(f, name), 1)
-    except _JsonLines:
+        with open(f, "rb") as fh:
+            yield from enumerate(JsonStream(fh, name).rows(), 1)
+    except JsonLines:
         yield from _jsonl_rows(f)
-
-
-class _JsonLines(Exception):
-    """The .json file holds one object and then more: JSON Lines."""
-
-
-def _json_rows(f: Path, name: str) -> list:
-    """A JSON file is one document: if it cannot be parsed no row of it can be trusted, and that is one error."""
-    data = f.read_bytes().removeprefix(codecs.BOM_UTF8)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{name} is not valid UTF-8 (line {line})", field=FIELD) from None
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
-            raise _JsonLines from None
-        raise DataError(f"{name} is not valid JSON: {exc}", field=FIELD) from None
-    except (ValueError, RecursionError):
-        raise DataError(f"{name}: {parse_problem(text)}", field=FIELD) from None
-    rows = rows.get("data", rows) if isinstance(rows, dict) else rows
-    if not isinstance(rows, list):
-        raise DataError(f'{name}: expected a list of rows or {{"data": [...]}}', field=FIELD)
-    return rows
-
-
-def parse_problem(text: str) -> str:
-    try:
-        parse_json(text)
-    except RowError as exc:
-        return str(exc)
-    return "not valid JSON"
 
 
 def _csv_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
