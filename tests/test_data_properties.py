@@ -429,3 +429,34 @@ def test_json_file_not_utf8_names_the_line_across_reads(tmp_path: Path) -> None:
         with mock.patch.object(json_stream, "CHUNK", chunk), pytest.raises(DataError) as err:
             _stream(path)
         assert str(err.value).endswith("rows.json is not valid UTF-8 (line 52)"), (chunk, err.value)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    train=st.lists(st.sampled_from(["good", "bad"]), min_size=1, max_size=6),
+    held=st.lists(st.sampled_from(["good", "bad"]), min_size=1, max_size=6),
+    mix=st.booleans(),
+    data=st.data(),
+)
+def test_every_location_accounts_for_its_rows(fmt, train, held, mix, data) -> None:
+    """data_uri, a weighted source and eval_uri each: rows_read = rows_valid + dropped, in dataset.json's top level
+    (the training locations) and in each location's own entry. Before, eval_uri's drops were in the top level."""
+    rows = {k: [data.draw(good_row(fmt) if g == "good" else mutated_row(fmt)) for g in kinds]
+            for k, kinds in (("train", train), ("held", held))}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {k: Path(tmp) / f"{k}.jsonl" for k in rows}
+        for k, path in paths.items():
+            write_rows(path, rows[k])
+        flags = ["--dataset.format", fmt, "--dataset.max_bad_rows", "1", "--dataset.eval_uri", str(paths["held"])]
+        if mix:
+            flags += ["--dataset.source", f"{paths['held']}@1.5"]
+        code, err = run_stage(paths["train"], Path(tmp) / "out", *flags)
+        if code != 0:
+            assert code == 2 and "no usable row" in err[-1], err
+            return
+        (record_path,) = (Path(tmp) / "out").rglob("dataset.json")
+        record = json.loads(record_path.read_text())
+        for entry in [record, record["eval_source"], *record.get("sources", [])]:
+            assert entry["rows_read"] == entry["rows_valid"] + sum(d["count"] for d in entry["dropped"].values())
+        assert record["eval_source"]["rows_read"] == len(held)

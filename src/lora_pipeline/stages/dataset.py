@@ -123,7 +123,7 @@ def _record(
     used = _rows_per_part(train_parts, order)
     trained = _rows_per_part(train_parts, order[:n_train])
     dropped = _Tally(0)
-    for part in parts:
+    for part in train_parts:  # the rows rows_read counts: rows_read = rows_valid + the dropped (eval_uri has its own)
         dropped.add(part.tally)
     one = len(train_parts) == 1
     record = {
@@ -138,7 +138,7 @@ def _record(
         "rows_used": len(order),
         "train_rows": n_train,
         "eval_rows": n_eval,
-        "dropped": {r: {"count": n, "first_rows": dropped.first[r]} for r, n in dropped.dropped.items()},
+        "dropped": _dropped(dropped),
         "config": {
             "data_split": None if cfg.eval_uri else cfg.data_split,
             "subset": cfg.subset,
@@ -170,7 +170,12 @@ def _counts(part: _Part) -> dict:
         "rows_read": t.read,
         "rows_valid": t.valid,
         "rows_dropped": t.read - t.valid,
+        "dropped": _dropped(t),
     }
+
+
+def _dropped(tally: _Tally) -> dict:
+    return {r: {"count": n, "first_rows": tally.first[r]} for r, n in tally.dropped.items()}
 
 
 def _rows_per_part(parts: list[_Part], indices: Iterable[int]) -> list[int]:
