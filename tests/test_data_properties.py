@@ -288,6 +288,13 @@ def _duplicate_columns(path: Path) -> None:
     _parquet(path, {"a": pa.array(["x"] * 3), "b": pa.array(["y"] * 3)}, names=["text", "text"])
 
 
+def _null_messages(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"messages": None, "text": f"row {i}"} for i in range(5)]), path)
+
+
 FAILS = [  # name, file, writer (text or a function of the path), what the one line says
     ("csv-quote-never-closed", "d.csv", 'text\nfine\n"opened\nand every line after\n', "opened at line 3 is never"),
     ("parquet-duplicate-column", "d.parquet", _duplicate_columns, "names column 'text' twice"),
@@ -313,6 +320,11 @@ KEPT = [  # name, file, writer, rows read, rows kept, a reason expected among th
     ("parquet-map-messages", "d.parquet", _map_messages, 4, 4, None),
     ("csv-stray-quote-row", "d.csv", 'text\n' + "fine\n" * 10 + '"a"b\n', 11, 10, "bad CSV quoting"),
     ("csv-nul-and-newline", "d.csv", 'text\n"a\x00b"\n"two\nlines"\n' + "x\n" * 8, 10, 10, None),
+    # a null or empty column tells no format: these were read as messages (Parquet) or Alpaca (CSV), every row dropped
+    ("parquet-null-column-of-another-format", "d.parquet", _null_messages, 5, 5, None),
+    ("csv-empty-columns-of-another-format", "d.csv", "instruction,output,prompt,completion\n" + ",,p,c\n" * 5, 5, 5,
+     None),
+    ("jsonl-all-empty-still-named", "d.jsonl", [{"text": ""}] * 3 + [{"text": "t"}] * 30, 33, 30, "empty text"),
 ]  # fmt: skip
 
 

@@ -63,6 +63,12 @@ def detect(columns: Iterable[str], mapping: Mapping[str, str] | None = None) -> 
     return None
 
 
+def filled(row: dict) -> list[str]:
+    """The columns of a row that hold a value: a null column (Parquet and Arrow files of several layouts share one
+    schema) or an empty one (CSV writes a missing value so) says nothing about the row's format."""
+    return [k for k, v in row.items() if v is not None and v != ""]
+
+
 def normalise(row: Any, fmt: str, mapping: Mapping[str, str] | None = None) -> dict:
     """One source row -> {"messages": [...]} or {"text": ...}, or RowError."""
     if not isinstance(row, dict):

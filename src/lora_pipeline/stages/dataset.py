@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lora_pipeline.config import DatasetConfig
 from lora_pipeline.data import mixing
-from lora_pipeline.data.formats import RowError, describe_formats, detect, normalise
+from lora_pipeline.data.formats import RowError, describe_formats, detect, filled, normalise
 from lora_pipeline.data.readers import data_files, read_rows
 from lora_pipeline.errors import DataError, LoraPipelineError
 from lora_pipeline.files import atomic_dir, hash_file_into, owned_prefix, remove_stale_temp, write_json_atomic
@@ -227,10 +227,12 @@ def _read_file(f: Path, name: str, cfg: DatasetConfig, spool: _Spool, tally: _Ta
     if fmt is None:  # the first object rows tell the format; they are read again below
         for item in rows:
             head.append(item)
-            if isinstance(item[1], dict) and (fmt := detect(item[1], cfg.columns)):
+            if isinstance(item[1], dict) and (fmt := detect(filled(item[1]), cfg.columns)):
                 break
             if sum(isinstance(r, dict) for _, r in head) >= DETECT_ROWS:
                 break
+        # no row with its fields filled: the columns alone tell it (the rows are then dropped as empty, by name)
+        fmt = fmt or next((f for _, r in head if isinstance(r, dict) and (f := detect(r, cfg.columns))), None)
         if fmt is None and (seen := [r for _, r in head if isinstance(r, dict)]):
             columns = ", ".join(dict.fromkeys(k for r in seen for k in r)) or "(none)"
             raise DataError(
