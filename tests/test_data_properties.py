@@ -298,6 +298,8 @@ def _null_messages(path: Path) -> None:
 FAILS = [  # name, file, writer (text or a function of the path), what the one line says
     ("csv-quote-never-closed", "d.csv", 'text\nfine\n"opened\nand every line after\n', "opened at line 3 is never"),
     ("parquet-duplicate-column", "d.parquet", _duplicate_columns, "names column 'text' twice"),
+    ("csv-header-not-utf8", "d.csv", lambda p: p.write_bytes(b"text,o\xffther\na,b\n"), "header is not readable"),
+    ("csv-header-bad-quote", "d.csv", 'text,"a"b\nx,y\n', "header is not readable (bad CSV quoting"),
 ]
 
 

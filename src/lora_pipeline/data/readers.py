@@ -178,8 +178,9 @@ def _csv_rows(f: Path, name: str) -> Iterator[tuple[int, object]]:
         header = _csv_record(reader, name, 1)
         if header is None:
             return
-        if isinstance(header, RowError):
-            raise DataError(f"{name}: the CSV header is not readable ({header})", field=FIELD)
+        if isinstance(header, RowError) or isinstance(_csv_row(header, header), RowError):
+            reason = header if isinstance(header, RowError) else "not valid UTF-8"  # each row would be dropped for it
+            raise DataError(f"{name}: the CSV header is not readable ({reason})", field=FIELD)
         _check_header(header, name)
         line = reader.line_num
         while (record := _csv_record(reader, name, line + 1)) is not None:
