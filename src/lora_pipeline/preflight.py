@@ -76,7 +76,7 @@ def check_train_stage(config: Config, checking: Checking) -> None:
 
     train = config.train
     # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
-    check_train_options(train, config.dataset.data_split < 1.0 if "dataset" in checking.stages else None)
+    check_train_options(train, _eval_rows(config, checking))
     check_model(train.model)
     check_model_fits(config)
     check_chat_template(train.chat_template, train.model, _model_files(train.model), config.dataset.format)
@@ -85,9 +85,24 @@ def check_train_stage(config: Config, checking: Checking) -> None:
 
 
 def check_eval_stage(config: Config, checking: Checking) -> None:
+    from lora_pipeline.evaluation.checks import SPLIT_TASK
     from lora_pipeline.stages.evaluate import check_eval_options
 
     check_eval_options(config.eval)
+    if SPLIT_TASK in config.eval.tasks and _eval_rows(config, checking) is False:
+        raise ConfigError(
+            f"task {SPLIT_TASK!r} scores the dataset stage's held-out rows, and dataset.data_split 1.0 holds none "
+            "out: set it below 1 (or dataset.eval_uri)",
+            field="eval.tasks",
+        )
+
+
+def _eval_rows(config: Config, checking: Checking) -> bool | None:
+    """Whether the dataset stage of this command writes eval rows (a separate eval set, or a split below 1);
+    None when it does not run here (its output says)."""
+    if "dataset" not in checking.stages:
+        return None
+    return bool(config.dataset.eval_uri) or config.dataset.data_split < 1.0
 
 
 def check_register_stage(config: Config, checking: Checking) -> None:

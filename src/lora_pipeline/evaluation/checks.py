@@ -18,6 +18,7 @@ from lora_pipeline.evaluation.backends import (
     resolve_backend,
     vllm_missing,
 )
+from lora_pipeline.evaluation.values import GEN_KWARG_RULES, MODEL_ARG_RULES, value_problem
 from lora_pipeline.models import first_line
 
 # The task name that scores the run's own held-out data (the dataset stage's eval.jsonl) instead of an
@@ -44,10 +45,14 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
     if cfg.include_path and not Path(cfg.include_path).is_dir():
         raise error(f"not a directory: {cfg.include_path}", field="eval.include_path")
     for key, value in cfg.model_args.items():
-        if problem := model_arg_problem(key, backend) or model_arg_value_problem(key, value, backend):
+        if problem := (
+            model_arg_problem(key, backend)
+            or model_arg_value_problem(key, value, backend)
+            or value_problem(MODEL_ARG_RULES, key, value)
+        ):
             raise error(problem, field="eval.model_args")
     for key, value in cfg.gen_kwargs.items():
-        if problem := gen_kwarg_problem(key, backend):
+        if problem := gen_kwarg_problem(key, backend) or value_problem(GEN_KWARG_RULES, key, value):
             raise error(problem, field="eval.gen_kwargs")
         # Caught here rather than as a ValueError inside generation, after the models have loaded.
         if key in MAX_TOKEN_KEYS and value is not None and (type(value) is not int or value < 1):
@@ -65,6 +70,7 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
             field="eval.tasks",
         )
     _check_local_data(cfg, task_manager, tasks, error)
+    build_tasks(task_manager, tasks, error, cfg.include_path)
     return backend, task_manager
 
 
@@ -145,16 +151,25 @@ def _found(path: str) -> bool:
     return bool(glob.glob(os.path.expanduser(path), recursive=True))
 
 
-def build_tasks(task_manager: Any, tasks: list[str]) -> None:
-    """Build the tasks once before any model loads. Whatever fails here (a hub dataset that cannot be fetched
-    offline, a broken YAML) is about the tasks the user chose, so it is one line naming them, not lm-eval's
-    traceback; nothing has been written yet, and the train stage's output is untouched."""
+# (task manager, tasks) built in this process: pre-flight builds them, and the eval stage of the same `run`
+# need not build them again before lm-eval does.
+_built: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def build_tasks(
+    task_manager: Any, tasks: list[str], error: type[LoraPipelineError] = StageError, include_path: str = ""
+) -> None:
+    """Build the tasks in pre-flight, before any training, and before any model loads. Whatever fails here (a
+    hub dataset that cannot be fetched offline, a broken YAML, a split the dataset lacks) is about the tasks
+    the user chose, so it is one line naming them, not lm-eval's traceback; nothing has been written yet."""
+    key = (include_path, tuple(tasks))
+    if key in _built:
+        return
     try:
         task_manager.load(list(tasks))
     except Exception as exc:
-        raise StageError(
-            f"cannot build lm-eval task(s) {', '.join(tasks)}: {_reason(exc)}", field="eval.tasks"
-        ) from exc
+        raise error(f"cannot build lm-eval task(s) {', '.join(tasks)}: {_reason(exc)}", field="eval.tasks") from exc
+    _built.add(key)
 
 
 def _reason(exc: BaseException) -> str:
@@ -165,5 +180,11 @@ def _reason(exc: BaseException) -> str:
         chain.append(cause)
     root = chain[-1]
     if root is exc:
+        # texts that say nothing alone: a KeyError's is the key (a test_split the data lacks reads "'validation'"),
+        # a StopIteration's is empty (lm-eval reads a first document the split does not have)
+        if isinstance(exc, KeyError):
+            return f"no {first_line(exc)} in the task's data"
+        if isinstance(exc, StopIteration):
+            return "the task's split has no rows"
         return first_line(exc)
     return f"{first_line(exc)} ({type(root).__name__}: {first_line(root)})"

@@ -1,0 +1,154 @@
+"""Bad eval options found in pre-flight, before a `run` trains: one line naming the option, exit 2, and no
+stage output. Classes: lm-eval tasks that cannot be built (a hub dataset offline, an invalid task YAML, a
+split the data lacks), the run's own `split` task with no held-out rows, and model_args / gen_kwargs values
+that lm-eval would only trip over once the models are loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_pipeline.cli import main
+from lora_pipeline.config import EvalConfig
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.evaluation.values import GEN_KWARG_RULES, MODEL_ARG_RULES, value_problem
+from lora_pipeline.stages.evaluate import check_eval_options
+
+TASK_BODY = """output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: [animal, fruit]
+doc_to_target: 0
+"""
+
+# (name, YAML after `task: <name>`, what the error says)
+BROKEN_TASKS = [
+    ("offline_hub", "dataset_path: someone/not_cached_xyz\ntest_split: test\n" + TASK_BODY, "not_cached_xyz"),
+    (
+        "bad_type",
+        "dataset_path: json\ndataset_kwargs: {data_files: {test: DATA}}\ntest_split: test\n"
+        + TASK_BODY.replace("multiple_choice", "no_such_type"),
+        "no_such_type",
+    ),
+    (
+        "bad_field",
+        "dataset_path: json\ndataset_kwargs: {data_files: {test: DATA}}\ntest_split: test\n"
+        + TASK_BODY.replace("{{question}}", "{{no_such_field}}"),
+        "no_such_field",
+    ),
+    (
+        "no_split",
+        "dataset_path: json\ndataset_kwargs: {data_files: {test: DATA}}\ntest_split: validation\n" + TASK_BODY,
+        "no 'validation' in the task's data",
+    ),
+    (
+        "empty_data",
+        "dataset_path: json\ndataset_kwargs: {data_files: {test: EMPTY}}\ntest_split: test\n" + TASK_BODY,
+        "has no rows",
+    ),
+]
+
+
+def run_argv(demo_assets, out: Path, *flags: str) -> list[str]:
+    return [
+        "run",
+        "-o",
+        str(out),
+        f"--dataset.data_uri={demo_assets.data_file}",
+        "--dataset.subset=32",
+        f"--train.model={demo_assets.model_dir}",
+        "--train.max_steps=1",
+        "--eval.limit=2",
+        "--registry.address=none",
+        *flags,
+    ]
+
+
+def one_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name,body,says", BROKEN_TASKS, ids=[t[0] for t in BROKEN_TASKS])
+def test_a_task_that_cannot_be_built_fails_before_training(
+    name: str, body: str, says: str, demo_assets, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = demo_assets.task_dir / f"{demo_assets.task_name}_test.jsonl"
+    (tasks / "empty.jsonl").write_text("")
+    body = body.replace("DATA", str(data)).replace("EMPTY", str(tasks / "empty.jsonl"))
+    (tasks / f"{name}.yaml").write_text(f"task: {name}\n" + body)
+    out = tmp_path / "run"
+    line = one_error(capsys, run_argv(demo_assets, out, f"--eval.include_path={tasks}", f"--eval.tasks={name}"))
+    assert "eval.tasks" in line and name in line and says in line, line
+    assert not (out / "train").exists()
+
+
+def test_split_task_without_held_out_rows_fails_before_training(demo_assets, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    line = one_error(capsys, run_argv(demo_assets, out, "--eval.tasks=split", "--dataset.data_split=1.0"))
+    assert "eval.tasks" in line and "data_split" in line, line
+    assert not (out / "train").exists()
+
+
+BAD_VALUES = [
+    ("model_args", "max_length=-5"),
+    ("model_args", "max_length=0"),
+    ("model_args", "max_batch_size=0"),
+    ("model_args", "dtype=notadtype"),
+    ("model_args", "device=nosuch"),
+    ("model_args", "backend=seq2seq"),
+    ("gen_kwargs", "temperature=hot"),
+    ("gen_kwargs", "temperature=-1"),
+    ("gen_kwargs", "until=5"),
+    ("gen_kwargs", "do_sample=maybe"),
+    ("gen_kwargs", "top_p=5"),
+    ("gen_kwargs", "top_k=abc"),
+    ("gen_kwargs", "num_beams=0"),
+]
+
+
+@pytest.mark.parametrize("option,value", BAD_VALUES)
+def test_bad_value_fails_before_training(option: str, value: str, demo_assets, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    line = one_error(capsys, run_argv(demo_assets, out, "--eval.tasks=split", f"--eval.{option}={value}"))
+    assert f"eval.{option}" in line and value.split("=")[0] in line, line
+    assert not (out / "train").exists()
+
+
+def test_good_values_pass() -> None:
+    check_eval_options(
+        EvalConfig(
+            tasks=["split"],
+            backend="hf",
+            model_args={"dtype": "bfloat16", "device": "cuda:1", "max_length": 64},
+            gen_kwargs={"temperature": 0, "until": ["\n"], "top_p": 0.9, "do_sample": False, "top_k": 0},
+        )
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rules=st.sampled_from([MODEL_ARG_RULES, GEN_KWARG_RULES]),
+    data=st.data(),
+    value=st.one_of(st.text(max_size=8), st.integers(), st.floats(), st.booleans(), st.lists(st.integers())),
+)
+def test_a_value_a_rule_refuses_is_one_config_error(rules, data, value) -> None:
+    """Whatever the value, the check answers with a line naming the key, or lets it through; never raises."""
+    key = data.draw(st.sampled_from(sorted(rules)))
+    problem = value_problem(rules, key, value)
+    if problem is None:
+        return
+    assert problem.startswith(f"{key} expects ") and "\n" not in problem
+    section = "model_args" if rules is MODEL_ARG_RULES else "gen_kwargs"
+    with pytest.raises(ConfigError, match=f"eval.{section}"):
+        check_eval_options(EvalConfig(tasks=["split"], backend="hf", **{section: {key: value}}))
