@@ -152,3 +152,19 @@ def test_a_value_a_rule_refuses_is_one_config_error(rules, data, value) -> None:
     section = "model_args" if rules is MODEL_ARG_RULES else "gen_kwargs"
     with pytest.raises(ConfigError, match=f"eval.{section}"):
         check_eval_options(EvalConfig(tasks=["split"], backend="hf", **{section: {key: value}}))
+
+
+CONFIG_VALUES = [
+    (["--eval.tasks=split,split"], "eval.tasks", "more than once: split"),
+    (["--eval.tasks=a, b,a"], "eval.tasks", "more than once: a"),
+    (["--eval.batch_size=auto:0"], "eval.batch_size", "auto:0"),
+    (["--eval.batch_size=auto:"], "eval.batch_size", "auto:"),
+]
+
+
+@pytest.mark.parametrize("flags,field,says", CONFIG_VALUES)
+def test_bad_eval_config_value(flags: list[str], field: str, says: str, demo_assets, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    line = one_error(capsys, run_argv(demo_assets, out, *flags))
+    assert field in line and says in line, line
+    assert not out.exists() or not any(out.iterdir())

@@ -283,10 +283,15 @@ def validate(config: Config) -> Config:
     e = config.eval
     if not e.tasks:
         raise ConfigError("at least one lm-eval task is needed", field="eval.tasks")
+    if twice := sorted({t for t in e.tasks if e.tasks.count(t) > 1}):
+        # lm-eval scores a name once, and results are keyed by it: the second mention would say nothing
+        raise ConfigError(f"listed more than once: {', '.join(twice)}", field="eval.tasks")
     if e.limit == 0:
         raise ConfigError("expected -1 (all samples) or a positive number", field="eval.limit")
-    if not re.match(r"^(auto(:\d+)?|[1-9]\d*)$", e.batch_size):
-        raise ConfigError(f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size")
+    if not re.match(r"^(auto(:[1-9]\d*)?|[1-9]\d*)$", e.batch_size):  # auto:N recomputes it N times
+        raise ConfigError(
+            f"expected 'auto', 'auto:N' or a positive integer, got {e.batch_size!r}", field="eval.batch_size"
+        )
 
     r = config.registry
     if not (_SEMVER.match(r.version) or r.version == "auto"):
