@@ -1,7 +1,8 @@
-"""Bad eval options found in pre-flight, before a `run` trains: one line naming the option, exit 2, and no
-stage output. Classes: lm-eval tasks that cannot be built (a hub dataset offline, an invalid task YAML, a
-split the data lacks), the run's own `split` task with no held-out rows, and model_args / gen_kwargs values
-that lm-eval would only trip over once the models are loaded."""
+"""Bad eval and registry options found in pre-flight, before a `run` trains: one line naming the option, exit
+2, and no stage output. Classes: lm-eval tasks that cannot be built (a hub dataset offline, an invalid task
+YAML, a split the data lacks, empty data), the run's own `split` task with no held-out rows, model_args /
+gen_kwargs values that lm-eval would only trip over once the models are loaded, a task listed twice, registry
+names with control characters, and a CA bundle that is not one."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lora_pipeline.carryover import describe
 from lora_pipeline.cli import main
-from lora_pipeline.config import EvalConfig
+from lora_pipeline.config import Config, EvalConfig, RegistryConfig, validate
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.evaluation.values import GEN_KWARG_RULES, MODEL_ARG_RULES, value_problem
+from lora_pipeline.preflight import check_ca_cert
 from lora_pipeline.stages.evaluate import check_eval_options
 
 TASK_BODY = """output_type: multiple_choice
@@ -168,3 +171,52 @@ def test_bad_eval_config_value(flags: list[str], field: str, says: str, demo_ass
     line = one_error(capsys, run_argv(demo_assets, out, *flags))
     assert field in line and says in line, line
     assert not out.exists() or not any(out.iterdir())
+
+
+# --- registry -------------------------------------------------------------------------------------------
+
+REGISTRY_TEXT = ("model_name", "author", "format_name", "format_version", "description")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(REGISTRY_TEXT),
+    text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),
+)
+def test_registry_text_with_a_control_character_is_one_config_error(name: str, text: str) -> None:
+    """Names and labels are one line; a description may have line breaks and tabs, nothing else of Cc."""
+    allowed = "\n\t" if name == "description" else ""
+    refused = any(c in text for c in map(chr, [*range(32), *range(127, 160)]) if c not in allowed)
+    config = Config(registry=RegistryConfig(**{name: text}))
+    if refused:
+        with pytest.raises(ConfigError, match=f"registry.{name}: (control character|must not be empty)"):
+            validate(config)
+    elif text.strip() or name == "description":
+        validate(config)
+
+
+def test_carried_over_values_stay_on_one_line() -> None:
+    line = describe({"registry.description": "a\nb\tc", "registry.author": "x" * 500, "train.lora_r": 8})
+    assert line.isprintable() and "\\n" in line and len(line) < 200, line
+
+
+def test_ca_cert_that_is_not_a_bundle(tmp_path: Path) -> None:
+    (tmp_path / "not.pem").write_text("not a certificate\n")
+    (tmp_path / "empty.pem").write_text("")
+    for path, says in [
+        (tmp_path / "missing.pem", "No such file"),
+        (tmp_path, "directory"),
+        (tmp_path / "not.pem", "not a PEM certificate bundle"),
+        (tmp_path / "empty.pem", "not a PEM certificate bundle"),
+    ]:
+        with pytest.raises(ConfigError, match=says) as err:
+            check_ca_cert(str(path))
+        assert err.value.field == "registry.ca_cert" and str(path) in str(err.value)
+
+
+def test_bad_ca_cert_fails_register_preflight_before_training(demo_assets, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    flags = ["--eval.tasks=split", "--registry.address=local", f"--registry.ca_cert={tmp_path / 'missing.pem'}"]
+    line = one_error(capsys, [*run_argv(demo_assets, out), *flags])
+    assert "registry.ca_cert" in line, line
+    assert not (out / "train").exists()

@@ -274,10 +274,29 @@ def check_eval_completed(cfg: RegistryConfig, run_dir: Path) -> None:
         )
 
 
+def check_ca_cert(path: str) -> None:
+    """registry.ca_cert is a PEM bundle ssl can load: else the first https request fails with ssl's own
+    error, outside any check (a traceback), and only once the registry is reachable."""
+    import ssl
+
+    from lora_pipeline.models import first_line
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:  # a file without a certificate in it
+        reason = f"not a PEM certificate bundle ({exc.reason or first_line(exc)})"
+        raise ConfigError(f"cannot load a CA bundle from {path}: {reason}", field="registry.ca_cert") from None
+    except (OSError, ValueError) as exc:  # a missing file, a directory
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise ConfigError(f"cannot load a CA bundle from {path}: {reason}", field="registry.ca_cert") from None
+
+
 def check_registry(address: str, port: int, token: str = "", ca_cert: str = "") -> None:
     """Empty/`local` (the local registry file) and `none` (no registration) reach nothing. Any other address
     is a Kubeflow Model Registry: it must answer on its port, over https it needs a token, and it must serve
     a Model Registry API version that lora-pipeline speaks (v1 or v1alpha3)."""
+    if ca_cert:
+        check_ca_cert(ca_cert)
     if address.strip().lower() in ("", "local", "none"):
         return
     import importlib.util

@@ -10,6 +10,7 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from typing import Any
 
 from lora_pipeline.config.mix import parse_sources
@@ -298,9 +299,17 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"not a semantic version (major.minor.patch) nor auto: {r.version!r}", field="registry.version"
         )
-    for name in ("model_name", "author", "format_name"):
-        if not getattr(r, name).strip():
+    for name in ("model_name", "author", "format_name", "format_version", "description"):
+        value = getattr(r, name)
+        if name != "description" and not value.strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")
+        # one-line names and labels (a description may have lines): a control character would break every
+        # line that shows them, and a registry's UI or API may refuse them only after training
+        allowed = "\n\t" if name == "description" else ""
+        if bad := sorted({c for c in value if unicodedata.category(c) == "Cc" and c not in allowed}):
+            raise ConfigError(
+                f"control character(s) {', '.join(map(repr, bad))} in {value[:40]!r}", field=f"registry.{name}"
+            )
     if r.address.strip().lower() not in ("", "local", "none"):
         _check_registry_address(r.address.strip())
     return config
