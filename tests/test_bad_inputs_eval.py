@@ -220,3 +220,30 @@ def test_bad_ca_cert_fails_register_preflight_before_training(demo_assets, tmp_p
     line = one_error(capsys, [*run_argv(demo_assets, out), *flags])
     assert "registry.ca_cert" in line, line
     assert not (out / "train").exists()
+
+
+# --- preview and chat on run directories in odd states ------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["empty", "missing", "only train"])
+def test_preview_of_a_run_without_a_dataset_names_the_run(state: str, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    if state != "missing":
+        run.mkdir()
+    if state == "only train":
+        (run / "train").mkdir()
+    line = one_error(capsys, ["preview", "-o", str(run)])
+    assert "-o" in line and str(run) in line and "tokenizer" not in line, line
+
+
+@pytest.mark.parametrize("given", ["run", "train", "adapter"])
+def test_chat_finds_the_adapter_from_the_run_its_train_output_or_itself(given: str, tmp_path: Path) -> None:
+    from lora_pipeline.chat import find_adapter
+
+    adapter = tmp_path / "run" / "train" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter.parent / "metrics.json").write_text('{"quantization": null, "marker": 1}')
+    start = {"run": tmp_path / "run", "train": adapter.parent, "adapter": adapter}[given]
+    found, metrics = find_adapter(start)
+    assert found == adapter.resolve() and metrics.get("marker") == 1
