@@ -2,7 +2,7 @@
 2, and no stage output. Classes: lm-eval tasks that cannot be built (a hub dataset offline, an invalid task
 YAML, a split the data lacks, empty data), the run's own `split` task with no held-out rows, model_args /
 gen_kwargs values that lm-eval would only trip over once the models are loaded, a task listed twice, registry
-names with control characters, and a CA bundle that is not one."""
+names with control characters, a CA bundle that is not one; preview and chat on run directories in odd states."""
 
 from __future__ import annotations
 
