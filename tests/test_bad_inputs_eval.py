@@ -247,3 +247,42 @@ def test_chat_finds_the_adapter_from_the_run_its_train_output_or_itself(given: s
     start = {"run": tmp_path / "run", "train": adapter.parent, "adapter": adapter}[given]
     found, metrics = find_adapter(start)
     assert found == adapter.resolve() and metrics.get("marker") == 1
+
+
+# --- compile: what the eval pod's pre-flight would refuse after training, refused on the desk ---------------
+
+COMPILE_CASES = [
+    ([], ["--eval.gen_kwargs", "temperature=hot"], "eval.gen_kwargs"),
+    ([], ["--eval.gen_kwargs", "max_tokens=0"], "eval.gen_kwargs"),
+    ([], ["--eval.gen_kwargs", "no_such_key=1"], "eval.gen_kwargs"),
+    ([], ["--eval.model_args", "max_length=-5"], "eval.model_args"),
+    ([], ["--eval.model_args", "pretrained=x"], "eval.model_args"),
+    ([], ["--eval.model_args", "peft=x"], "eval.model_args"),
+    ([], ["--eval.model_args", "gpu_memory_utilization=0.5", "--eval.backend", "hf"], "eval.model_args"),
+    ([], ["--eval.tasks", "split", "--dataset.data_split", "1.0"], "eval.tasks"),
+    (["--component", "eval"], ["--eval.model_args", "dtype=notadtype"], "eval.model_args"),
+]
+
+
+@pytest.mark.parametrize("component,flags,field", COMPILE_CASES)
+def test_compile_refuses_eval_options_the_eval_pod_would(
+    component: list[str], flags: list[str], field: str, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "pipeline.yaml"
+    line = one_error(capsys, ["compile", "--package-spec", "", "-o", str(out), *component, *flags])
+    assert field in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--eval.model_args", "dtype=float16", "--eval.gen_kwargs", "temperature=0,max_tokens=8"],
+        ["--eval.model_args", "gpu_memory_utilization=0.5"],  # auto may resolve to vllm in the cluster
+        ["--eval.tasks", "split", "--dataset.data_split", "1.0", "--component", "eval"],  # its input decides
+    ],
+)
+def test_compile_keeps_options_a_cluster_may_take(flags: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pipeline.yaml"
+    assert main(["compile", "--package-spec", "", "-o", str(out), *flags]) == 0, capsys.readouterr().err
+    assert out.is_file()

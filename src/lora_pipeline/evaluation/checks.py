@@ -52,11 +52,12 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
         ):
             raise error(problem, field="eval.model_args")
     for key, value in cfg.gen_kwargs.items():
-        if problem := gen_kwarg_problem(key, backend) or value_problem(GEN_KWARG_RULES, key, value):
+        if problem := (
+            gen_kwarg_problem(key, backend)
+            or value_problem(GEN_KWARG_RULES, key, value)
+            or _max_tokens_problem(key, value)
+        ):
             raise error(problem, field="eval.gen_kwargs")
-        # Caught here rather than as a ValueError inside generation, after the models have loaded.
-        if key in MAX_TOKEN_KEYS and value is not None and (type(value) is not int or value < 1):
-            raise error(f"{key} must be a positive integer, got {value!r}", field="eval.gen_kwargs")
     tasks = lm_eval_tasks(cfg.tasks)
     if not tasks:
         return backend, None
@@ -72,6 +73,33 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
     _check_local_data(cfg, task_manager, tasks, error)
     build_tasks(task_manager, tasks, error, cfg.include_path)
     return backend, task_manager
+
+
+def check_portable_options(cfg: EvalConfig) -> None:
+    """The model_args / gen_kwargs checks that need no fact about the machine that will score (its CUDA, its
+    vllm, its task index), for `compile`: a bad value is found on the desk, not in the eval pod after
+    training. A key is refused when no backend eval.backend may resolve to takes it (the pipeline sets it, or
+    neither knows it)."""
+    backends = ("hf", "vllm") if cfg.backend == "auto" else (cfg.backend,)
+    for key, value in cfg.model_args.items():
+        problems = [model_arg_problem(key, b) for b in backends]
+        if problem := (problems[0] if all(problems) else None) or value_problem(MODEL_ARG_RULES, key, value):
+            raise ConfigError(problem, field="eval.model_args")
+    for key, value in cfg.gen_kwargs.items():
+        problems = [gen_kwarg_problem(key, b) for b in backends]
+        if problem := (
+            (problems[0] if all(problems) else None)
+            or value_problem(GEN_KWARG_RULES, key, value)
+            or _max_tokens_problem(key, value)
+        ):
+            raise ConfigError(problem, field="eval.gen_kwargs")
+
+
+def _max_tokens_problem(key: str, value: Any) -> str | None:
+    # Caught before generation, where it is a ValueError after the models have loaded.
+    if key in MAX_TOKEN_KEYS and value is not None and (type(value) is not int or value < 1):
+        return f"{key} must be a positive integer, got {value!r}"
+    return None
 
 
 def scoring_backend(cfg: EvalConfig, error: type[LoraPipelineError] = ConfigError) -> str:
@@ -165,10 +193,17 @@ def build_tasks(
     key = (include_path, tuple(tasks))
     if key in _built:
         return
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # `datasets` reading a task's data: a bar per split, before the one line
     try:
         task_manager.load(list(tasks))
     except Exception as exc:
         raise error(f"cannot build lm-eval task(s) {', '.join(tasks)}: {_reason(exc)}", field="eval.tasks") from exc
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     _built.add(key)
 
 
