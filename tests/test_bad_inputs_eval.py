@@ -286,3 +286,28 @@ def test_compile_keeps_options_a_cluster_may_take(flags: list[str], tmp_path: Pa
     out = tmp_path / "pipeline.yaml"
     assert main(["compile", "--package-spec", "", "-o", str(out), *flags]) == 0, capsys.readouterr().err
     assert out.is_file()
+
+
+# --- a flag naming one thing to do, given twice -----------------------------------------------------------
+
+TWICE = [
+    ["export", "-o", "RUN", "--gguf", "f16", "--gguf", "q8_0"],
+    ["export", "-o", "RUN", "--merged", "--out", "A", "--out", "B"],
+    ["export", "-o", "RUN", "--push-to-hub", "me/a", "--push-to-hub", "me/b"],
+    ["export", "-o", "RUN", "-o", "OTHER", "--merged"],
+    ["chat", "-o", "RUN", "--prompt", "a", "--prompt", "b"],
+    ["chat", "-o", "RUN", "--prompt", "a", "--system", "x", "--system", "y"],
+]
+
+
+@pytest.mark.parametrize("argv", TWICE, ids=[" ".join(a[3:5]) for a in TWICE])
+def test_a_one_thing_flag_given_twice_is_refused(argv: list[str], tmp_path: Path, capsys) -> None:
+    """argparse keeps the last value: an export type or a prompt would be dropped without a word."""
+    argv = [a.replace("RUN", str(tmp_path / "run")).replace("OTHER", str(tmp_path / "other")) for a in argv]
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "given twice" in err[0], err
