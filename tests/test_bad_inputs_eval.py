@@ -6,6 +6,7 @@ names with control characters, a CA bundle that is not one; preview and chat on 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,25 @@ def test_a_one_thing_flag_given_twice_is_refused(argv: list[str], tmp_path: Path
         code = exc.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "given twice" in err[0], err
+
+
+@pytest.mark.parametrize("command", [["export", "--merged", "--out", "EXPORT"], ["chat", "--prompt", "hi"]])
+def test_a_base_model_moved_away_is_named(command: list[str], demo_assets, tmp_path: Path, capsys) -> None:
+    """The adapter records its base's path; moved away, transformers called it an invalid Hub repo id."""
+    adapter = tmp_path / "run" / "train" / "adapter"
+    adapter.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_assets.model_dir / name, adapter / name)
+    gone = tmp_path / "moved-model"
+    (adapter / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{gone}"}}')
+    argv = [command[0], "-o", str(tmp_path / "run"), *[a.replace("EXPORT", str(tmp_path / "x")) for a in command[1:]]]
+    line = one_error(capsys, argv)
+    assert f"no model at {gone}" in line and "Repo id" not in line, line
+
+
+def test_chat_on_an_adapter_without_tokenizer_files_is_one_line(tmp_path: Path, capsys) -> None:
+    adapter = tmp_path / "run" / "train" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "/nowhere"}')
+    line = one_error(capsys, ["chat", "-o", str(tmp_path / "run"), "--prompt", "hi"])
+    assert "tokenizer" in line and str(adapter) in line, line
