@@ -334,3 +334,27 @@ def test_chat_on_an_adapter_without_tokenizer_files_is_one_line(tmp_path: Path, 
     (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "/nowhere"}')
     line = one_error(capsys, ["chat", "-o", str(tmp_path / "run"), "--prompt", "hi"])
     assert "tokenizer" in line and str(adapter) in line, line
+
+
+def _group_dir(tmp_path: Path, demo_assets, members: list[str]) -> Path:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = demo_assets.task_dir / f"{demo_assets.task_name}_test.jsonl"
+    body = f"dataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n" + TASK_BODY
+    (tasks / "member.yaml").write_text("task: member_t\n" + body)
+    (tasks / "group.yaml").write_text("group: my_group\ntask:\n" + "".join(f"  - {m}\n" for m in members))
+    return tasks
+
+
+def test_a_local_group_of_local_tasks_passes(demo_assets, tmp_path: Path) -> None:
+    check_eval_options(
+        EvalConfig(tasks=["my_group"], include_path=str(_group_dir(tmp_path, demo_assets, ["member_t"])))
+    )
+
+
+@pytest.mark.integration  # an unknown member makes the check index lm-eval's thousands of built-in tasks (~8 s)
+def test_a_group_listing_an_unknown_task_names_it(demo_assets, tmp_path: Path) -> None:
+    tasks = _group_dir(tmp_path, demo_assets, ["member_t", "no_such_member"])
+    with pytest.raises(ConfigError, match="group 'my_group' .*group.yaml.* lists task 'no_such_member'") as err:
+        check_eval_options(EvalConfig(tasks=["my_group"], include_path=str(tasks)))
+    assert err.value.field == "eval.tasks"

@@ -70,6 +70,7 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
             f"unknown lm-eval task(s): {', '.join(unknown)}{hint}; '{SPLIT_TASK}' scores the run's own eval split",
             field="eval.tasks",
         )
+    _check_group_members(task_manager, tasks, error)
     _check_local_data(cfg, task_manager, tasks, error)
     build_tasks(task_manager, tasks, error, cfg.include_path)
     return backend, task_manager
@@ -116,9 +117,38 @@ def _task_manager(cfg: EvalConfig, tasks: list[str]) -> Any:
 
     if cfg.include_path:
         local = TaskManager(include_path=cfg.include_path, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
+        # a local group may list built-in tasks: then the full index is needed
+        if all(t in local.all_tasks for t in tasks) and _unknown_member(local, tasks) is None:
             return local
     return TaskManager(include_path=cfg.include_path or None)
+
+
+def _check_group_members(task_manager: Any, names: list[str], error: type[LoraPipelineError]) -> None:
+    """Every task a group lists by name is known: lm-eval skips an unknown one while indexing, and building the
+    group then fails with "expected str, bytes or os.PathLike object, not NoneType"."""
+    if missing := _unknown_member(task_manager, names):
+        group, yaml_path, child = missing
+        raise error(
+            f"group {group!r} ({yaml_path}) lists task {child!r}, which lm-eval does not know", field="eval.tasks"
+        )
+
+
+def _unknown_member(task_manager: Any, names: list[str]) -> tuple[str, Any, str] | None:
+    """(group, its YAML, member) for the first task a group reached from `names` lists and the index lacks."""
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        entry = task_manager.task_index.get(name)
+        if entry is None or name in seen or not (entry.cfg and "group" in entry.cfg):
+            continue
+        seen.add(name)
+        children = entry.cfg.get("task") or []
+        for child in children if isinstance(children, list) else [children]:
+            if isinstance(child, str) and child not in task_manager.task_index:
+                return name, entry.yaml_path, child
+            if isinstance(child, str):
+                todo.append(child)
+    return None
 
 
 def _check_local_data(cfg: EvalConfig, task_manager: Any, tasks: list[str], error: type[LoraPipelineError]) -> None:
