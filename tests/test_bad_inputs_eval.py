@@ -358,3 +358,30 @@ def test_a_group_listing_an_unknown_task_names_it(demo_assets, tmp_path: Path) -
     with pytest.raises(ConfigError, match="group 'my_group' .*group.yaml.* lists task 'no_such_member'") as err:
         check_eval_options(EvalConfig(tasks=["my_group"], include_path=str(tasks)))
     assert err.value.field == "eval.tasks"
+
+
+UNINDEXED = [
+    ("include: missing_base.yaml\ntask: lost_t\n", "include: missing_base.yaml is not beside it"),
+    ("task: lost_t\ndoc_to_text: [unclosed\n", "not valid YAML"),
+    ("task: 'lost_t'\nprocess_docs: !function utils.process\n", "eval.verbosity DEBUG"),
+]
+
+
+@pytest.mark.parametrize("text,says", UNINDEXED)
+def test_a_task_yaml_lm_eval_skipped_is_named(text: str, says: str, tmp_path: Path) -> None:
+    from lora_pipeline.evaluation.checks import _unindexed_yaml
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "lost.yaml").write_text(text)
+    (tmp_path / "other.yaml").write_text("task: other_t\n")
+    name, path, why = _unindexed_yaml(tmp_path, ["nope", "lost_t"])
+    assert (name, path) == ("lost_t", tmp_path / "sub" / "lost.yaml") and says in why
+    assert _unindexed_yaml(tmp_path, ["nope"]) is None
+
+
+@pytest.mark.integration  # the unknown name makes the check index lm-eval's built-in tasks (~8 s)
+def test_an_unloadable_task_yaml_is_named_in_preflight(tmp_path: Path) -> None:
+    (tmp_path / "lost.yaml").write_text(UNINDEXED[0][0])
+    with pytest.raises(ConfigError, match=r"task 'lost_t': lm-eval could not load .*lost\.yaml") as err:
+        check_eval_options(EvalConfig(tasks=["lost_t"], include_path=str(tmp_path)))
+    assert err.value.field == "eval.include_path"

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import ConfigError, LoraPipelineError, StageError
@@ -65,6 +68,9 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
     known = set(task_manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
+        if cfg.include_path and (broken := _unindexed_yaml(Path(cfg.include_path), unknown)):
+            name, yaml_path, why = broken
+            raise error(f"task {name!r}: lm-eval could not load {yaml_path} ({why})", field="eval.include_path")
         hint = "" if cfg.include_path else " (local task YAMLs need eval.include_path)"
         raise error(
             f"unknown lm-eval task(s): {', '.join(unknown)}{hint}; '{SPLIT_TASK}' scores the run's own eval split",
@@ -100,6 +106,30 @@ def _max_tokens_problem(key: str, value: Any) -> str | None:
     # Caught before generation, where it is a ValueError after the models have loaded.
     if key in MAX_TOKEN_KEYS and value is not None and (type(value) is not int or value < 1):
         return f"{key} must be a positive integer, got {value!r}"
+    return None
+
+
+def _unindexed_yaml(root: Path, names: list[str]) -> tuple[str, Path, str] | None:
+    """(name, YAML, why) for a task YAML under `root` that names one of `names` and that lm-eval's index
+    skipped without a word: an `include:` of a file that is not there, or YAML it cannot parse."""
+    for path in sorted(root.rglob("*.y*ml")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            text, unreadable = "", str(exc)
+        else:
+            unreadable = ""
+        for name in names:
+            if not re.search(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", text, re.MULTILINE):
+                continue
+            include = re.search(r"^include:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", text, re.MULTILINE)
+            if include and not (path.parent / include.group(1)).expanduser().is_file():
+                return name, path, f"its include: {include.group(1)} is not beside it"
+            try:
+                yaml.load(text, Loader=_TagTolerantLoader)  # noqa: S506 (a SafeLoader)
+            except yaml.YAMLError as exc:
+                return name, path, f"not valid YAML: {first_line(exc)}"
+            return name, path, unreadable or "see --eval.verbosity DEBUG for lm-eval's reason"
     return None
 
 
@@ -253,3 +283,10 @@ def _reason(exc: BaseException) -> str:
             return "the task's split has no rows"
         return first_line(exc)
     return f"{first_line(exc)} ({type(root).__name__}: {first_line(root)})"
+
+
+class _TagTolerantLoader(yaml.SafeLoader):
+    """SafeLoader that reads lm-eval's `!function module.name` tags as plain text."""
+
+
+_TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
