@@ -333,7 +333,8 @@ def test_check_model_args_keys(tmp_path: Path, model_args: dict, message: str) -
 
 def test_check_accepts_hf_and_from_pretrained_model_args(tmp_path: Path) -> None:
     tasks = write_task(tmp_path / "tasks", "local_task", str(tmp_path / "data.jsonl"))
-    (tmp_path / "data.jsonl").write_text("")
+    # pre-flight builds the task: one row to build it from
+    (tmp_path / "data.jsonl").write_text('{"question": "q", "label": 0}\n')
     model_args = {"dtype": "bfloat16", "revision": "main", "attn_implementation": "sdpa", "max_length": 512}
     check_eval_options(EvalConfig(tasks=["local_task"], include_path=str(tasks), model_args=model_args))
 
@@ -342,7 +343,7 @@ def test_check_relative_data_files_name_task_path_and_working_directory(tmp_path
     # The data file sits beside the YAML, but datasets resolves a relative path against the working directory.
     tasks = write_task(tmp_path / "tasks", "local_task", "data/test.jsonl")
     (tasks / "data").mkdir()
-    (tasks / "data" / "test.jsonl").write_text("")
+    (tasks / "data" / "test.jsonl").write_text('{"question": "q", "label": 0}\n')
     monkeypatch.chdir(tmp_path)
     cfg = EvalConfig(tasks=["local_task"], include_path=str(tasks))
     with pytest.raises(ConfigError, match=r"'local_task'.*data/test\.jsonl.*working directory") as err:

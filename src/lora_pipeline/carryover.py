@@ -51,10 +51,15 @@ def was_demo(run_dir: Path) -> bool:
 
 
 def describe(options: dict[str, Any]) -> str:
-    """`train.epochs=3, eval.tasks=["a", "b"]`: strings as they are, other values as JSON."""
-    return ", ".join(
-        f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in options.items()
-    )
+    """`train.epochs=3, eval.tasks=["a", "b"]`: strings as they are, other values as JSON. The line stays one
+    line: a string with a line break or another control character is shown as JSON (escaped), and a long
+    value is cut."""
+    return ", ".join(f"{key}={_shown(value)}" for key, value in options.items())
+
+
+def _shown(value: Any, most: int = 80) -> str:
+    text = value if isinstance(value, str) and value.isprintable() else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def carry_over_line(run_dir: Path, carried: dict[str, Any], demo: bool, fresh: bool) -> str | None:

@@ -28,8 +28,12 @@ def find_adapter(run_dir: Path | None) -> tuple[Path, dict[str, Any]]:
     """The adapter directory of a run directory (or of a train stage's output) and the train stage's metrics."""
     if run_dir is None:
         raise ConfigError("required: the run directory whose adapter to load (-o RUN)", field="-o")
-    for train_dir in (run_dir / "train", run_dir):
-        adapter = train_dir / ADAPTER
+    # a run directory, a train output, or the adapter directory itself (its train output's metrics beside it)
+    for train_dir, adapter in (
+        (run_dir / "train", run_dir / "train" / ADAPTER),
+        (run_dir, run_dir / ADAPTER),
+        (run_dir.parent, run_dir),
+    ):
         if (adapter / "adapter_config.json").is_file():
             metrics = train_dir / METRICS
             return adapter.resolve(), (read_json(metrics) if metrics.is_file() else {})

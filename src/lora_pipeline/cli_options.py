@@ -142,6 +142,22 @@ class KfpHelp(argparse.Action):
         parser.exit()
 
 
+class Once(argparse.Action):
+    """A flag naming one thing to do (`--gguf TYPE`, `--prompt TEXT`): given twice with different values,
+    argparse would keep the last and drop the other without a word; this refuses it in one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.given: dict[int, Any] = {}  # id(namespace) -> the value given (the namespace itself stays clean)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None):
+        before = self.given.get(id(namespace), values)
+        if before != values:
+            parser.error(f"{option_string} given twice ({before!r}, then {values!r}): give it once")
+        self.given[id(namespace)] = values
+        setattr(namespace, self.dest, values)
+
+
 def unknown_arguments(extras: list[str], parser: argparse.ArgumentParser) -> str:
     """The error for arguments the command does not take, with the closest flag it does take."""
     flag = next((a for a in extras if a.startswith("-")), None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.cli_options import Once
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.export.merged import check_repo_id, merged_model, push_folders
 from lora_pipeline.files import atomic_dir, exclusive_lock
@@ -122,11 +123,14 @@ def add_export_command(sub: Any) -> None:
         "unchanged. Outputs go to RUN/export/merged and RUN/export/gguf-TYPE (or under --out).",
         usage="lora-pipeline export -o RUN_DIR [--merged] [--gguf TYPE] [--push-to-hub REPO] [--out DIR]",
     )
-    p.add_argument("-o", "--run_dir", required=True, metavar="DIR", help="The run directory holding train/adapter")
+    p.add_argument(
+        "-o", "--run_dir", required=True, metavar="DIR", action=Once, help="The run directory holding train/adapter"
+    )
     p.add_argument("--merged", action="store_true", help="Merged full-precision safetensors model (OUT/merged)")
     p.add_argument(
         "--gguf",
         default=None,
+        action=Once,
         metavar="TYPE",
         help="GGUF file + Ollama Modelfile (OUT/gguf-TYPE): f16, bf16, q8_0 or q4_0 "
         "(K-quants: run llama.cpp's llama-quantize on the f16 file)",
@@ -135,12 +139,13 @@ def add_export_command(sub: Any) -> None:
         "--push-to-hub",
         dest="push_to_hub",
         default=None,
+        action=Once,
         metavar="REPO",
         help="Upload the exports (the adapter if none) to this Hub model repo; token from HF_TOKEN, "
         "endpoint from HF_ENDPOINT",
     )
     p.add_argument("--private", action="store_true", help="With --push-to-hub: create the repo private")
-    p.add_argument("--out", default=None, metavar="DIR", help="Export folder (default: RUN_DIR/export)")
+    p.add_argument("--out", default=None, metavar="DIR", action=Once, help="Export folder (default: RUN_DIR/export)")
 
 
 def export_command(args: Any) -> int:

@@ -94,6 +94,7 @@ def load_base_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_local_model_there(model_ref, field)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if torch.cuda.is_available():
         kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -125,10 +126,21 @@ def keep_cpu_4bit_weights_trainable(model: Any) -> None:
 def load_tokenizer(model_ref: str, trust_remote_code: bool = False, field: str = "train.model") -> Any:
     from transformers import AutoTokenizer
 
+    check_local_model_there(model_ref, field)
     try:
         return AutoTokenizer.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a folder without tokenizer files transformers can read
         raise StageError(f"cannot load the tokenizer of {model_ref!r}: {first_line(exc)}", field=field) from None
+
+
+def check_local_model_there(model_ref: str, field: str) -> None:
+    """A model named by a path (an adapter records its base's path as trained) is there: else transformers
+    takes the path for a Hub repo id and answers that it is not a valid one."""
+    if (
+        model_ref.startswith(("/", "./", "../", "~", "file://"))
+        and not Path(local_path(model_ref)).expanduser().exists()
+    ):
+        raise StageError(f"no model at {model_ref} (moved or deleted since the adapter was trained?)", field=field)
 
 
 def first_line(exc: BaseException) -> str:

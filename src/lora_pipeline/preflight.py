@@ -76,7 +76,7 @@ def check_train_stage(config: Config, checking: Checking) -> None:
 
     train = config.train
     # eval rows come from the dataset stage's split when it runs here; else train finds out from its input
-    check_train_options(train, config.dataset.data_split < 1.0 if "dataset" in checking.stages else None)
+    check_train_options(train, _eval_rows(config, checking))
     check_model(train.model)
     check_model_fits(config)
     check_chat_template(train.chat_template, train.model, _model_files(train.model), config.dataset.format)
@@ -85,9 +85,24 @@ def check_train_stage(config: Config, checking: Checking) -> None:
 
 
 def check_eval_stage(config: Config, checking: Checking) -> None:
+    from lora_pipeline.evaluation.checks import SPLIT_TASK
     from lora_pipeline.stages.evaluate import check_eval_options
 
     check_eval_options(config.eval)
+    if SPLIT_TASK in config.eval.tasks and _eval_rows(config, checking) is False:
+        raise ConfigError(
+            f"task {SPLIT_TASK!r} scores the dataset stage's held-out rows, and dataset.data_split 1.0 holds none "
+            "out: set it below 1 (or dataset.eval_uri)",
+            field="eval.tasks",
+        )
+
+
+def _eval_rows(config: Config, checking: Checking) -> bool | None:
+    """Whether the dataset stage of this command writes eval rows (a separate eval set, or a split below 1);
+    None when it does not run here (its output says)."""
+    if "dataset" not in checking.stages:
+        return None
+    return bool(config.dataset.eval_uri) or config.dataset.data_split < 1.0
 
 
 def check_register_stage(config: Config, checking: Checking) -> None:
@@ -259,10 +274,29 @@ def check_eval_completed(cfg: RegistryConfig, run_dir: Path) -> None:
         )
 
 
+def check_ca_cert(path: str) -> None:
+    """registry.ca_cert is a PEM bundle ssl can load: else the first https request fails with ssl's own
+    error, outside any check (a traceback), and only once the registry is reachable."""
+    import ssl
+
+    from lora_pipeline.models import first_line
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:  # a file without a certificate in it
+        reason = f"not a PEM certificate bundle ({exc.reason or first_line(exc)})"
+        raise ConfigError(f"cannot load a CA bundle from {path}: {reason}", field="registry.ca_cert") from None
+    except (OSError, ValueError) as exc:  # a missing file, a directory
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise ConfigError(f"cannot load a CA bundle from {path}: {reason}", field="registry.ca_cert") from None
+
+
 def check_registry(address: str, port: int, token: str = "", ca_cert: str = "") -> None:
     """Empty/`local` (the local registry file) and `none` (no registration) reach nothing. Any other address
     is a Kubeflow Model Registry: it must answer on its port, over https it needs a token, and it must serve
     a Model Registry API version that lora-pipeline speaks (v1 or v1alpha3)."""
+    if ca_cert:
+        check_ca_cert(ca_cert)
     if address.strip().lower() in ("", "local", "none"):
         return
     import importlib.util

@@ -23,16 +23,27 @@ COLOR_MARKS = ("\x1b[1;32m", "\x1b[0m")  # bold green on a terminal
 def dataset_rows(config: Config, run_dir: Path | None, own_data: bool) -> list[dict]:
     """The dataset stage's train rows: the run directory's, unless this command names its own data (or the
     run has none yet): then the dataset stage runs into a temporary directory (nothing is written to RUN)."""
-    stored = run_dir / "dataset" / TRAIN_ROWS if run_dir else None
-    if stored is not None and stored.is_file() and not own_data:
+    stored = stored_rows(config, run_dir, own_data)
+    if stored is not None:
         return read_jsonl(stored)
-    if not config.dataset.data_uri:
-        raise ConfigError("required: a run directory with a dataset stage, or a dataset location", field="-o")
     from lora_pipeline.stages import BY_NAME
 
     with tempfile.TemporaryDirectory(prefix="lora-pipeline-preview-") as tmp:
         out = BY_NAME["dataset"].call(config.dataset, {}, Path(tmp) / "dataset")
         return read_jsonl(Path(out) / TRAIN_ROWS)
+
+
+def stored_rows(config: Config, run_dir: Path | None, own_data: bool) -> Path | None:
+    """The run directory's train rows to read, or None when the dataset stage is to run; a ConfigError naming
+    -o when there is neither (checked before the tokenizer loads: a run directory without a dataset would
+    otherwise be reported as the default model's tokenizer failing to load)."""
+    stored = run_dir / "dataset" / TRAIN_ROWS if run_dir else None
+    if stored is not None and stored.is_file() and not own_data:
+        return stored
+    if not config.dataset.data_uri:
+        where = f"no dataset stage output in {run_dir}" if run_dir else "no run directory"
+        raise ConfigError(f"{where}: give a run directory with a dataset stage, or a dataset location", field="-o")
+    return None
 
 
 def run_tokenizer(config: Config) -> Any:
@@ -89,6 +100,7 @@ def preview_command(
     """Print the first `rows` rows of the run's (or the given) dataset as the train stage tokenizes them."""
     if rows < 1:
         raise ConfigError(f"must be at least 1, got {rows}", field="--rows")
+    stored_rows(config, run_dir, own_data)
     tokenizer = run_tokenizer(config)
     data = dataset_rows(config, run_dir, own_data)[:rows]
     marks = COLOR_MARKS if (out.isatty() if color is None else color) else PLAIN_MARKS

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from lora_pipeline.cli_options import Once
+
 TOOL_COMMANDS = ("chat", "preview")
 
 
@@ -19,11 +21,15 @@ def add_tool_commands(sub: Any, add_config_flags: Callable[..., None]) -> None:
         "/reset starts over, /exit or end of input ends.",
         usage="lora-pipeline chat -o RUN [--prompt TEXT] [--max_new_tokens N] [--temperature T] [--system TEXT]",
     )
-    chat.add_argument("-o", "--run_dir", default=None, metavar="RUN", help="Run directory (or a train output)")
-    chat.add_argument("--prompt", default=None, metavar="TEXT", help="Answer this one message and exit")
+    chat.add_argument(
+        "-o", "--run_dir", default=None, metavar="RUN", help="Run directory (or a train output, or its adapter)"
+    )
+    chat.add_argument("--prompt", default=None, metavar="TEXT", action=Once, help="Answer this one message and exit")
     chat.add_argument("--max_new_tokens", type=int, default=256, metavar="N", help="Longest answer in tokens")
     chat.add_argument("--temperature", type=float, default=0.0, metavar="T", help="Sampling temperature (0 = greedy)")
-    chat.add_argument("--system", default="", metavar="TEXT", help="A system message leading the conversation")
+    chat.add_argument(
+        "--system", default="", metavar="TEXT", action=Once, help="A system message leading the conversation"
+    )
 
     preview = sub.add_parser(
         "preview",

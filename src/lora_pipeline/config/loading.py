@@ -10,6 +10,7 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from typing import Any
 
 from lora_pipeline.config.mix import parse_sources
@@ -285,19 +286,32 @@ def validate(config: Config) -> Config:
     e = config.eval
     if not e.tasks:
         raise ConfigError("at least one lm-eval task is needed", field="eval.tasks")
+    if twice := sorted({t for t in e.tasks if e.tasks.count(t) > 1}):
+        # lm-eval scores a name once, and results are keyed by it: the second mention would say nothing
+        raise ConfigError(f"listed more than once: {', '.join(twice)}", field="eval.tasks")
     if e.limit == 0:
         raise ConfigError("expected -1 (all samples) or a positive number", field="eval.limit")
-    if not re.match(r"^(auto(:\d+)?|[1-9]\d*)$", e.batch_size):
-        raise ConfigError(f"expected 'auto' or a positive integer, got {e.batch_size!r}", field="eval.batch_size")
+    if not re.match(r"^(auto(:[1-9]\d*)?|[1-9]\d*)$", e.batch_size):  # auto:N recomputes it N times
+        raise ConfigError(
+            f"expected 'auto', 'auto:N' or a positive integer, got {e.batch_size!r}", field="eval.batch_size"
+        )
 
     r = config.registry
     if not (_SEMVER.match(r.version) or r.version == "auto"):
         raise ConfigError(
             f"not a semantic version (major.minor.patch) nor auto: {r.version!r}", field="registry.version"
         )
-    for name in ("model_name", "author", "format_name"):
-        if not getattr(r, name).strip():
+    for name in ("model_name", "author", "format_name", "format_version", "description"):
+        value = getattr(r, name)
+        if name != "description" and not value.strip():
             raise ConfigError("must not be empty", field=f"registry.{name}")
+        # one-line names and labels (a description may have lines): a control character would break every
+        # line that shows them, and a registry's UI or API may refuse them only after training
+        allowed = "\n\t" if name == "description" else ""
+        if bad := sorted({c for c in value if unicodedata.category(c) == "Cc" and c not in allowed}):
+            raise ConfigError(
+                f"control character(s) {', '.join(map(repr, bad))} in {value[:40]!r}", field=f"registry.{name}"
+            )
     if r.address.strip().lower() not in ("", "local", "none"):
         _check_registry_address(r.address.strip())
     return config

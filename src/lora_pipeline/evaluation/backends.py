@@ -20,6 +20,7 @@ from lora_pipeline.errors import StageError
 HF_PIPELINE_ARGS = {
     "pretrained": "the base model comes from the train stage's adapter",
     "peft": "the adapter comes from the train stage",
+    "backend": "the base is scored as the causal LM it was trained as",
     "delta": "the adapter comes from the train stage",
     "tokenizer": "the adapter's tokenizer (and chat template) is used, as in training",
     "use_fast_tokenizer": "the adapter's tokenizer is used as saved by training",

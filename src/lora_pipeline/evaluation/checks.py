@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import ConfigError, LoraPipelineError, StageError
@@ -18,6 +21,7 @@ from lora_pipeline.evaluation.backends import (
     resolve_backend,
     vllm_missing,
 )
+from lora_pipeline.evaluation.values import GEN_KWARG_RULES, MODEL_ARG_RULES, value_problem
 from lora_pipeline.models import first_line
 
 # The task name that scores the run's own held-out data (the dataset stage's eval.jsonl) instead of an
@@ -44,14 +48,19 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
     if cfg.include_path and not Path(cfg.include_path).is_dir():
         raise error(f"not a directory: {cfg.include_path}", field="eval.include_path")
     for key, value in cfg.model_args.items():
-        if problem := model_arg_problem(key, backend) or model_arg_value_problem(key, value, backend):
+        if problem := (
+            model_arg_problem(key, backend)
+            or model_arg_value_problem(key, value, backend)
+            or value_problem(MODEL_ARG_RULES, key, value)
+        ):
             raise error(problem, field="eval.model_args")
     for key, value in cfg.gen_kwargs.items():
-        if problem := gen_kwarg_problem(key, backend):
+        if problem := (
+            gen_kwarg_problem(key, backend)
+            or value_problem(GEN_KWARG_RULES, key, value)
+            or _max_tokens_problem(key, value)
+        ):
             raise error(problem, field="eval.gen_kwargs")
-        # Caught here rather than as a ValueError inside generation, after the models have loaded.
-        if key in MAX_TOKEN_KEYS and value is not None and (type(value) is not int or value < 1):
-            raise error(f"{key} must be a positive integer, got {value!r}", field="eval.gen_kwargs")
     tasks = lm_eval_tasks(cfg.tasks)
     if not tasks:
         return backend, None
@@ -59,13 +68,69 @@ def checked_options(cfg: EvalConfig, error: type[LoraPipelineError]) -> tuple[st
     known = set(task_manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
+        if cfg.include_path and (broken := _unindexed_yaml(Path(cfg.include_path), unknown)):
+            name, yaml_path, why = broken
+            raise error(f"task {name!r}: lm-eval could not load {yaml_path} ({why})", field="eval.include_path")
         hint = "" if cfg.include_path else " (local task YAMLs need eval.include_path)"
         raise error(
             f"unknown lm-eval task(s): {', '.join(unknown)}{hint}; '{SPLIT_TASK}' scores the run's own eval split",
             field="eval.tasks",
         )
+    _check_group_members(task_manager, tasks, error)
     _check_local_data(cfg, task_manager, tasks, error)
+    build_tasks(task_manager, tasks, error, cfg.include_path)
     return backend, task_manager
+
+
+def check_portable_options(cfg: EvalConfig) -> None:
+    """The model_args / gen_kwargs checks that need no fact about the machine that will score (its CUDA, its
+    vllm, its task index), for `compile`: a bad value is found on the desk, not in the eval pod after
+    training. A key is refused when no backend eval.backend may resolve to takes it (the pipeline sets it, or
+    neither knows it)."""
+    backends = ("hf", "vllm") if cfg.backend == "auto" else (cfg.backend,)
+    for key, value in cfg.model_args.items():
+        problems = [model_arg_problem(key, b) for b in backends]
+        if problem := (problems[0] if all(problems) else None) or value_problem(MODEL_ARG_RULES, key, value):
+            raise ConfigError(problem, field="eval.model_args")
+    for key, value in cfg.gen_kwargs.items():
+        problems = [gen_kwarg_problem(key, b) for b in backends]
+        if problem := (
+            (problems[0] if all(problems) else None)
+            or value_problem(GEN_KWARG_RULES, key, value)
+            or _max_tokens_problem(key, value)
+        ):
+            raise ConfigError(problem, field="eval.gen_kwargs")
+
+
+def _max_tokens_problem(key: str, value: Any) -> str | None:
+    # Caught before generation, where it is a ValueError after the models have loaded.
+    if key in MAX_TOKEN_KEYS and value is not None and (type(value) is not int or value < 1):
+        return f"{key} must be a positive integer, got {value!r}"
+    return None
+
+
+def _unindexed_yaml(root: Path, names: list[str]) -> tuple[str, Path, str] | None:
+    """(name, YAML, why) for a task YAML under `root` that names one of `names` and that lm-eval's index
+    skipped without a word: an `include:` of a file that is not there, or YAML it cannot parse."""
+    for path in sorted(root.rglob("*.y*ml")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            text, unreadable = "", str(exc)
+        else:
+            unreadable = ""
+        for name in names:
+            if not re.search(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", text, re.MULTILINE):
+                continue
+            include = re.search(r"^include:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", text, re.MULTILINE)
+            if include and not (path.parent / include.group(1)).expanduser().is_file():
+                return name, path, f"its include: {include.group(1)} is not beside it"
+            try:
+                yaml.load(text, Loader=_TagTolerantLoader)  # noqa: S506 (a SafeLoader)
+            except yaml.YAMLError as exc:
+                return name, path, f"not valid YAML: {first_line(exc)}"
+            return name, path, unreadable or "see --eval.verbosity DEBUG for lm-eval's reason"
+    return None
 
 
 def scoring_backend(cfg: EvalConfig, error: type[LoraPipelineError] = ConfigError) -> str:
@@ -82,9 +147,38 @@ def _task_manager(cfg: EvalConfig, tasks: list[str]) -> Any:
 
     if cfg.include_path:
         local = TaskManager(include_path=cfg.include_path, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
+        # a local group may list built-in tasks: then the full index is needed
+        if all(t in local.all_tasks for t in tasks) and _unknown_member(local, tasks) is None:
             return local
     return TaskManager(include_path=cfg.include_path or None)
+
+
+def _check_group_members(task_manager: Any, names: list[str], error: type[LoraPipelineError]) -> None:
+    """Every task a group lists by name is known: lm-eval skips an unknown one while indexing, and building the
+    group then fails with "expected str, bytes or os.PathLike object, not NoneType"."""
+    if missing := _unknown_member(task_manager, names):
+        group, yaml_path, child = missing
+        raise error(
+            f"group {group!r} ({yaml_path}) lists task {child!r}, which lm-eval does not know", field="eval.tasks"
+        )
+
+
+def _unknown_member(task_manager: Any, names: list[str]) -> tuple[str, Any, str] | None:
+    """(group, its YAML, member) for the first task a group reached from `names` lists and the index lacks."""
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        entry = task_manager.task_index.get(name)
+        if entry is None or name in seen or not (entry.cfg and "group" in entry.cfg):
+            continue
+        seen.add(name)
+        children = entry.cfg.get("task") or []
+        for child in children if isinstance(children, list) else [children]:
+            if isinstance(child, str) and child not in task_manager.task_index:
+                return name, entry.yaml_path, child
+            if isinstance(child, str):
+                todo.append(child)
+    return None
 
 
 def _check_local_data(cfg: EvalConfig, task_manager: Any, tasks: list[str], error: type[LoraPipelineError]) -> None:
@@ -145,16 +239,32 @@ def _found(path: str) -> bool:
     return bool(glob.glob(os.path.expanduser(path), recursive=True))
 
 
-def build_tasks(task_manager: Any, tasks: list[str]) -> None:
-    """Build the tasks once before any model loads. Whatever fails here (a hub dataset that cannot be fetched
-    offline, a broken YAML) is about the tasks the user chose, so it is one line naming them, not lm-eval's
-    traceback; nothing has been written yet, and the train stage's output is untouched."""
+# (task manager, tasks) built in this process: pre-flight builds them, and the eval stage of the same `run`
+# need not build them again before lm-eval does.
+_built: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def build_tasks(
+    task_manager: Any, tasks: list[str], error: type[LoraPipelineError] = StageError, include_path: str = ""
+) -> None:
+    """Build the tasks in pre-flight, before any training, and before any model loads. Whatever fails here (a
+    hub dataset that cannot be fetched offline, a broken YAML, a split the dataset lacks) is about the tasks
+    the user chose, so it is one line naming them, not lm-eval's traceback; nothing has been written yet."""
+    key = (include_path, tuple(tasks))
+    if key in _built:
+        return
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # `datasets` reading a task's data: a bar per split, before the one line
     try:
         task_manager.load(list(tasks))
     except Exception as exc:
-        raise StageError(
-            f"cannot build lm-eval task(s) {', '.join(tasks)}: {_reason(exc)}", field="eval.tasks"
-        ) from exc
+        raise error(f"cannot build lm-eval task(s) {', '.join(tasks)}: {_reason(exc)}", field="eval.tasks") from exc
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    _built.add(key)
 
 
 def _reason(exc: BaseException) -> str:
@@ -165,5 +275,18 @@ def _reason(exc: BaseException) -> str:
         chain.append(cause)
     root = chain[-1]
     if root is exc:
+        # texts that say nothing alone: a KeyError's is the key (a test_split the data lacks reads "'validation'"),
+        # a StopIteration's is empty (lm-eval reads a first document the split does not have)
+        if isinstance(exc, KeyError):
+            return f"no {first_line(exc)} in the task's data"
+        if isinstance(exc, StopIteration):
+            return "the task's split has no rows"
         return first_line(exc)
     return f"{first_line(exc)} ({type(root).__name__}: {first_line(root)})"
+
+
+class _TagTolerantLoader(yaml.SafeLoader):
+    """SafeLoader that reads lm-eval's `!function module.name` tags as plain text."""
+
+
+_TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)

@@ -166,6 +166,23 @@ def _check_compile_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"expected a .yaml file name, got {out.name!r}", field="--output")
 
 
+def _check_compiled_config(args: argparse.Namespace, config: Config) -> None:
+    """What each step's pre-flight would refuse in the cluster, found at compile when no fact about the cluster
+    is needed: the eval pod's pre-flight runs only after the dataset and train pods have."""
+    if args.trainjob or args.component not in (None, "eval"):
+        return
+    from lora_pipeline.evaluation.checks import SPLIT_TASK, check_portable_options
+
+    check_portable_options(config.eval)
+    d = config.dataset
+    if not args.component and SPLIT_TASK in config.eval.tasks and not d.eval_uri and d.data_split >= 1.0:
+        raise ConfigError(
+            f"task {SPLIT_TASK!r} scores the dataset stage's held-out rows, and dataset.data_split 1.0 holds none "
+            "out: set it below 1 (or dataset.eval_uri)",
+            field="eval.tasks",
+        )
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -178,6 +195,7 @@ def _seconds(text: str) -> float:
 
 def compile_command(args: argparse.Namespace, config: Config) -> int:
     _check_compile_args(args)
+    _check_compiled_config(args, config)
 
     from lora_pipeline.kubeflow.secret_values import parse_secret_env, refuse_secret_values
 

@@ -89,7 +89,7 @@ class KubeflowRegistry:
 
     def _gave_up(self, reason: str, attempts: int) -> RegistryError:
         return RegistryError(
-            f"the Model Registry at {self.where} did not answer after {attempts} attempts "
+            f"the Model Registry at {self.where} did not answer after {attempts} attempt{'s' * (attempts != 1)} "
             f"({reason}); the train and eval outputs are kept: run `lora-pipeline register -o RUN_DIR` "
             "to register later",
             field="registry.address",

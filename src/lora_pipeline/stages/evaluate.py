@@ -26,7 +26,7 @@ from typing import Any
 from lora_pipeline.config import EvalConfig
 from lora_pipeline.errors import StageError
 from lora_pipeline.evaluation import split_task
-from lora_pipeline.evaluation.checks import SPLIT_TASK, build_tasks, check_eval_options, checked_options, lm_eval_tasks
+from lora_pipeline.evaluation.checks import SPLIT_TASK, check_eval_options, checked_options, lm_eval_tasks
 from lora_pipeline.evaluation.results import compare, eval_scope, jsonable, precision_label, replaced_line
 from lora_pipeline.evaluation.scoring import CPU_AUTO_BATCH, Scorer, rank, start_env_info
 from lora_pipeline.files import atomic_dir, read_json, write_json_atomic, write_jsonl
@@ -64,10 +64,8 @@ def evaluate_adapter(cfg: EvalConfig, train_dir: Path, out: Path) -> Path:
     import torch
 
     set_library_levels(cfg.verbosity)  # lm-eval's INFO lines only at DEBUG (it deprecated its own verbosity)
-    backend, task_manager = checked_options(cfg, StageError)
+    backend, task_manager = checked_options(cfg, StageError)  # builds the tasks, before any model loads
     tasks = lm_eval_tasks(cfg.tasks)
-    if tasks:
-        build_tasks(task_manager, tasks)  # a task that cannot be built fails here, before any model loads
     split_rows = None
     if SPLIT_TASK in cfg.tasks:
         split_rows = split_task.load_rows(find_eval_split(train_dir, trained), cfg.limit)
