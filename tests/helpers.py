@@ -11,6 +11,8 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from socketserver import BaseRequestHandler
 
+from hypothesis import strategies as st
+
 from lora_pipeline.config import TrainConfig
 
 
@@ -82,3 +84,8 @@ def base_url(server: ThreadingHTTPServer) -> str:
     """The server's root URL, without a trailing slash."""
     scheme = "https" if isinstance(server.socket, ssl.SSLSocket) else "http"
     return f"{scheme}://127.0.0.1:{server.server_address[1]}"
+
+
+# Any float, but no subnormals: a library loaded earlier in the session (numba, some BLAS builds) may have set the
+# CPU's flush-to-zero mode, and then Hypothesis refuses to draw subnormals at all (FloatingPointError).
+FLOATS = st.floats(allow_subnormal=False)

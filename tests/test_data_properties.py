@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHAT_ROWS, cli_exit_code, write_jsonl
+from helpers import FLOATS
 from lora_pipeline.data.formats import ROLES, check_turns
 from lora_pipeline.training.encoded_data import encode_rows
 
@@ -51,9 +52,7 @@ TEXT = st.one_of(
     st.sampled_from(["", " ", "\n\t ", "\x00", "\u202eevil\u202c", "<|im_end|>"]),
     st.integers(1000, 5000).map(lambda n: "a" * n),
 )
-# no subnormals: a library loaded earlier in the session may have set flush-to-zero (Hypothesis refuses then)
-FLOAT = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False)
-SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), FLOAT, TEXT)
+SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), FLOATS, TEXT)
 JUNK = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
                     max_leaves=6)  # fmt: skip
 ROLE = st.one_of(

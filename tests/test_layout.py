@@ -70,3 +70,18 @@ def test_no_function_is_over_80_lines() -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_LINES
     }
     assert long == set()
+
+
+def test_every_hypothesis_float_strategy_leaves_out_subnormals() -> None:
+    """A library loaded earlier in the session may set the CPU's flush-to-zero mode, and Hypothesis then refuses to
+    draw subnormal floats (FloatingPointError): an unbounded `st.floats(...)` fails or not depending on which tests
+    ran before it. So each one says allow_subnormal (helpers.FLOATS does) or gives both bounds."""
+    bare = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "floats":
+                keywords = {k.arg for k in node.keywords}
+                bounded = len(node.args) >= 2 or {"min_value", "max_value"} <= keywords
+                if "allow_subnormal" not in keywords and not bounded:
+                    bare.append(f"{path.name}:{node.lineno}")
+    assert not bare, f"st.floats without allow_subnormal=False or bounds (use helpers.FLOATS): {bare}"
